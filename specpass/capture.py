@@ -20,6 +20,7 @@ ids, so it cannot verify trees; hence this wrapper.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from typing import Any
@@ -49,9 +50,9 @@ def _cache_classes():
         is_compileable = True
         is_sliding = False
 
-        def __init__(self, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor):
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor, width):
             super().__init__()
-            self.keys, self.values, self.slots = keys, values, slots
+            self.keys, self.values, self.slots, self.width = keys, values, slots, width
             self.is_initialized = True
             self.dtype, self.device = keys.dtype, keys.device
 
@@ -61,7 +62,9 @@ def _cache_classes():
         def update(self, key_states, value_states, *args, **kwargs):
             self.keys.index_copy_(2, self.slots, key_states.to(self.keys.dtype))
             self.values.index_copy_(2, self.slots, value_states.to(self.values.dtype))
-            return self.keys, self.values
+            # Attend to the first `width` slots only (the mask's width): a static cache has max_cache_len
+            # slots, but a sequence uses its first few, and attention over the rest would be wasted work.
+            return self.keys[:, :, : self.width], self.values[:, :, : self.width]
 
         def get_mask_sizes(self, query_length):
             return self.keys.shape[2], 0
@@ -93,7 +96,8 @@ class CaptureWrapper(nn.Module):
         n_masks = len(self.mask_kinds)
         masks, kv = rest[:n_masks], rest[n_masks:]
         layer_cls, cache_cls = _cache_classes()
-        cache = cache_cls([layer_cls(kv[2 * i], kv[2 * i + 1], cache_position) for i in range(len(kv) // 2)])
+        width = masks[0].shape[-1]
+        cache = cache_cls([layer_cls(kv[2 * i], kv[2 * i + 1], cache_position, width) for i in range(len(kv) // 2)])
         if self.layer_types is not None:
             # Models with per-layer attention kinds take a {kind: mask} mapping.
             attention_mask: Any = dict(zip(self.mask_kinds, masks))
@@ -126,6 +130,13 @@ class CacheSpec:
     mask_kinds: tuple[str, ...]  # order of the mask inputs
     sliding_window: int | None  # window of the ``sliding_attention`` mask, if any
 
+    @property
+    def buffer_len(self) -> int:
+        # One spare slot past max_cache_len that no mask ever covers: with it the masks' width (<=
+        # max_cache_len) is always a true slice of the buffer, which keeps the width symbolic in export
+        # (a width that could equal the buffer length gets specialised).
+        return self.max_cache_len + 1
+
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
         d["dtype"] = str(self.dtype).removeprefix("torch.")
@@ -145,8 +156,14 @@ def _text_config(config):
     return get() if get is not None else config
 
 
-def _attention_layout(config) -> tuple[tuple[str, ...], tuple[str, ...] | None, int | None]:
-    """(mask kinds in input order, per-layer kinds if the model takes a mask mapping, sliding window)."""
+def _attention_layout(
+    config, builds_sliding_mask: bool | None = None
+) -> tuple[tuple[str, ...], tuple[str, ...] | None, int | None]:
+    """(mask kinds in input order, per-layer kinds if the model takes a mask mapping, sliding window).
+
+    ``builds_sliding_mask``: whether the model's own forward built a sliding-window mask (seen by the probe);
+    a config can carry a ``sliding_window`` that the model never applies.
+    """
     window = getattr(config, "sliding_window", None)
     layer_types = getattr(config, "layer_types", None)
     if layer_types:
@@ -160,51 +177,159 @@ def _attention_layout(config) -> tuple[tuple[str, ...], tuple[str, ...] | None, 
         if SLIDING in kinds and not window:
             raise SpecPassError("config has sliding_attention layers but no sliding_window")
         return kinds, tuple(layer_types), (window if SLIDING in kinds else None)
-    # Mistral-style: one kind for every layer, sliding when the config sets a window and the model uses it.
-    use_sliding = getattr(config, "use_sliding_window", True)
-    if window and use_sliding:
+    # Mistral-style: one kind for every layer, sliding when the model builds a sliding-window mask.
+    if builds_sliding_mask is None:
+        builds_sliding_mask = bool(window) and getattr(config, "use_sliding_window", True)
+    if builds_sliding_mask:
+        if not window:
+            raise SpecPassError("the model builds a sliding-window mask but its config has no sliding_window")
         return (SLIDING,), None, window
     return (FULL,), None, None
 
 
+@contextlib.contextmanager
+def _recording_sliding_masks():
+    """Record whether transformers builds a sliding-window causal mask while the block runs.
+
+    Modeling files import ``create_sliding_window_causal_mask`` by name, but it takes its mask function from
+    the ``masking_utils`` module, so replacing that one attribute sees every sliding mask built.
+    """
+    from transformers import masking_utils
+
+    name = "sliding_window_causal_mask_function"
+    original = getattr(masking_utils, name, None)
+    calls: list[int] = []
+    if original is None:
+        yield None
+        return
+
+    def recording(sliding_window, *args, **kwargs):
+        calls.append(sliding_window)
+        return original(sliding_window, *args, **kwargs)
+
+    setattr(masking_utils, name, recording)
+    try:
+        yield calls
+    finally:
+        setattr(masking_utils, name, original)
+
+
 def cache_spec(model: nn.Module, max_cache_len: int, dtype: torch.dtype | None = None) -> CacheSpec:
     """Derive the KV-cache layout from an HF model by running one tiny probe through its attention."""
+    name = type(model).__name__
     config = _text_config(model.config)
-    kinds, _, window = _attention_layout(config)
+    _attention_layout(config)  # refuse unsupported layer types before running anything
     n_layers = getattr(config, "num_hidden_layers", None)
     if not n_layers:
-        raise SpecPassError(f"{type(model).__name__}: config has no num_hidden_layers; cannot size the KV cache")
-    # Head geometry differs in naming across architectures; a probe forward reads it off the real K states.
-    shapes = _probe_kv_shapes(model)
+        raise SpecPassError(f"{name}: config has no num_hidden_layers; cannot size the KV cache")
+    # Head geometry differs in naming across architectures; a probe forward reads it off the real K/V states.
+    with _recording_sliding_masks() as sliding:
+        shapes = _probe_kv_shapes(model)
+    kinds, _, window = _attention_layout(config, None if sliding is None else bool(sliding))
     if len(shapes) != n_layers:
         raise SpecPassError(
-            f"{type(model).__name__}: expected {n_layers} attention layers writing the KV cache, saw {len(shapes)}"
+            f"{name}: expected {n_layers} attention layers writing the KV cache, saw {len(shapes)} (layers that "
+            "reuse another layer's KV or keep no KV are not supported)"
         )
     if len(set(shapes)) != 1:
-        raise SpecPassError(f"{type(model).__name__}: layers have different KV shapes {sorted(set(shapes))}")
-    n_kv, head_dim = shapes[0]
+        raise SpecPassError(f"{name}: layers have different KV shapes {sorted(set(shapes))}")
+    n_kv, head_dim, v_head_dim = shapes[0]
+    if v_head_dim != head_dim:
+        # The runtime cache allocates one (B, H, T, D) shape for K and V alike.
+        raise SpecPassError(
+            f"{name}: keys and values have different head dims ({head_dim} and {v_head_dim}, e.g. multi-head "
+            "latent attention); the runtime KV cache holds one head_dim for both"
+        )
     param = next(model.parameters())
     return CacheSpec(n_layers, n_kv, head_dim, max_cache_len, dtype or param.dtype, kinds, window)
 
 
-def _probe_kv_shapes(model: nn.Module) -> list[tuple[int, int]]:
+def _tolerance(dtype: torch.dtype) -> float:
+    """Relative logit error that still counts as "the same computation" (reordered float sums)."""
+    return {torch.float16: 5e-3, torch.bfloat16: 2e-2}.get(dtype, 1e-4)
+
+
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.float(), want.float()
+    return float((got - want).abs().max() / want.abs().max().clamp_min(1e-6))
+
+
+def _probe_ids(model: nn.Module, n: int) -> torch.Tensor:
+    """n fixed token ids inside the vocabulary (the values do not matter, only that they differ)."""
+    vocab = model.get_output_embeddings().weight.shape[0]
+    device = next(model.parameters()).device
+    return (torch.arange(n, device=device) * 7 + 3).remainder(vocab)[None]
+
+
+def _forward_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The model's own logits for ``ids``, without a cache, with the explicit positions 0..n-1 that HF's
+    generate() passes too (some models would otherwise count from an offset, e.g. RoBERTa's padding_idx + 1)."""
+    positions = torch.arange(ids.shape[1], device=ids.device)[None]
+    return model(input_ids=ids, position_ids=positions, use_cache=False).logits
+
+
+def _check_causal(model: nn.Module) -> None:
+    """A causal LM's logits for a prefix do not depend on later tokens: refuse bidirectional models."""
+    name = type(model).__name__
+    ids = _probe_ids(model, 4)
+    try:
+        with torch.no_grad():
+            full = _forward_logits(model, ids)
+            prefix = _forward_logits(model, ids[:, :3])
+    except Exception as e:  # noqa: BLE001 - the model's own forward fails: nothing we can capture
+        raise SpecPassError(f"{name}: the model's own forward failed on a 4-token probe: {_summary(e)}") from e
+    err = _rel_err(full[:, :3], prefix)
+    if err > _tolerance(full.dtype):
+        hint = " (set config.is_decoder=True to use it as a causal LM)" if hasattr(model.config, "is_decoder") else ""
+        raise SpecPassError(
+            f"{name} is not causal: its logits for a prefix change when a later token is appended (relative "
+            f"change {err:.1e}), i.e. bidirectional attention as in an encoder{hint}; specpass needs a causal LM"
+        )
+
+
+def _probe_kv_shapes(model: nn.Module) -> list[tuple[int, int, int]]:
+    """(num_kv_heads, key head dim, value head dim) of every layer, from a probe forward with a DynamicCache."""
     from transformers.cache_utils import DynamicCache
 
-    device = next(model.parameters()).device
-    ids = torch.zeros((1, 2), dtype=torch.long, device=device)
+    name = type(model).__name__
+    _check_causal(model)
+    ids = _probe_ids(model, 2)
     cache = DynamicCache(config=model.config)
     try:
         with torch.no_grad():
             model(input_ids=ids, past_key_values=cache, use_cache=True)
     except Exception as e:  # noqa: BLE001 - any failure here means the model is not a decoder we can drive
-        raise SpecPassError(f"{type(model).__name__}: a probe forward with a KV cache failed: {e}") from e
+        raise SpecPassError(f"{name}: a probe forward with a KV cache failed: {_summary(e)}") from e
     shapes = []
-    for layer in cache.layers:
-        keys = getattr(layer, "keys", None)
-        if keys is None or keys.dim() != 4:
-            raise SpecPassError(f"{type(model).__name__}: a cache layer holds no (B, H, T, D) keys")
-        shapes.append((keys.shape[1], keys.shape[3]))
+    for layer in getattr(cache, "layers", []):
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if not isinstance(keys, torch.Tensor) or not isinstance(values, torch.Tensor) or keys.numel() == 0:
+            continue
+        if keys.dim() != 4 or values.dim() != 4:
+            raise SpecPassError(f"{name}: a cache layer holds keys of shape {tuple(keys.shape)}, not (B, H, T, D)")
+        shapes.append((keys.shape[1], keys.shape[3], values.shape[3]))
+    if not shapes:
+        raise SpecPassError(
+            f"{name} writes no keys/values to the KV cache it is given (no past_key_values support); "
+            "specpass needs a model that decodes with a KV cache"
+        )
     return shapes
+
+
+def _summary(e: BaseException) -> str:
+    """'Type: first line of the message (at transformers/models/x/modeling_x.py:123 in fn)'."""
+    text = str(e).strip()
+    out = f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+    if len(out) > 240:
+        out = out[:237] + "..."
+    where = None
+    tb = e.__traceback__
+    while tb is not None:
+        path = tb.tb_frame.f_code.co_filename.replace("\\", "/")
+        if "/transformers/" in path:
+            where = f"{path[path.index('transformers/'):]}:{tb.tb_lineno} in {tb.tb_frame.f_code.co_name}"
+        tb = tb.tb_next
+    return f"{out} (at {where})" if where else out
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -281,13 +406,23 @@ def analyze(gm: torch.fx.GraphModule, wrapper: CaptureWrapper, n_masks: int) -> 
     config = _text_config(model.config)
     n_layers = config.num_hidden_layers
 
-    # 1. The decoder-layer list: the ModuleList with num_hidden_layers entries.
+    # 1. The decoder-layer list: a ModuleList of num_hidden_layers entries that the graph runs, every one of
+    #    them (a multimodal model's vision tower can have as many layers, but text-only decoding skips it).
     candidates = [p for p, m in named.items() if isinstance(m, nn.ModuleList) and len(m) == n_layers and p]
     if not candidates:
         raise SpecPassError(
             f"{name}: decoder layers not found: no nn.ModuleList of num_hidden_layers={n_layers} modules"
         )
-    layers_path = min(candidates, key=len)
+    by_candidate = {p: _nodes_by_layer(gm, p) for p in candidates}
+    complete = [p for p in candidates if len(by_candidate[p]) == n_layers]
+    if not complete:
+        found = ", ".join(f"'{p}' runs {len(by_candidate[p])}" for p in candidates)
+        raise SpecPassError(
+            f"{name}: decoder layers not found: expected {n_layers} layers in the graph under one ModuleList "
+            f"of num_hidden_layers={n_layers} modules; {found}"
+        )
+    layers_path = min(complete, key=len)
+    by_layer = by_candidate[layers_path]
 
     # 2. LM head: the module of get_output_embeddings().
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -305,37 +440,27 @@ def analyze(gm: torch.fx.GraphModule, wrapper: CaptureWrapper, n_masks: int) -> 
     masks = user_inputs[3 : 3 + n_masks]
     kv = user_inputs[3 + n_masks :]
 
-    # 3. Per-layer nodes from nn_module_stack.
-    prefix = layers_path + "."
-    by_layer: dict[int, list[torch.fx.Node]] = {}
-    for node in gm.graph.nodes:
-        if node.op != "call_function":
-            continue
-        for p in _module_path_of(node):
-            if p.startswith(prefix):
-                idx = p[len(prefix) :].split(".")[0]
-                if idx.isdigit():
-                    by_layer.setdefault(int(idx), []).append(node)
-                    break
-    if len(by_layer) != n_layers:
-        raise SpecPassError(
-            f"{name}: expected {n_layers} decoder layers in the graph under '{layers_path}', found {len(by_layer)}"
-        )
+    # 3. Per-layer residual input/output and attention nodes. The residual stream is (B, q, hidden), or
+    #    (n, B, q, hidden) where a model carries several streams (Gemma 3n's AltUp).
+    hidden = getattr(config, "hidden_size", None)
     layers = []
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for i in range(n_layers):
         nodes = by_layer[i]
         inside = set(nodes)
         # The layer's output: its last node whose value leaves the layer with the hidden shape.
-        outs = [n for n in nodes if any(u not in inside for u in n.users) and _is_hidden(n)]
-        # The layer's input: the hidden-state node from outside that the layer reads first.
+        outs = [n for n in nodes if any(u not in inside for u in n.users) and _is_hidden(n, hidden)]
+        # The layer's input: the previous layer's output if this layer reads it, else the first hidden-state node
+        # from outside that it reads (rotary cos/sin are 3D too, hence the hidden-size check).
         ins = []
         for n in nodes:
             for a in n.all_input_nodes:
-                if a not in inside and _is_hidden(a) and a.op != "placeholder":
+                if a not in inside and _is_hidden(a, hidden) and a.op != "placeholder":
                     ins.append(a)
         if not outs or not ins:
             raise SpecPassError(f"{name}: layer {i} residual input/output not found in the graph")
+        previous = layers[-1].output if layers else None
+        layer_input = previous if previous in ins else min(ins, key=order.__getitem__)
         attn = [n for n in nodes if n.target == _SDPA]
         if not attn:
             attn = [n for n in nodes if n.target in (torch.ops.aten.softmax.int, torch.ops.aten._softmax.default)]
@@ -345,7 +470,7 @@ def analyze(gm: torch.fx.GraphModule, wrapper: CaptureWrapper, n_masks: int) -> 
             LayerInfo(
                 index=i,
                 module_path=f"{layers_path}.{i}",
-                input=min(ins, key=order.__getitem__),
+                input=layer_input,
                 output=max(outs, key=order.__getitem__),
                 attention=attn,
             )
@@ -387,9 +512,30 @@ def analyze(gm: torch.fx.GraphModule, wrapper: CaptureWrapper, n_masks: int) -> 
     )
 
 
-def _is_hidden(node: torch.fx.Node) -> bool:
+def _nodes_by_layer(gm: torch.fx.GraphModule, layers_path: str) -> dict[int, list[torch.fx.Node]]:
+    """Graph nodes per layer index of the ModuleList at ``layers_path``, from nn_module_stack."""
+    prefix = layers_path + "."
+    by_layer: dict[int, list[torch.fx.Node]] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        for p in _module_path_of(node):
+            if p.startswith(prefix):
+                idx = p[len(prefix) :].split(".")[0]
+                if idx.isdigit():
+                    by_layer.setdefault(int(idx), []).append(node)
+                    break
+    return by_layer
+
+
+def _is_hidden(node: torch.fx.Node, hidden: int | None = None) -> bool:
+    """A residual-stream value: float (B, q, hidden), or (n, B, q, hidden) for models with several streams."""
     val = node.meta.get("val")
-    return isinstance(val, torch.Tensor) and val.dim() == 3 and val.dtype.is_floating_point
+    if not isinstance(val, torch.Tensor) or not val.dtype.is_floating_point or val.dim() not in (3, 4):
+        return False
+    if hidden is None:
+        return val.dim() == 3
+    return val.shape[-1] == hidden
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -415,20 +561,25 @@ def _check_model(model: nn.Module) -> None:
         raise SpecPassError(
             f"{name} is an encoder-decoder model; specpass needs a decoder-only causal LM (AutoModelForCausalLM)"
         )
-    if not (hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None):
-        raise SpecPassError(f"{name} has no LM head (get_output_embeddings() is None); it is not a causal LM")
-    if not getattr(config, "is_decoder", True) and "CausalLM" not in name and "LMHead" not in name:
-        raise SpecPassError(f"{name} is not a causal LM; load it with AutoModelForCausalLM")
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
+        raise SpecPassError(f"{name}: LM head not found (get_output_embeddings() is None); it is not a causal LM")
+    # Encoders with an LM head (BERT and friends) pass these checks; the causality probe refuses them.
 
 
-def example_inputs(spec: CacheSpec, q: int = 2, batch: int = 1, device=None):
-    """Placeholder inputs for export and compilation (values do not matter, shapes do)."""
+def example_inputs(spec: CacheSpec, q: int = 2, batch: int = 1, device=None, width: int | None = None):
+    """Placeholder inputs for export and compilation (values do not matter, shapes do).
+
+    ``width`` is the masks' key width (the number of cache slots attended to), by default all of them.
+    """
+    if width is None:
+        width = spec.max_cache_len
     ids = torch.zeros((batch, q), dtype=torch.long, device=device)
     pos = torch.arange(q, device=device).expand(batch, q).contiguous()
     slots = torch.arange(q, device=device)
-    masks = [torch.zeros((batch, 1, q, spec.max_cache_len), dtype=spec.dtype, device=device) for _ in spec.mask_kinds]
+    masks = [torch.zeros((batch, 1, q, width), dtype=spec.dtype, device=device) for _ in spec.mask_kinds]
     kv = [
-        torch.zeros((batch, spec.num_kv_heads, spec.max_cache_len, spec.head_dim), dtype=spec.dtype, device=device)
+        torch.zeros((batch, spec.num_kv_heads, spec.buffer_len, spec.head_dim), dtype=spec.dtype, device=device)
         for _ in range(2 * spec.num_layers)
     ]
     return (ids, pos, slots, *masks, *kv)
@@ -437,11 +588,13 @@ def example_inputs(spec: CacheSpec, q: int = 2, batch: int = 1, device=None):
 def capture(model: nn.Module, *, max_cache_len: int = 1024) -> CapturedGraph:
     """Export ``model`` to a training-IR graph with a runtime-owned KV cache; see the module docstring."""
     _check_model(model)
+    if isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int):
+        raise SpecPassError(f"max_cache_len must be an int, got {max_cache_len!r}")
     if max_cache_len < 2:
         raise SpecPassError(f"max_cache_len must be >= 2, got {max_cache_len}")
     config = _text_config(model.config)
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    if limit and max_cache_len > limit:
+    if limit and limit > 0 and max_cache_len > limit:
         raise SpecPassError(
             f"max_cache_len={max_cache_len} exceeds the model's max_position_embeddings={limit}; pass a smaller one"
         )
@@ -453,23 +606,124 @@ def capture(model: nn.Module, *, max_cache_len: int = 1024) -> CapturedGraph:
         )
     model.eval()
     spec = cache_spec(model, max_cache_len)
-    kinds, layer_types, _ = _attention_layout(config)
+    kinds = spec.mask_kinds
+    layer_types = tuple(config.layer_types) if getattr(config, "layer_types", None) else None
     wrapper = CaptureWrapper(model, kinds, layer_types).eval()
     args = example_inputs(spec, q=2, device=next(model.parameters()).device)
     q = Dim("q", min=1, max=max_cache_len)
+    # The masks' key width W is dynamic too: programs attend to the first W cache slots (W >= every slot used).
+    width = Dim("width", min=2, max=max_cache_len)
     # The varargs (*masks, *kv) form one pytree entry of the signature.
-    dynamic = ({1: q}, {1: q}, {0: q}, (*[{2: q} for _ in kinds], *[None] * (2 * spec.num_layers)))
+    dynamic = ({1: q}, {1: q}, {0: q}, (*[{2: q, 3: width} for _ in kinds], *[None] * (2 * spec.num_layers)))
     try:
         with torch.no_grad():
             exported = torch.export.export(wrapper, args, dynamic_shapes=dynamic, strict=False)
     except SpecPassError:
         raise
     except Exception as e:  # noqa: BLE001 - surface any tracing failure as a capture error with its cause
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SpecPassError(f"{type(model).__name__}: torch.export failed: {type(e).__name__}: {first}") from e
+        raise SpecPassError(f"{type(model).__name__}: torch.export failed: {_summary(e)}") from e
     gm = exported.module()
+    _rename_inputs(gm, kinds)
     structure = analyze(gm, wrapper, len(kinds))
     if len(structure.kv) != 2 * spec.num_layers:
         raise SpecPassError(f"captured graph has {len(structure.kv)} KV inputs, expected {2 * spec.num_layers}")
+    _validate(gm, model, spec, structure, kv=args[3 + len(kinds) :])
     log.info("captured %s: %d layers, %d graph nodes", type(model).__name__, spec.num_layers, len(exported.graph.nodes))
     return CapturedGraph(exported, gm, structure, spec, getattr(config, "model_type", "?"))
+
+
+def input_names(mask_kinds: tuple[str, ...], num_layers: int) -> list[str]:
+    """The captured program's argument names, in order: ids, positions, slots, one mask per kind, K/V per layer."""
+    kv = [f"{t}_{i}" for i in range(num_layers) for t in ("k", "v")]
+    return ["input_ids", "position_ids", "cache_position", *[f"mask_{kind}" for kind in mask_kinds], *kv]
+
+
+def _rename_inputs(gm: torch.fx.GraphModule, mask_kinds: tuple[str, ...]) -> None:
+    """Give the placeholders readable, stable names (export calls the varargs ``rest_0, rest_1, ...``).
+
+    The unlifted module flattens its inputs with a pytree codegen whose argument list is the placeholder
+    names, so that list is renamed with them; calling stays positional and unchanged.
+    """
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    n_kv = len(placeholders) - 3 - len(mask_kinds)
+    if n_kv < 0 or n_kv % 2:
+        raise SpecPassError(f"captured graph has {len(placeholders)} inputs; expected 3 + {len(mask_kinds)} + 2 per layer")
+    names = input_names(mask_kinds, n_kv // 2)
+    taken = {n.name for n in gm.graph.nodes if n.op != "placeholder"} & set(names)
+    for node in gm.graph.nodes:  # free the names first (no op node is called k_0 today, but be sure)
+        if node.name in taken:
+            node._rename(f"{node.name}_op")
+    for node, name in zip(placeholders, names):
+        node.target = name
+        node._rename(name)
+        if node.name != name:
+            raise SpecPassError(f"could not name the graph input {node.name!r} {name!r}")
+    codegen = gm.graph._codegen
+    info = getattr(codegen, "pytree_info", None)
+    if info is not None:
+        codegen.pytree_info = info._replace(orig_args=list(names))
+    gm.recompile()
+
+
+def _chain_masks(spec: CacheSpec, start: int, q: int, device) -> list[torch.Tensor]:
+    """Additive masks for q chain tokens at slots start..start+q-1 (the runtime's, rebuilt independently)."""
+    slots = torch.arange(spec.max_cache_len, device=device)
+    query = start + torch.arange(q, device=device)
+    masks = []
+    for kind in spec.mask_kinds:
+        allowed = slots[None, :] <= query[:, None]
+        if kind == SLIDING:
+            allowed &= slots[None, :] > query[:, None] - spec.sliding_window
+        mask = torch.zeros(allowed.shape, dtype=spec.dtype, device=device)
+        masks.append(mask.masked_fill_(~allowed, torch.finfo(spec.dtype).min)[None, None])
+    return masks
+
+
+def _validate(gm, model: nn.Module, spec: CacheSpec, structure: Structure, kv) -> None:
+    """Run the captured graph as the runtime will (prefill, then one-token steps) against the model's own
+    full forward, on a few tokens: a model that computes something else than its eager self (positions taken
+    from the cache length, masks rebuilt from a 2D mask, ...) is refused here, not discovered in generate()."""
+    name = type(model).__name__
+    n = min(5, spec.max_cache_len)
+    steps = [max(1, n - 2)] + [1] * (n - max(1, n - 2))
+    ids = _probe_ids(model, n)
+    with torch.no_grad():
+        try:
+            want = _forward_logits(model, ids)
+        except Exception as e:  # noqa: BLE001 - the model's own forward fails: nothing to compare against
+            raise SpecPassError(f"{name}: the model's own forward failed on a {n}-token probe: {_summary(e)}") from e
+        for t in kv:
+            t.zero_()
+        start = 0
+        for k, q in enumerate(steps):
+            slots = torch.arange(start, start + q, device=ids.device)
+            masks = _chain_masks(spec, start, q, ids.device)
+            try:
+                got = gm(ids[:, start : start + q], slots[None], slots, *masks, *kv)
+            except Exception as e:  # noqa: BLE001 - the graph does not run on the runtime's inputs
+                raise SpecPassError(f"{name}: the captured graph fails on a {q}-token step: {_summary(e)}") from e
+            err = _rel_err(got, want[:, start : start + q])
+            if not err <= _tolerance(want.dtype):
+                step = "the prefill" if k == 0 else f"decode step {k}"
+                why = ""
+                if not _reads(structure.position_ids):
+                    why = (
+                        "; the graph never reads position_ids: the model derives positions another way (e.g. from "
+                        "the cache length), which a runtime-owned cache does not provide"
+                    )
+                raise SpecPassError(
+                    f"{name}: the captured graph does not reproduce the model: its logits differ from the model's "
+                    f"own forward at {step} (relative error {err:.1e}){why}"
+                )
+            start += q
+
+
+def _reads(node: torch.fx.Node) -> bool:
+    """Whether any computation uses ``node`` (export's input guards and metadata asserts do not count)."""
+    for user in node.users:
+        if user.op == "call_module" and str(user.target).startswith("_guards"):
+            continue
+        if user.op == "call_function" and "assert" in getattr(user.target, "__name__", str(user.target)):
+            continue
+        return True
+    return False

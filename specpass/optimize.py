@@ -128,10 +128,12 @@ def _warm_up(programs: dict, captured: CapturedGraph) -> None:
         for name, program in programs.items():
             dynamic = name != "decode"
             args = example_inputs(spec, q=2 if dynamic else 1, device=device)
+            n_masks = len(spec.mask_kinds)
+            # Mark the symbolic sizes up front (the attention width always, the query length for prefill):
+            # otherwise the first call compiles a static graph and the next one recompiles.
+            for i in range(3, 3 + n_masks):
+                torch._dynamo.mark_dynamic(args[i], 3)
             if dynamic:
-                # Mark the query length symbolic up front: otherwise the first prompt compiles a static graph
-                # and the second one recompiles.
-                n_masks = len(spec.mask_kinds)
                 for t, dim in zip(args[: 3 + n_masks], (1, 1, 0, *[2] * n_masks)):
                     torch._dynamo.mark_dynamic(t, dim)
             program(*args)

@@ -68,12 +68,24 @@ class StopChecker:
         return False
 
 
+#: attention width granularity: programs attend to the first W cache slots, W a multiple of this
+WINDOW_BUCKET = 64
+
+
+def attention_width(used: int, capacity: int) -> int:
+    """The mask width: programs attend to the first W slots (see capture.py), so W covers every used slot."""
+    return min(capacity, -(-used // WINDOW_BUCKET) * WINDOW_BUCKET)
+
+
 def _step(program: Program, cache: KVCache, ids: torch.Tensor) -> torch.Tensor:
     """Run q = ids.shape[1] chain tokens at the next slots; commit them; return their logits."""
     q = ids.shape[1]
     slots = cache.reserve(q)
     pos = slots[None, :]
-    logits = program(ids, pos, slots, *cache.chain_masks(q), *cache.tensors)
+    width = attention_width(cache.length + q, cache.capacity)
+    # Contiguous masks of exactly this width: a sliced view's strides would fail the compiled graph's guards.
+    masks = cache.chain_masks(q, width)
+    logits = program(ids, pos, slots, *masks, *cache.tensors)
     cache.commit(q)
     return logits
 

@@ -25,7 +25,7 @@ class KVCache:
 
     def __init__(self, spec: CacheSpec, *, batch: int = 1, device: torch.device | str | None = None):
         self.spec = spec
-        shape = (batch, spec.num_kv_heads, spec.max_cache_len, spec.head_dim)
+        shape = (batch, spec.num_kv_heads, spec.buffer_len, spec.head_dim)
         self.tensors = [torch.zeros(shape, dtype=spec.dtype, device=device) for _ in range(2 * spec.num_layers)]
         self.length = 0
         self.device = self.tensors[0].device
@@ -42,6 +42,8 @@ class KVCache:
     # ---- bookkeeping ----------------------------------------------------------------------------------
     def reserve(self, n: int) -> torch.Tensor:
         """Slots for the next n tokens of a chain (not yet committed)."""
+        if n < 0:
+            raise ValueError(f"cannot reserve {n} slots")
         if self.length + n > self.capacity:
             raise SpecPassError(
                 f"KV cache full: {self.length} tokens committed + {n} new > max_cache_len={self.capacity}; "
@@ -66,6 +68,9 @@ class KVCache:
             return
         if min(src) < self.length or max(src) >= self.capacity:
             raise ValueError(f"compact slots {src} must lie in [{self.length}, {self.capacity})")
+        if len(set(src)) != len(src):
+            # An accepted path visits each tree node once; a repeat would also overrun the buffer at capacity.
+            raise ValueError(f"compact slots {src} repeat a slot")
         dst = list(range(self.length, self.length + len(src)))
         if src != dst:
             index = torch.tensor(src, device=self.device)
@@ -75,15 +80,22 @@ class KVCache:
         self.length += len(src)
 
     # ---- masks --------------------------------------------------------------------------------------
-    def chain_masks(self, q: int) -> list[torch.Tensor]:
-        """Additive masks for q chain tokens at slots length..length+q-1, one per attention kind."""
-        last = self.length + torch.arange(q, device=self.device)  # slot == position of each query
-        visible = self._slots[None, :] <= last[:, None]
+    def chain_masks(self, q: int, width: int | None = None) -> list[torch.Tensor]:
+        """Additive masks (1, 1, q, width) for q chain tokens at slots length..length+q-1, one per kind.
+
+        Programs attend to the first ``width`` slots (default: all), so it must cover length + q.
+        """
+        width = self.capacity if width is None else width
+        if not self.length + q <= width <= self.capacity:
+            raise ValueError(f"mask width {width} must cover {self.length + q} slots and fit {self.capacity}")
+        keys = self._slots[None, :width]
+        last = self.length + torch.arange(q, device=self.device)[:, None]  # slot == position of each query
+        visible = keys <= last
         masks = []
         for kind in self.spec.mask_kinds:
             allowed = visible
             if kind == SLIDING:
-                allowed = allowed & (self._slots[None, :] > last[:, None] - self.spec.sliding_window)
+                allowed = allowed & (keys > last - self.spec.sliding_window)
             mask = torch.zeros(allowed.shape, dtype=self.spec.dtype, device=self.device)
             mask.masked_fill_(~allowed, self._neg)
             masks.append(mask[None, None])

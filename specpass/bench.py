@@ -1,0 +1,703 @@
+"""``specpass bench``: specpass against HF baselines on Spec-Bench prompts, side by side in one process.
+
+Protocol (Spec-Bench's): greedy decoding, batch 1, the first turn of each question in the model's chat template,
+a stratified sample of the questions (round-robin over the categories in file order). Every method generates
+every prompt, and the methods alternate per prompt, in an order rotated from one prompt to the next, so that
+a slow patch of a shared machine hits all of them alike. Each method stops at eos on its own; a lossless
+method produces HF eager's tokens anyway, and the bench checks that it does: a difference that is not a
+near-tie of HF's own top-2 logits fails the run (exit code 1).
+
+Methods live in ``METHODS``: a name, and ``setup(model, tokenizer, cfg) -> Runner`` where the runner's
+``generate(input_ids) -> output ids`` behaves like ``model.generate`` (prompt + new ids). A new peer is one
+more entry there; the loop does not change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import platform
+import shlex
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from specpass.errors import SpecPassError
+
+log = logging.getLogger("specpass.bench")
+
+REFERENCE = "hf_eager"
+DEFAULT_METHODS = ("hf_eager", "hf_static_compile", "specpass")
+NEAR_TIE = 1e-3  # HF's top-2 logits closer than this: either token is a correct greedy choice up to rounding
+_DEFAULT_PROMPTS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "spec_bench" / "dev.jsonl"
+# Untimed warm-up prompts, of different lengths so that a compiled prefill meets two shapes before timing.
+_WARM_UP_MESSAGES = (
+    "Say hello.",
+    "Write one sentence about the sea, then one sentence about the mountains, then one about the sky.",
+)
+
+Generate = Callable[[torch.Tensor], torch.Tensor]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Methods
+# --------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    """What a method's setup may need; built once from the command line."""
+
+    max_new_tokens: int
+    max_cache_len: int
+    backend: str = "inductor"  # specpass's lowering backend
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+
+    def hf_generate_kwargs(self) -> dict:
+        """Plain greedy decoding for ``model.generate``, stopping where every method stops."""
+        return {
+            "do_sample": False,
+            "max_new_tokens": self.max_new_tokens,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+        }
+
+
+@dataclasses.dataclass
+class Runner:
+    """A set-up method. ``warm_up_runs`` untimed generations precede the timed ones (prompts of different lengths)."""
+
+    generate: Generate
+    warm_up_runs: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    name: str
+    description: str
+    setup: Callable[..., Runner]  # (model, tokenizer, cfg: BenchConfig) -> Runner
+
+
+def _setup_hf_eager(model, tokenizer, cfg: BenchConfig) -> Runner:
+    kwargs = cfg.hf_generate_kwargs()
+
+    def run(ids: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+
+    return Runner(run)
+
+
+def _setup_hf_static_compile(model, tokenizer, cfg: BenchConfig) -> Runner:
+    """HF's documented recipe: a static cache and ``model.forward = torch.compile(model.forward)``.
+
+    The recipe replaces ``forward`` on the model, which would turn the shared model's eager baseline into a
+    compiled one; a shallow copy shares every parameter and submodule but holds its own ``forward`` and
+    generation config. The cache is sized once (``max_cache_len``) for all prompts so that its shape, and with
+    it the compiled graphs, never change. The prefill graph is compiled static for the first prompt length and
+    recompiled with a symbolic length at the second, hence two warm-up runs with different prompt lengths.
+    """
+    compiled = copy.copy(model)
+    config = copy.deepcopy(model.generation_config)
+    config.cache_implementation = "static"
+    config.max_cache_len = cfg.max_cache_len
+    config.disable_compile = True  # we compile forward ourselves; generate's auto-compile would wrap it again
+    compiled.generation_config = config
+    mode = "reduce-overhead" if next(model.parameters()).device.type == "cuda" else None  # CUDA graphs: GPU only
+    compiled.forward = torch.compile(compiled.forward, mode=mode, fullgraph=True)
+    kwargs = cfg.hf_generate_kwargs()
+
+    def run(ids: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return compiled.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+
+    return Runner(run, warm_up_runs=2)
+
+
+def _setup_specpass(model, tokenizer, cfg: BenchConfig) -> Runner:
+    import specpass
+
+    spec_model = specpass.optimize(model, backend=cfg.backend, max_cache_len=cfg.max_cache_len)
+    log.info("specpass.optimize(backend=%s) took %.1f s", cfg.backend, spec_model.compile_s)
+
+    def run(ids: torch.Tensor) -> torch.Tensor:
+        return spec_model.generate(
+            ids, max_new_tokens=cfg.max_new_tokens, do_sample=False, eos_token_id=cfg.eos_token_id
+        )
+
+    return Runner(run)
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("hf_eager", "HF model.generate, greedy (the reference)", _setup_hf_eager),
+        Method(
+            "hf_static_compile",
+            "HF model.generate with a static cache and torch.compile(model.forward)",
+            _setup_hf_static_compile,
+        ),
+        Method("specpass", "specpass.optimize(model) (compiled decoding)", _setup_specpass),
+    )
+}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Benchmark specpass against Hugging Face baselines on Spec-Bench prompts: greedy, batch 1, methods "
+        "alternating per prompt in one process. Reports tokens/s, the ratio to HF eager, compile and warm-up "
+        "time, and whether every method's output equals HF eager's. Exit code 1 if one does not "
+        "(beyond near-ties of HF's own logits)."
+    )
+    parser.add_argument(
+        "--model",
+        default="default",
+        help="'default' (SmolLM2-135M-Instruct), a local model "
+        "directory, or a Hugging Face Hub id (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--prompts",
+        default=None,
+        metavar="PATH",
+        help="Spec-Bench question file (JSONL: question_id, category, turns); default: the "
+        "repository's shared/data/spec_bench/dev.jsonl",
+    )
+    parser.add_argument(
+        "--num-prompts",
+        type=int,
+        default=12,
+        metavar="N",
+        help="questions to run, sampled round-robin over categories (default: %(default)s)",
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="(default: %(default)s)")
+    parser.add_argument(
+        "--methods",
+        default=",".join(DEFAULT_METHODS),
+        help=f"comma-separated, from: {', '.join(METHODS)} (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--backend",
+        default="inductor",
+        choices=("inductor", "eager"),
+        help="specpass lowering backend (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=2, metavar="N", help="torch.set_num_threads (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--max-cache-len",
+        type=int,
+        default=None,
+        metavar="N",
+        help="KV cache size of the static-cache methods, the same for every prompt "
+        "(default: longest prompt + max new tokens, rounded up to 64)",
+    )
+    parser.add_argument("--json", default=None, metavar="PATH", help="write the full results as JSON")
+    parser.add_argument(
+        "--markdown",
+        default=None,
+        metavar="PATH",
+        help="write the tables, command and machine as a Markdown section (for docs/benchmarks.md)",
+    )
+
+
+def run_bench(args: argparse.Namespace, *, model=None, tokenizer=None, methods: dict[str, Method] | None = None) -> int:
+    """Run the benchmark that ``args`` describe; ``model``/``tokenizer``/``methods`` may be injected (tests)."""
+    registry = METHODS if methods is None else methods
+    names = _parse_methods(args.methods, registry)
+    if args.num_prompts < 1:
+        raise SpecPassError(f"--num-prompts must be >= 1, got {args.num_prompts}")
+    if args.max_new_tokens < 1:
+        raise SpecPassError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.threads < 1:
+        raise SpecPassError(f"--threads must be >= 1, got {args.threads}")
+    prompts_path = resolve_prompts(args.prompts)
+    questions = stratified_sample(load_questions(prompts_path), args.num_prompts)
+    torch.set_num_threads(args.threads)
+
+    if model is None:
+        from specpass import models
+
+        model, tokenizer = models.load(args.model)
+    elif tokenizer is None:
+        raise SpecPassError("run_bench: a model was given without its tokenizer")
+    model.eval()
+
+    prompts = [chat_ids(tokenizer, q["turns"][0]) for q in questions]
+    warm_ups = [chat_ids(tokenizer, m) for m in _WARM_UP_MESSAGES]
+    longest = max(p.shape[1] for p in prompts + warm_ups)
+    max_cache_len = args.max_cache_len or _default_cache_len(model, longest + args.max_new_tokens)
+    if longest + args.max_new_tokens > max_cache_len:
+        raise SpecPassError(
+            f"--max-cache-len {max_cache_len} is too small: the longest prompt has {longest} tokens, plus "
+            f"--max-new-tokens {args.max_new_tokens}; pass at least {longest + args.max_new_tokens}"
+        )
+    gen = model.generation_config
+    cfg = BenchConfig(
+        max_new_tokens=args.max_new_tokens,
+        max_cache_len=max_cache_len,
+        backend=args.backend,
+        eos_token_id=gen.eos_token_id if gen.eos_token_id is not None else tokenizer.eos_token_id,
+        pad_token_id=gen.pad_token_id if gen.pad_token_id is not None else tokenizer.pad_token_id,
+    )
+    log.info("%d prompts (%s), %d methods, max_cache_len %d", len(prompts), prompts_path, len(names), max_cache_len)
+
+    results = _Results(names)
+    runners: dict[str, Runner] = {}
+    for name in names:
+        log.info("setting up %s", name)
+        t0 = time.perf_counter()
+        runners[name] = registry[name].setup(model, tokenizer, cfg)
+        results.setup_s[name] = time.perf_counter() - t0
+    for name in names:
+        runner = runners[name]
+        t0 = time.perf_counter()
+        for i in range(runner.warm_up_runs):
+            runner.generate(warm_ups[i % len(warm_ups)])
+        results.warm_up_s[name] = time.perf_counter() - t0
+        log.info("%s: setup %.1f s, warm-up %.1f s", name, results.setup_s[name], results.warm_up_s[name])
+
+    with tqdm(total=len(prompts) * len(names), desc="bench", unit="gen", leave=False) as bar:
+        for i, (q, ids) in enumerate(zip(questions, prompts, strict=True)):
+            shift = i % len(names)
+            for name in names[shift:] + names[:shift]:
+                bar.set_postfix_str(f"{q['category']} {name}")
+                graphs = _graphs_compiled()
+                t0 = time.perf_counter()
+                out = runners[name].generate(ids)
+                seconds = time.perf_counter() - t0
+                compiled = _graphs_compiled() - graphs
+                if compiled:
+                    log.warning("%s compiled %d graph(s) during timed prompt %s", name, compiled, q["question_id"])
+                results.record(i, name, out, seconds, compiled)
+                bar.update()
+
+    report = _report(args, results, questions, prompts, model, tokenizer, cfg, prompts_path)
+    print(report["text"])
+    if args.json:
+        _write(args.json, json.dumps(report["json"], indent=2) + "\n")
+    if args.markdown:
+        _write(args.markdown, report["markdown"])
+    return report["json"]["exit_code"]
+
+
+def _parse_methods(spec: str, registry: dict[str, Method]) -> list[str]:
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    unknown = [n for n in names if n not in registry]
+    if unknown:
+        raise SpecPassError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(registry)}")
+    if len(set(names)) != len(names):
+        raise SpecPassError(f"--methods lists a method twice: {spec}")
+    if REFERENCE not in names:
+        log.warning("adding %s: it is the reference every method is compared with", REFERENCE)
+        names.insert(0, REFERENCE)
+    return names
+
+
+# --------------------------------------------------------------------------------------------------------
+# Prompts
+# --------------------------------------------------------------------------------------------------------
+def resolve_prompts(path: str | os.PathLike[str] | None) -> Path:
+    """``--prompts``, or the repository checkout's Spec-Bench dev split."""
+    if path is None:
+        if not _DEFAULT_PROMPTS.is_file():
+            raise SpecPassError(
+                f"Spec-Bench prompts not found at {_DEFAULT_PROMPTS} (the default outside a specpass repository "
+                "checkout does not exist); pass --prompts PATH, a Spec-Bench question.jsonl"
+            )
+        return _DEFAULT_PROMPTS
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise SpecPassError(f"--prompts {path}: no such file")
+    return p
+
+
+def load_questions(path: Path) -> list[dict]:
+    """Spec-Bench questions: one JSON object a line with question_id, category and a non-empty turns list."""
+    questions = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                q = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SpecPassError(f"{path}:{n}: not JSON: {e}") from e
+            if not (
+                isinstance(q, dict)
+                and "question_id" in q
+                and isinstance(q.get("category"), str)
+                and isinstance(q.get("turns"), list)
+                and q["turns"]
+                and isinstance(q["turns"][0], str)
+            ):
+                raise SpecPassError(f"{path}:{n}: expected a question_id, a category and a list of turns")
+            questions.append(q)
+    if not questions:
+        raise SpecPassError(f"{path} holds no questions")
+    return questions
+
+
+def stratified_sample(questions: Sequence[dict], n: int) -> list[dict]:
+    """The first n of a round-robin over categories (in order of first appearance), questions in file order."""
+    by_category: dict[str, list[dict]] = {}
+    for q in questions:
+        by_category.setdefault(q["category"], []).append(q)
+    if n > len(questions):
+        log.warning("only %d questions available; running all of them", len(questions))
+    sample: list[dict] = []
+    depth = 0
+    while len(sample) < min(n, len(questions)):
+        for qs in by_category.values():
+            if depth < len(qs) and len(sample) < n:
+                sample.append(qs[depth])
+        depth += 1
+    return sample
+
+
+def chat_ids(tokenizer, text: str) -> torch.Tensor:
+    """(1, n) ids of ``text`` as the first user turn of a chat, ready for the assistant's answer."""
+    if getattr(tokenizer, "chat_template", None):
+        enc = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+        ids = enc["input_ids"]
+    else:
+        log.warning("the tokenizer has no chat template; using the raw question text as the prompt")
+        ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    return torch.as_tensor(ids, dtype=torch.long).reshape(1, -1)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class _Run:
+    out: torch.Tensor
+    seconds: float
+    compiled: int
+
+
+class _Results:
+    def __init__(self, names: list[str]):
+        self.names = names
+        self.setup_s: dict[str, float] = {}
+        self.warm_up_s: dict[str, float] = {}
+        self.runs: list[dict[str, _Run]] = []
+
+    def record(self, i: int, name: str, out: torch.Tensor, seconds: float, compiled: int) -> None:
+        while len(self.runs) <= i:
+            self.runs.append({})
+        self.runs[i][name] = _Run(out.detach().cpu().reshape(1, -1), seconds, compiled)
+
+
+def _first_difference(a: list[int], b: list[int]) -> int | None:
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def _top2_gap(model, prefix: torch.Tensor) -> float:
+    """HF eager's margin between its two best next-token logits after ``prefix``."""
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        logits = model(input_ids=prefix.to(device)).logits[0, -1].float()
+    top = torch.topk(logits, 2).values
+    return float(top[0] - top[1])
+
+
+def compare_outputs(model, ids: torch.Tensor, ref: torch.Tensor, out: torch.Tensor) -> dict | None:
+    """None if ``out`` equals the reference; else where and how it first differs."""
+    n = ids.shape[1]
+    ref_ids, out_ids = ref[0].tolist(), out[0].tolist()
+    at = _first_difference(ref_ids, out_ids)
+    if at is None:
+        return None
+    d = {"position": at - n, "hf_token": None, "method_token": None, "hf_top2_gap": None, "near_tie": False}
+    if at < n:
+        d["reason"] = "the output does not start with the prompt"
+        return d
+    if at < len(ref_ids):
+        d["hf_token"] = ref_ids[at]
+    if at < len(out_ids):
+        d["method_token"] = out_ids[at]
+    if d["hf_token"] is None or d["method_token"] is None:
+        d["reason"] = "stopped at a different length"
+        return d
+    gap = _top2_gap(model, ref[:, :at])
+    d["hf_top2_gap"] = gap
+    d["near_tie"] = gap < NEAR_TIE
+    d["reason"] = "near-tie" if d["near_tie"] else "different token"
+    return d
+
+
+def _report(args, results: _Results, questions, prompts, model, tokenizer, cfg: BenchConfig, prompts_path) -> dict:
+    names = results.names
+    per_prompt = []
+    mismatches = []
+    for q, ids, runs in zip(questions, prompts, results.runs, strict=True):
+        ref = runs[REFERENCE].out
+        entry = {
+            "question_id": q["question_id"],
+            "category": q["category"],
+            "prompt_tokens": ids.shape[1],
+            "methods": {},
+        }
+        for name in names:
+            run = runs[name]
+            new = run.out.shape[1] - ids.shape[1]
+            m = {
+                "new_tokens": new,
+                "seconds": run.seconds,
+                "tokens_per_s": new / run.seconds if run.seconds else 0.0,
+                "identical": True,
+                "graphs_compiled": run.compiled,
+            }
+            if name == REFERENCE:
+                m["new_ids"] = run.out[0, ids.shape[1] :].tolist()
+            else:
+                diff = compare_outputs(model, ids, ref, run.out)
+                if diff is not None:
+                    m["identical"] = False
+                    m["mismatch"] = diff
+                    m["new_ids"] = run.out[0, ids.shape[1] :].tolist()
+                    mismatches.append(
+                        {"question_id": q["question_id"], "category": q["category"], "method": name, **diff}
+                    )
+            entry["methods"][name] = m
+        per_prompt.append(entry)
+
+    def speed(name: str, entries) -> float:
+        tokens = sum(e["methods"][name]["new_tokens"] for e in entries)
+        seconds = sum(e["methods"][name]["seconds"] for e in entries)
+        return tokens / seconds if seconds else 0.0
+
+    summary = {}
+    ref_speed = speed(REFERENCE, per_prompt)
+    for name in names:
+        own = [m for m in mismatches if m["method"] == name]
+        tps = speed(name, per_prompt)
+        summary[name] = {
+            "tokens_per_s": tps,
+            "ratio": tps / ref_speed if ref_speed else 0.0,
+            "new_tokens": sum(e["methods"][name]["new_tokens"] for e in per_prompt),
+            "seconds": sum(e["methods"][name]["seconds"] for e in per_prompt),
+            "setup_s": results.setup_s[name],
+            "warm_up_s": results.warm_up_s[name],
+            "graphs_compiled_while_timed": sum(e["methods"][name]["graphs_compiled"] for e in per_prompt),
+            "identical": not own,
+            "mismatches": sum(not m["near_tie"] for m in own),
+            "near_ties": sum(m["near_tie"] for m in own),
+        }
+    categories = {}
+    for cat in dict.fromkeys(q["category"] for q in questions):
+        entries = [e for e in per_prompt if e["category"] == cat]
+        base = speed(REFERENCE, entries)
+        categories[cat] = {
+            "prompts": len(entries),
+            **{
+                n: {"tokens_per_s": speed(n, entries), "ratio": speed(n, entries) / base if base else 0.0}
+                for n in names
+            },
+        }
+    failed = any(not m["near_tie"] for m in mismatches)
+    machine = machine_info(args.threads)
+    command = _command_line(args, cfg, prompts_path)
+    data = {
+        "command": command,
+        "machine": machine,
+        "config": {
+            "model": args.model,
+            "prompts": str(prompts_path),
+            "num_prompts": len(questions),
+            "max_new_tokens": cfg.max_new_tokens,
+            "methods": names,
+            "backend": cfg.backend,
+            "threads": args.threads,
+            "max_cache_len": cfg.max_cache_len,
+            "near_tie": NEAR_TIE,
+        },
+        "summary": summary,
+        "categories": categories,
+        "mismatches": mismatches,
+        "prompts": per_prompt,
+        "exit_code": 1 if failed else 0,
+    }
+    tables = _summary_table(names, summary) + "\n\n" + _category_table(names, categories)
+    notes = _mismatch_lines(mismatches, tokenizer)
+    for name in names:
+        if summary[name]["graphs_compiled_while_timed"]:
+            notes.append(
+                f"WARNING: {name} compiled {summary[name]['graphs_compiled_while_timed']} graph(s) during "
+                "timed runs; its tokens/s include compilation"
+            )
+    text = tables + ("\n\n" + "\n".join(notes) if notes else "")
+    if failed:
+        text += "\n\nFAILED: some outputs differ from hf_eager's beyond near-ties of its top-2 logits."
+    markdown = _markdown(data, tables, notes)
+    return {"json": data, "text": text, "markdown": markdown}
+
+
+def _summary_table(names, summary) -> str:
+    rows = [
+        "| method | tokens/s | vs hf_eager | setup s | warm-up s | identical to hf_eager |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for name in names:
+        s = summary[name]
+        if name == REFERENCE:
+            same = "(reference)"
+        elif s["mismatches"]:
+            same = f"**no** ({s['mismatches']} prompt(s) differ)"
+        else:
+            same = "yes"
+        if s["near_ties"]:
+            same += f", {s['near_ties']} near-tie(s)"
+        rows.append(
+            f"| {name} | {s['tokens_per_s']:.2f} | {s['ratio']:.2f}x | {s['setup_s']:.1f} | "
+            f"{s['warm_up_s']:.1f} | {same} |"
+        )
+    return "\n".join(rows)
+
+
+def _category_table(names, categories) -> str:
+    others = [n for n in names if n != REFERENCE]
+    rows = [
+        "| category | prompts | hf_eager tokens/s | " + " | ".join(f"{n} vs hf_eager" for n in others) + " |",
+        "|---|---:|---:|" + "---:|" * len(others),
+    ]
+    for cat, c in categories.items():
+        ratios = " | ".join(f"{c[n]['ratio']:.2f}x" for n in others)
+        rows.append(f"| {cat} | {c['prompts']} | {c[REFERENCE]['tokens_per_s']:.2f} | {ratios} |")
+    return "\n".join(rows)
+
+
+def _mismatch_lines(mismatches, tokenizer) -> list[str]:
+    def tok(t):
+        return "(end)" if t is None else f"{t} {tokenizer.decode([t])!r}"
+
+    lines = []
+    for m in sorted(mismatches, key=lambda m: m["near_tie"]):
+        what = "near-tie (tolerated)" if m["near_tie"] else "MISMATCH"
+        gap = "" if m["hf_top2_gap"] is None else f", HF top-2 logit gap {m['hf_top2_gap']:.2e}"
+        lines.append(
+            f"{what}: {m['method']} on question {m['question_id']} ({m['category']}): first difference at "
+            f"new token {m['position']}: hf_eager {tok(m['hf_token'])}, {m['method']} "
+            f"{tok(m['method_token'])}{gap}"
+        )
+    return lines
+
+
+def _markdown(data, tables: str, notes: list[str]) -> str:
+    c, mach = data["config"], data["machine"]
+    lines = [
+        f"## {_model_label(c['model'])}: {c['num_prompts']} Spec-Bench prompts, {c['max_new_tokens']} new tokens ({mach['date']})",
+        "",
+        "```",
+        data["command"],
+        "```",
+        "",
+        f"- CPU: {mach['cpu']} ({mach['logical_cpus']} logical CPUs), {mach['threads']} torch threads",
+        f"- torch {mach['torch']}, transformers {mach['transformers']}, specpass {mach['specpass']}, "
+        f"Python {mach['python']}",
+        f"- greedy, batch 1, methods alternating per prompt in one process; max_cache_len {c['max_cache_len']}; "
+        f"specpass backend {c['backend']}",
+        "- tokens/s: all new tokens over all timed seconds; setup: method setup (specpass: its compilation); "
+        "warm-up: untimed first generations (hf_static_compile compiles here)",
+        "",
+        tables,
+        "",
+    ]
+    if notes:
+        lines += [f"- {n}" for n in notes] + [""]
+    return "\n".join(lines)
+
+
+def _model_label(name: str) -> str:
+    from specpass.models import DEFAULT_MODEL_NAME
+
+    return DEFAULT_MODEL_NAME if name == "default" else name
+
+
+def machine_info(threads: int) -> dict:
+    import transformers
+
+    import specpass
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "threads": threads,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "specpass": specpass.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def _command_line(args, cfg: BenchConfig, prompts_path: Path) -> str:
+    """The command that reproduces this run, every option spelled out."""
+    parts = ["specpass", "bench", "--model", args.model]
+    if args.prompts is not None:
+        parts += ["--prompts", str(args.prompts)]
+    parts += [
+        "--num-prompts",
+        str(args.num_prompts),
+        "--max-new-tokens",
+        str(cfg.max_new_tokens),
+        "--methods",
+        args.methods,
+        "--backend",
+        cfg.backend,
+        "--threads",
+        str(args.threads),
+        "--max-cache-len",
+        str(cfg.max_cache_len),
+    ]
+    return shlex.join(parts)
+
+
+def _graphs_compiled() -> int:
+    """How many graphs torch.compile has produced so far in this process (to catch compiles during timing)."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:  # pragma: no cover
+        return 0
+    return int(counters["stats"]["unique_graphs"])
+
+
+def _default_cache_len(model, needed: int) -> int:
+    """``needed`` rounded up to a multiple of 64, but not past the model's position limit."""
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    rounded = -(-needed // 64) * 64
+    return min(rounded, limit) if limit and limit >= needed else rounded
+
+
+def _write(path: str, text: str) -> None:
+    try:
+        Path(path).expanduser().write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise SpecPassError(f"cannot write {path}: {e}") from e
+    log.info("wrote %s", path)

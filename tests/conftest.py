@@ -1,0 +1,151 @@
+"""Shared test fixtures: tiny captured models and graph goldens.
+
+Goldens live in ``tests/goldens/<folder>/<name>.txt`` (folder = ``capture`` or a pass name) and hold
+``specpass.graph_text.normalize`` output. They change only when a run is given ``--update-goldens``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+GOLDENS = Path(__file__).parent / "goldens"
+#: diff lines shown on a golden mismatch
+MAX_DIFF_LINES = 80
+#: the cache length every tiny capture uses
+MAX_CACHE_LEN = 32
+#: tiny architectures, cheap enough to capture in about a second each
+ARCHS = ("llama", "gpt2", "qwen2")
+
+# torch.export logs each traced graph to "torch.__trace" at DEBUG; pytest would print pages of it under every
+# failure. TORCH_TRACE attaches its own handler, so it does not need the propagation.
+logging.getLogger("torch.__trace").propagate = False
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--update-goldens",
+        action="store_true",
+        default=False,
+        help="rewrite tests/goldens/*.txt from the current graphs instead of comparing against them",
+    )
+
+
+_updated: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _updated:
+        terminalreporter.write_sep("=", f"{len(_updated)} golden file(s) written")
+        for name in _updated:
+            terminalreporter.write_line(name)
+
+
+@pytest.fixture
+def golden(request):
+    """``golden(name, text)``: compare text with ``tests/goldens/<name>.txt`` (or write it with --update-goldens)."""
+    update = request.config.getoption("--update-goldens")
+
+    def check(name: str, text: str) -> None:
+        path = GOLDENS / f"{name}.txt"
+        rel = path.relative_to(Path(__file__).parent.parent).as_posix()
+        if update:
+            if not path.exists() or path.read_text() != text:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(text)
+                _updated.append(rel)
+            return
+        rerun = f"rerun with `python -m pytest {request.node.nodeid} --update-goldens` if the change is intended"
+        if not path.exists():
+            pytest.fail(f"golden {rel} does not exist; {rerun}", pytrace=False)
+        expected = path.read_text()
+        if expected == text:
+            return
+        diff = list(
+            difflib.unified_diff(
+                expected.splitlines(), text.splitlines(), fromfile=f"{rel} (golden)", tofile="actual", lineterm="", n=2
+            )
+        )
+        shown = diff[:MAX_DIFF_LINES]
+        if len(diff) > MAX_DIFF_LINES:
+            shown.append(f"... {len(diff) - MAX_DIFF_LINES} more diff lines")
+        pytest.fail(f"graph text differs from golden {rel}:\n" + "\n".join(shown) + f"\n\n{rerun}", pytrace=False)
+
+    return check
+
+
+# --------------------------------------------------------------------------------------------------------
+# Tiny models
+# --------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Tiny:
+    arch: str
+    model: torch.nn.Module
+    cg: object  # specpass.CapturedGraph
+
+    @property
+    def vocab(self) -> int:
+        return self.model.get_output_embeddings().weight.shape[0]
+
+
+def build_tiny(arch: str) -> torch.nn.Module:
+    """A 2-layer random model of ``arch`` (fixed seed; only shapes matter for graphs)."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if arch == "llama":
+        config = tf.LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,  # grouped-query attention
+            max_position_embeddings=64,
+        )
+        model = tf.LlamaForCausalLM(config)
+    elif arch == "qwen2":
+        config = tf.Qwen2Config(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
+        model = tf.Qwen2ForCausalLM(config)
+    elif arch == "gpt2":
+        config = tf.GPT2Config(
+            vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0
+        )
+        model = tf.GPT2LMHeadModel(config)
+    else:
+        raise ValueError(f"no tiny config for {arch}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """``tiny(arch) -> Tiny``: a tiny model and its capture (max_cache_len=32), built once per session.
+
+    Tests must not mutate ``tiny(arch).cg.gm``; passes run on copies (``run_passes``).
+    """
+    import specpass
+
+    made: dict[str, Tiny] = {}
+
+    def get(arch: str) -> Tiny:
+        if arch not in made:
+            model = build_tiny(arch)
+            made[arch] = Tiny(arch, model, specpass.capture(model, max_cache_len=MAX_CACHE_LEN))
+        return made[arch]
+
+    return get

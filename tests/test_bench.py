@@ -1,0 +1,281 @@
+"""Tests for ``specpass bench``: prompt sampling, the side-by-side loop, its reports and its exit code.
+
+The fast tests run the loop on a tiny random Llama with a byte-level tokenizer built here (no download);
+the ``slow`` one runs ``specpass bench`` on the real default model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from specpass import bench
+from specpass.errors import SpecPassError
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+QUESTIONS = [
+    {"question_id": 1, "category": "writing", "turns": ["Write a haiku.", "Another one."]},
+    {"question_id": 2, "category": "writing", "turns": ["Name a color."]},
+    {"question_id": 3, "category": "math", "turns": ["What is 2+2?"]},
+    {"question_id": 4, "category": "qa", "turns": ["Who are you?"]},
+    {"question_id": 5, "category": "math", "turns": ["What is 3*3?"]},
+]
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer with ChatML special tokens: ids 0-2 special, 3-258 bytes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<|im_start|>", "<|im_end|>"]
+    vocab = {t: i for i, t in enumerate(specials)}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+@pytest.fixture(scope="module")
+def tiny_chat():
+    """A 2-layer random Llama over the byte tokenizer's 259 ids; eos is <|im_end|>."""
+    import transformers as tf
+
+    tok = byte_tokenizer()
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        initializer_range=0.2,  # wide logits: no accidental near-ties
+    )
+    model = tf.LlamaForCausalLM(config).eval()
+    model.generation_config.eos_token_id = 2
+    model.generation_config.pad_token_id = 2
+    return model, tok
+
+
+@pytest.fixture
+def prompts_file(tmp_path):
+    path = tmp_path / "questions.jsonl"
+    path.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
+    return path
+
+
+def bench_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def _shift_last_token(model, tokenizer, cfg):
+    """A method that answers like HF eager except for a different last token."""
+    reference = bench.METHODS["hf_eager"].setup(model, tokenizer, cfg).generate
+
+    def run(ids):
+        out = reference(ids).clone()
+        out[0, -1] = (out[0, -1] + 1) % model.config.vocab_size
+        return out
+
+    return bench.Runner(run)
+
+
+WRONG = bench.Method("wrong", "hf_eager with its last token changed", _shift_last_token)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Prompts
+# --------------------------------------------------------------------------------------------------------
+def test_stratified_sample_round_robins_over_categories_in_file_order():
+    picked = bench.stratified_sample(QUESTIONS, 4)
+    assert [q["question_id"] for q in picked] == [1, 3, 4, 2]
+    assert [q["question_id"] for q in bench.stratified_sample(QUESTIONS, 99)] == [1, 3, 4, 2, 5]
+
+
+def test_stratified_sample_of_the_dev_split_covers_the_categories():
+    questions = bench.load_questions(bench.resolve_prompts(None))
+    assert len(questions) == 240
+    picked = bench.stratified_sample(questions, 13)
+    assert len({q["category"] for q in picked}) == 13
+    assert picked == bench.stratified_sample(questions, 13)
+
+
+def test_missing_or_bad_prompt_files_are_clear_errors(tmp_path):
+    with pytest.raises(SpecPassError, match="no such file"):
+        bench.resolve_prompts(tmp_path / "nope.jsonl")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question_id": 1, "category": "qa", "turns": ["ok"]}\n{"question_id": 2}\n')
+    with pytest.raises(SpecPassError, match=r"bad.jsonl:2: expected a question_id"):
+        bench.load_questions(bad)
+
+
+def test_default_prompts_missing_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(bench, "_DEFAULT_PROMPTS", tmp_path / "dev.jsonl")
+    with pytest.raises(SpecPassError, match="pass --prompts PATH"):
+        bench.resolve_prompts(None)
+
+
+def test_chat_ids_use_the_chat_template(tiny_chat):
+    _, tok = tiny_chat
+    ids = bench.chat_ids(tok, "hi")
+    assert ids.shape[0] == 1 and ids.dtype == torch.long
+    assert tok.decode(ids[0]) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_unknown_method_is_a_usage_error(tiny_chat, prompts_file):
+    model, tok = tiny_chat
+    args = bench_args("--prompts", str(prompts_file), "--methods", "hf_eager,warp_drive")
+    with pytest.raises(SpecPassError, match="unknown method.*warp_drive"):
+        bench.run_bench(args, model=model, tokenizer=tok)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------------------
+def test_bench_reports_identical_outputs(tiny_chat, prompts_file, tmp_path, capsys):
+    model, tok = tiny_chat
+    out_json, out_md = tmp_path / "r.json", tmp_path / "r.md"
+    args = bench_args(
+        "--prompts",
+        str(prompts_file),
+        "--num-prompts",
+        "3",
+        "--max-new-tokens",
+        "8",
+        "--methods",
+        "hf_eager,specpass",
+        "--backend",
+        "eager",
+        "--threads",
+        "1",
+        "--json",
+        str(out_json),
+        "--markdown",
+        str(out_md),
+    )
+    assert bench.run_bench(args, model=model, tokenizer=tok) == 0
+
+    printed = capsys.readouterr().out
+    assert "| specpass |" in printed and "| math |" in printed
+    data = json.loads(out_json.read_text())
+    assert data["exit_code"] == 0
+    assert data["config"]["methods"] == ["hf_eager", "specpass"]
+    assert data["config"]["max_cache_len"] % 64 == 0
+    assert data["mismatches"] == []
+    assert [p["question_id"] for p in data["prompts"]] == [1, 3, 4]
+    for p in data["prompts"]:
+        assert p["prompt_tokens"] > 0 and p["category"] in {"writing", "math", "qa"}
+        for name in ("hf_eager", "specpass"):
+            m = p["methods"][name]
+            assert m["identical"] is True
+            assert 1 <= m["new_tokens"] <= 8 and m["seconds"] > 0
+        assert p["methods"]["specpass"]["new_tokens"] == p["methods"]["hf_eager"]["new_tokens"]
+    s = data["summary"]
+    assert s["hf_eager"]["ratio"] == pytest.approx(1.0)
+    assert s["specpass"]["identical"] and s["specpass"]["mismatches"] == 0 and s["specpass"]["tokens_per_s"] > 0
+    assert s["specpass"]["setup_s"] > 0 and s["specpass"]["warm_up_s"] > 0
+    assert set(data["categories"]) == {"writing", "math", "qa"}
+    assert data["machine"]["threads"] == 1 and data["machine"]["torch"] == torch.__version__
+    assert data["command"].startswith("specpass bench --model default --prompts ")
+
+    md = out_md.read_text()
+    assert md.startswith("## SmolLM2-135M-Instruct: 3 Spec-Bench prompts, 8 new tokens")
+    assert data["command"] in md and "| method | tokens/s |" in md and "| category |" in md
+    assert "torch " + torch.__version__ in md
+
+
+def test_a_wrong_method_fails_the_run(tiny_chat, prompts_file, tmp_path, capsys):
+    model, tok = tiny_chat
+    out_json = tmp_path / "r.json"
+    args = bench_args(
+        "--prompts",
+        str(prompts_file),
+        "--num-prompts",
+        "2",
+        "--max-new-tokens",
+        "8",
+        "--methods",
+        "hf_eager,wrong",
+        "--json",
+        str(out_json),
+    )
+    methods = {**bench.METHODS, "wrong": WRONG}
+    assert bench.run_bench(args, model=model, tokenizer=tok, methods=methods) == 1
+
+    printed = capsys.readouterr().out
+    assert "MISMATCH: wrong on question 1" in printed and "FAILED" in printed
+    data = json.loads(out_json.read_text())
+    assert data["exit_code"] == 1
+    assert data["summary"]["wrong"]["identical"] is False
+    assert data["summary"]["wrong"]["mismatches"] == 2
+    for p, m in zip(data["prompts"], data["mismatches"], strict=True):
+        wrong = p["methods"]["wrong"]
+        assert wrong["identical"] is False
+        assert m["method"] == "wrong" and m["position"] == wrong["new_tokens"] - 1
+        assert m["near_tie"] is False and m["hf_top2_gap"] >= bench.NEAR_TIE
+        assert m["method_token"] != m["hf_token"]
+
+
+def test_near_ties_are_tolerated_and_reported(tiny_chat, prompts_file, monkeypatch, capsys):
+    model, tok = tiny_chat
+    monkeypatch.setattr(bench, "_top2_gap", lambda model, prefix: 1e-5)
+    args = bench_args(
+        "--prompts", str(prompts_file), "--num-prompts", "2", "--max-new-tokens", "4", "--methods", "hf_eager,wrong"
+    )
+    methods = {**bench.METHODS, "wrong": WRONG}
+    assert bench.run_bench(args, model=model, tokenizer=tok, methods=methods) == 0
+    printed = capsys.readouterr().out
+    assert "near-tie (tolerated): wrong on question 1" in printed
+    assert "| wrong |" in printed and "2 near-tie(s)" in printed
+
+
+def test_reference_is_added_when_missing(tiny_chat, prompts_file):
+    args = bench_args("--methods", "wrong")
+    assert bench._parse_methods(args.methods, {**bench.METHODS, "wrong": WRONG}) == ["hf_eager", "wrong"]
+
+
+def test_too_small_cache_is_a_usage_error(tiny_chat, prompts_file):
+    model, tok = tiny_chat
+    args = bench_args("--prompts", str(prompts_file), "--max-cache-len", "16", "--methods", "hf_eager")
+    with pytest.raises(SpecPassError, match="--max-cache-len 16 is too small"):
+        bench.run_bench(args, model=model, tokenizer=tok)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The real default model
+# --------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_bench_on_the_default_model(tmp_path):
+    from specpass.cli import main
+
+    out_json = tmp_path / "r.json"
+    rc = main(["bench", "--num-prompts", "1", "--max-new-tokens", "8", "--json", str(out_json)])
+    data = json.loads(out_json.read_text())
+    assert rc == 0, data["mismatches"]
+    assert data["config"]["methods"] == ["hf_eager", "hf_static_compile", "specpass"]
+    for name, s in data["summary"].items():
+        assert s["identical"], name
+        assert s["new_tokens"] == data["summary"]["hf_eager"]["new_tokens"] > 0
+    assert data["summary"]["hf_static_compile"]["graphs_compiled_while_timed"] == 0

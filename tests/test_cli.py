@@ -1,0 +1,116 @@
+"""Tests for the ``specpass`` command line: help, usage errors and exit codes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from specpass import bench
+from specpass.cli import main
+from specpass.errors import SpecPassError
+
+ROOT = Path(__file__).resolve().parent.parent
+SUBCOMMANDS = ("demo", "bench", "coverage")
+
+
+def test_help_exits_0(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for name in SUBCOMMANDS:
+        assert name in out
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_subcommand_help_exits_0(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    assert f"usage: specpass {command}" in capsys.readouterr().out
+
+
+def test_no_subcommand_is_a_usage_error(capsys):
+    assert main([]) == 2
+    assert "usage: specpass" in capsys.readouterr().out
+
+
+def test_unknown_option_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--no-such-option"])
+    assert e.value.code == 2
+    assert "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_specpass_error_in_a_command_exits_2_without_traceback(monkeypatch, capsys):
+    def fail(args):
+        raise SpecPassError("the model has no decoder layers")
+
+    monkeypatch.setattr(bench, "run_bench", fail)
+    assert main(["bench"]) == 2
+    err = capsys.readouterr().err
+    assert err == "specpass: error: the model has no decoder layers\n"
+
+
+def test_entry_point_reports_errors_on_stderr(tmp_path):
+    """The real process: a missing prompts file fails before any model is loaded, with exit code 2."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    missing = tmp_path / "missing.jsonl"
+    result = subprocess.run(
+        [sys.executable, "-m", "specpass.cli", "bench", "--prompts", str(missing)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("specpass: error: --prompts ")
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+
+
+def test_demo_streams_and_reports(capsys):
+    """``specpass demo`` on a tiny random model (eager backend): the answer is streamed and the outputs match."""
+    import argparse
+    import json
+
+    import torch
+    import transformers as tf
+    from test_bench import byte_tokenizer
+
+    from specpass import demo
+
+    tok = byte_tokenizer()
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        eos_token_id=2,
+        pad_token_id=2,
+        initializer_range=0.2,
+    )
+    model = tf.LlamaForCausalLM(config).eval()
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+
+    args = parser.parse_args(["--backend", "eager", "--max-new-tokens", "6", "--prompt", "hi"])
+    assert demo.run_demo(args, model=model, tokenizer=tok) == 0
+    out = capsys.readouterr().out
+    assert "tokens/s" in out and "speedup" in out and "identical  yes" in out
+
+    args = parser.parse_args(["--backend", "eager", "--max-new-tokens", "6", "--prompt", "hi", "--json"])
+    assert demo.run_demo(args, model=model, tokenizer=tok) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["identical"] is True and result["mismatch"] is None
+    assert result["specpass"]["new_tokens"] == result["hf_eager"]["new_tokens"] > 0
+    assert result["speedup"] > 0 and result["compile_s"] > 0

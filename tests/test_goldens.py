@@ -1,0 +1,52 @@
+"""Graph goldens: the normalized text of every captured graph and of every pass's output, per architecture.
+
+``tests/goldens/capture/<arch>.txt`` is the captured graph; ``tests/goldens/<pass>/<program>-<arch>.txt`` is
+the graph after ``run_passes`` of the program's pipeline up to and including that pass. A drift fails with
+a diff; regenerate with ``python -m pytest tests/test_goldens.py --update-goldens`` and review the diff.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from conftest import ARCHS, build_tiny
+
+import specpass
+from specpass.graph_text import normalize
+from specpass.passes import PIPELINES, run_passes
+
+#: (program, number of its passes applied), one per pass of every pipeline
+PASS_STAGES = [(program, i + 1) for program, passes in PIPELINES.items() for i in range(len(passes))]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_capture_golden(tiny, golden, arch):
+    golden(f"capture/{arch}", normalize(tiny(arch).cg.gm))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize(
+    ("program", "n_passes"), PASS_STAGES, ids=[f"{p}-{PIPELINES[p][n - 1].__name__}" for p, n in PASS_STAGES]
+)
+def test_pass_golden(tiny, golden, arch, program, n_passes):
+    cg = tiny(arch).cg
+    passes = PIPELINES[program][:n_passes]
+    gm = run_passes(cg.gm, passes, cg.structure)
+    golden(f"{passes[-1].__name__}/{program}-{arch}", normalize(gm))
+
+
+def test_normalized_text_is_stable_across_captures(tiny):
+    # A second capture numbers its symbols and nodes differently inside torch; the text must not change.
+    again = specpass.capture(build_tiny("llama"), max_cache_len=tiny("llama").cg.spec.max_cache_len)
+    assert normalize(again.gm) == normalize(tiny("llama").cg.gm)
+
+
+def test_normalized_text_has_nothing_machine_specific(tiny):
+    text = normalize(tiny("gpt2").cg.gm)
+    assert " at 0x" not in text
+    assert ".py" not in text and "/" not in text  # no stack traces or file paths
+    assert not re.search(r"\bs\d{2,}\b", text), "raw export symbols (s15, ...) leaked"
+    lines = text.splitlines()
+    assert len(lines) == len(tiny("gpt2").cg.gm.graph.nodes)
+    assert lines[-1].startswith("return ")
