@@ -535,7 +535,9 @@ def _is_hidden(node: torch.fx.Node, hidden: int | None = None) -> bool:
         return False
     if hidden is None:
         return val.dim() == 3
-    return val.shape[-1] == hidden
+    # Compare static sizes only: ``==`` on a symbolic size would guard on it and specialise the graph.
+    last = val.shape[-1]
+    return isinstance(last, int) and last == hidden
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -76,7 +76,7 @@ class SpecModel:
             )
         sampling = SamplingConfig(
             do_sample=bool(self._default("do_sample", do_sample)),
-            temperature=float(self._default("temperature", temperature) or 1.0),
+            temperature=float(_or(self._default("temperature", temperature), 1.0)),
             top_k=self._default("top_k", top_k),
             top_p=self._default("top_p", top_p),
         )
@@ -118,6 +118,10 @@ class SpecModel:
         if keep == 0 or not bool(mask[-keep:].all()):
             raise SpecPassError("attention_mask must be ones after optional left padding (batch 1)")
         return input_ids[:, -keep:]
+
+
+def _or(value, default):
+    return default if value is None else value
 
 
 def _warm_up(programs: dict, captured: CapturedGraph) -> None:

@@ -17,6 +17,7 @@ from specpass.capture import example_inputs
 from specpass.errors import SpecPassError
 from specpass.graph_text import normalize
 from specpass.passes import PIPELINES, PassResult, clone_graph_module, last_token_logits, run_passes
+from specpass.passes.manager import remap
 
 SLICE = torch.ops.aten.slice.Tensor
 LINEAR = torch.ops.aten.linear.default
@@ -92,8 +93,8 @@ def test_last_token_logits_op_counts(tiny, arch):
 
 def test_last_token_logits_returns_a_result(tiny):
     cg = tiny("llama").cg
-    gm = clone_graph_module(cg.gm)
-    result = last_token_logits(gm, cg.structure, None)
+    gm, node_map = clone_graph_module(cg.gm)
+    result = last_token_logits(gm, remap(cg.structure, node_map), None)
     assert isinstance(result, PassResult)
     assert result.gm is gm and result.modified and result.n_matches == 1
 

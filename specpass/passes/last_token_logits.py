@@ -16,7 +16,7 @@ _SLICE = torch.ops.aten.slice.Tensor
 
 def last_token_logits(gm: torch.fx.GraphModule, structure, cfg=None) -> PassResult:
     """Slice the LM head's input to the last position (HF ``logits_to_keep``)."""
-    head = _find(gm, structure.lm_head.name)
+    head = structure.lm_head
     hidden = head.args[0]
     val = hidden.meta.get("val")
     if not isinstance(val, torch.Tensor) or val.dim() != 3:
@@ -32,9 +32,3 @@ def last_token_logits(gm: torch.fx.GraphModule, structure, cfg=None) -> PassResu
         head.meta["val"] = out_val[:, -1:]
     return PassResult(gm, True, 1)
 
-
-def _find(gm: torch.fx.GraphModule, name: str) -> torch.fx.Node:
-    for node in gm.graph.nodes:
-        if node.name == name:
-            return node
-    raise SpecPassError(f"node {name} not found in the graph (0 of {len(gm.graph.nodes)} nodes match)")

@@ -25,11 +25,30 @@ class PassResult:
 Pass = Callable[[torch.fx.GraphModule, Any, Any], PassResult]
 
 
-def clone_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """A new GraphModule with its own graph that shares gm's parameters (no weight copy)."""
-    new = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
+def clone_graph_module(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, dict]:
+    """A new GraphModule with its own graph that shares gm's parameters (no weight copy).
+
+    Also returns the old -> new node map, so that annotations of gm (a Structure) can follow the copy.
+    """
+    graph = torch.fx.Graph(owning_module=gm, tracer_cls=gm.graph._tracer_cls)
+    graph._codegen = copy.deepcopy(gm.graph._codegen)
+    node_map: dict[torch.fx.Node, torch.fx.Node] = {}
+    out = graph.graph_copy(gm.graph, node_map, return_output_node=True)
+    graph.output(out[0] if isinstance(out, tuple) else out)
+    new = torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
     new.meta = copy.deepcopy(getattr(gm, "meta", {}))
-    return new
+    return new, node_map
+
+
+def remap(obj: Any, node_map: dict) -> Any:
+    """``obj`` (nodes, lists, dataclasses of them) with every fx.Node replaced by its copy."""
+    if isinstance(obj, torch.fx.Node):
+        return node_map[obj]
+    if isinstance(obj, list):
+        return [remap(x, node_map) for x in obj]
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.replace(obj, **{f.name: remap(getattr(obj, f.name), node_map) for f in dataclasses.fields(obj)})
+    return obj
 
 
 def tag(node: torch.fx.Node, pass_name: str, anchor: torch.fx.Node | None = None) -> None:
@@ -43,7 +62,8 @@ def run_passes(
     gm: torch.fx.GraphModule, passes: Sequence[Pass], structure: Any, cfg: Any = None
 ) -> torch.fx.GraphModule:
     """Apply passes in order to a copy of gm; record each result in ``gm.meta["specpass"]["history"]``."""
-    gm = clone_graph_module(gm)
+    gm, node_map = clone_graph_module(gm)
+    structure = remap(structure, node_map)
     history = gm.meta.setdefault("specpass", {}).setdefault("history", [])
     done: list[str] = []
     for p in passes:

@@ -1,0 +1,217 @@
+"""End-to-end generate(): equality with HF, stopping, streaming, sampling statistics, input errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from scipy import stats
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
+from transformers.generation.logits_process import (
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+import specpass
+from specpass.runtime.sampling import SamplingConfig, warp
+
+VOCAB = 96
+
+
+def _tiny(arch: str, vocab: int = VOCAB):
+    torch.manual_seed(0)
+    common = dict(vocab_size=vocab, num_hidden_layers=2, num_attention_heads=4)
+    if arch == "llama":
+        cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_key_value_heads=2, **common)
+    elif arch == "qwen2":
+        cfg = Qwen2Config(hidden_size=64, intermediate_size=128, num_key_value_heads=2, **common)
+    elif arch == "gpt2":
+        cfg = GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=256)
+    else:
+        raise ValueError(arch)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    # Random weights give flat logits; sharpen them so greedy paths are far from ties.
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(8.0)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+@pytest.fixture(scope="module")
+def llama():
+    model = _tiny("llama")
+    return model, specpass.optimize(model, backend="eager", max_cache_len=96)
+
+
+def _hf(model, ids, n, **kw):
+    # An explicit mask: otherwise HF treats prompt tokens equal to pad_token_id as padding.
+    mask = torch.ones_like(ids)
+    return model.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, **kw)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_inductor_greedy_equals_hf(arch):
+    model = _tiny(arch)
+    sm = specpass.optimize(model, backend="inductor", max_cache_len=128)
+    for seed, (plen, n) in enumerate([(5, 24), (17, 40), (1, 12)]):
+        ids = torch.randint(0, VOCAB, (1, plen), generator=torch.Generator().manual_seed(seed))
+        ref = _hf(model, ids, n)
+        out = sm.generate(ids, max_new_tokens=n)
+        assert out.tolist() == ref.tolist(), f"{arch}: prompt {plen} tokens diverges from HF"
+        assert sm.last_stats.new_tokens == n and sm.last_stats.prompt_tokens == plen
+
+
+def test_eager_greedy_equals_hf_across_attention_widths(llama):
+    model, sm = llama
+    ids = torch.randint(0, VOCAB, (1, 60), generator=torch.Generator().manual_seed(3))
+    # 60 + 30 tokens cross the 64-slot attention-width bucket boundary.
+    assert sm.generate(ids, max_new_tokens=30).tolist() == _hf(model, ids, 30).tolist()
+
+
+def test_eos_stops_like_hf(llama):
+    model, sm = llama
+    ids = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(4))
+    free = sm.generate(ids, max_new_tokens=20)[0, 6:].tolist()
+    eos = free[5]  # a token that greedy decoding produces at step 5 (or earlier)
+    ref = _hf(model, ids, 20, eos_token_id=eos)
+    out = sm.generate(ids, max_new_tokens=20, eos_token_id=eos)
+    assert out.tolist() == ref.tolist()
+    assert out[0, -1].item() == eos and out.shape[1] <= 6 + 6
+
+
+def test_left_padding_is_ignored_like_hf(llama):
+    model, sm = llama
+    ids = torch.randint(1, VOCAB, (1, 8), generator=torch.Generator().manual_seed(5))
+    padded = torch.cat([torch.zeros((1, 3), dtype=torch.long), ids], dim=1)
+    mask = torch.cat([torch.zeros((1, 3), dtype=torch.long), torch.ones((1, 8), dtype=torch.long)], dim=1)
+    out = sm.generate(padded, attention_mask=mask, max_new_tokens=10)
+    assert out[0, :8].tolist() == ids[0].tolist()  # prompt returned without the padding
+    assert out.tolist() == _hf(model, ids, 10).tolist()
+
+
+class _Recorder:
+    def __init__(self):
+        self.calls, self.ended = [], False
+
+    def put(self, value):
+        self.calls.append(value.reshape(-1).tolist())
+
+    def end(self):
+        self.ended = True
+
+
+def test_streamer_gets_prompt_then_each_token(llama):
+    _, sm = llama
+    ids = torch.randint(0, VOCAB, (1, 4), generator=torch.Generator().manual_seed(6))
+    rec = _Recorder()
+    out = sm.generate(ids, max_new_tokens=5, streamer=rec)
+    assert rec.calls[0] == ids[0].tolist()
+    assert [c[0] for c in rec.calls[1:]] == out[0, 4:].tolist() and rec.ended
+
+
+class _CharTokenizer:
+    """Each id decodes to one letter: enough to test stop strings."""
+
+    def decode(self, ids):
+        return "".join(chr(ord("a") + i % 26) for i in ids)
+
+
+def test_stop_strings(llama):
+    _, sm = llama
+    ids = torch.randint(0, VOCAB, (1, 4), generator=torch.Generator().manual_seed(7))
+    tok = _CharTokenizer()
+    free = sm.generate(ids, max_new_tokens=12)[0, 4:].tolist()
+    text = tok.decode(free)
+    stop = text[3:5]
+    out = sm.generate(ids, max_new_tokens=12, stop_strings=stop, tokenizer=tok)
+    new_text = tok.decode(out[0, 4:].tolist())
+    assert new_text.endswith(stop) and new_text == text[: text.index(stop) + len(stop)]
+    with pytest.raises(specpass.SpecPassError, match="tokenizer"):
+        sm.generate(ids, max_new_tokens=3, stop_strings="x")
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (torch.zeros((2, 3), dtype=torch.long), "batch size 2"),
+        (torch.zeros((1, 0), dtype=torch.long), "shape"),
+        (torch.zeros((1, 3)), "integer"),
+        (torch.full((1, 3), VOCAB), "vocabulary"),
+    ],
+)
+def test_bad_input_ids(llama, bad, match):
+    _, sm = llama
+    with pytest.raises(specpass.SpecPassError, match=match):
+        sm.generate(bad, max_new_tokens=2)
+
+
+def test_too_long_for_cache_and_bad_arguments(llama):
+    _, sm = llama
+    ids = torch.zeros((1, 90), dtype=torch.long)
+    with pytest.raises(specpass.SpecPassError, match="max_cache_len"):
+        sm.generate(ids, max_new_tokens=10)
+    with pytest.raises(specpass.SpecPassError, match="max_new_tokens"):
+        sm.generate(ids[:, :3], max_new_tokens=0)
+    with pytest.raises(specpass.SpecPassError, match="temperature"):
+        sm.generate(ids[:, :3], max_new_tokens=2, do_sample=True, temperature=0.0)
+    model = sm.model
+    with pytest.raises(specpass.SpecPassError, match="backend"):
+        specpass.optimize(model, backend="nope")
+
+
+# ---- sampling -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        SamplingConfig(True, 0.7, None, None),
+        SamplingConfig(True, 1.0, 5, None),
+        SamplingConfig(True, 1.3, None, 0.8),
+        SamplingConfig(True, 0.9, 20, 0.9),
+    ],
+)
+def test_warp_matches_hf_warpers(cfg):
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0)) * 3
+    ref = logits.clone()
+    if cfg.temperature != 1.0:
+        ref = TemperatureLogitsWarper(cfg.temperature)(None, ref)
+    if cfg.top_k:
+        ref = TopKLogitsWarper(cfg.top_k)(None, ref)
+    if cfg.top_p is not None:
+        ref = TopPLogitsWarper(cfg.top_p)(None, ref)
+    assert torch.equal(torch.isinf(warp(logits, cfg)), torch.isinf(ref))
+    finite = ~torch.isinf(ref)
+    torch.testing.assert_close(warp(logits, cfg)[finite], ref[finite])
+
+
+def _first_token_counts(sm, ids, n, **kw):
+    gen = torch.Generator().manual_seed(1234)
+    counts = torch.zeros(sm.model.config.vocab_size)
+    for _ in range(n):
+        out = sm.generate(ids, max_new_tokens=1, do_sample=True, generator=gen, **kw)
+        counts[out[0, -1]] += 1
+    return counts
+
+
+def _chi2_pvalue(counts, probs):
+    keep = probs > 0
+    assert counts[~keep].sum() == 0, "sampled a token of probability 0"
+    expected = probs[keep] * counts.sum()
+    return stats.chisquare(counts[keep].numpy(), expected.double().numpy()).pvalue
+
+
+def test_sampling_distribution_chi_square_with_negative_control():
+    model = _tiny("llama", vocab=8)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(0.15)  # a spread-out distribution over 8 tokens
+    sm = specpass.optimize(model, backend="eager", max_cache_len=16)
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        logits = model(ids).logits[0, -1]
+    cfg = dict(temperature=0.8, top_k=6, top_p=0.95)
+    probs = warp(logits[None], SamplingConfig(True, **cfg)).softmax(-1)[0]
+    counts = _first_token_counts(sm, ids, 3000, **cfg)
+    assert _chi2_pvalue(counts, probs) > 1e-3
+    # Negative control: the same counts against the unwarped distribution must be rejected.
+    wrong = logits.softmax(-1)
+    assert stats.chisquare(counts.numpy(), (wrong * counts.sum()).double().numpy()).pvalue < 1e-6
