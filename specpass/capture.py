@@ -8,14 +8,25 @@ The exported program's signature is the contract between capture, the passes and
 - ``cache_position``: (q,) int64, the cache slot each query token's K/V is written to. Slots and positions
   differ on purpose: a draft tree writes its nodes to consecutive scratch slots while their rotary
   positions follow tree depth.
-- ``masks``: one additive float mask (B, 1, q, max_cache_len) per attention kind of the model (``full``,
-  and ``sliding`` for sliding-window layers), 0 where a query may attend and ``finfo.min`` elsewhere.
-  The runtime builds them, so causal, padded and tree attention are all the same program.
-- ``kv``: 2 * num_layers tensors (B, num_kv_heads, max_cache_len, head_dim), K then V per layer, written
-  in place with ``aten.index_copy_``. The runtime owns them; the graph never allocates a cache.
+- ``masks``: one additive float mask (B, 1, q, W) per attention kind of the model (``full``, and
+  ``sliding`` for sliding-window layers), 0 where a query may attend and ``finfo.min`` elsewhere. The
+  width W <= max_cache_len is dynamic too: attention reads the first W cache slots only. The runtime builds
+  the masks, so causal, padded and tree attention are all the same program.
+- ``kv``: 2 * num_layers tensors (B, num_kv_heads, max_cache_len + 1, head_dim), K then V per layer,
+  written in place with ``aten.index_copy_``. The runtime owns them; the graph never allocates a cache.
+
+The graph's inputs are named ``input_ids, position_ids, cache_position, mask_full_attention`` /
+``mask_sliding_attention`` (one per kind, in ``CacheSpec.mask_kinds`` order), ``k_0, v_0, k_1, ...``; calls
+stay positional.
 
 transformers' own export recipe (``TorchExportableModuleWithStaticCache``) takes neither a mask nor position
 ids, so it cannot verify trees; hence this wrapper.
+
+Every capture checks itself before it returns: the model must be causal (a prefix's logits do not depend on
+later tokens), and the captured graph, run like the runtime runs it (a prefill, then one-token steps), must
+reproduce the model's own forward. A model that takes its positions from the cache length, builds ALiBi from a
+2D mask, or is an encoder fails here with a ``SpecPassError`` that says so, instead of generating different
+tokens later.
 """
 
 from __future__ import annotations
@@ -100,7 +111,7 @@ class CaptureWrapper(nn.Module):
         cache = cache_cls([layer_cls(kv[2 * i], kv[2 * i + 1], cache_position, width) for i in range(len(kv) // 2)])
         if self.layer_types is not None:
             # Models with per-layer attention kinds take a {kind: mask} mapping.
-            attention_mask: Any = dict(zip(self.mask_kinds, masks))
+            attention_mask: Any = dict(zip(self.mask_kinds, masks, strict=True))
         else:
             attention_mask = masks[0]
         out = self.model(
@@ -222,6 +233,7 @@ def cache_spec(model: nn.Module, max_cache_len: int, dtype: torch.dtype | None =
     n_layers = getattr(config, "num_hidden_layers", None)
     if not n_layers:
         raise SpecPassError(f"{name}: config has no num_hidden_layers; cannot size the KV cache")
+    _check_causal(model)
     # Head geometry differs in naming across architectures; a probe forward reads it off the real K/V states.
     with _recording_sliding_masks() as sliding:
         shapes = _probe_kv_shapes(model)
@@ -246,7 +258,7 @@ def cache_spec(model: nn.Module, max_cache_len: int, dtype: torch.dtype | None =
 
 def _tolerance(dtype: torch.dtype) -> float:
     """Relative logit error that still counts as "the same computation" (reordered float sums)."""
-    return {torch.float16: 5e-3, torch.bfloat16: 2e-2}.get(dtype, 1e-4)
+    return {torch.float16: 1.5e-2, torch.bfloat16: 6e-2}.get(dtype, 1e-4)
 
 
 def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -292,7 +304,6 @@ def _probe_kv_shapes(model: nn.Module) -> list[tuple[int, int, int]]:
     from transformers.cache_utils import DynamicCache
 
     name = type(model).__name__
-    _check_causal(model)
     ids = _probe_ids(model, 2)
     cache = DynamicCache(config=model.config)
     try:
@@ -327,7 +338,7 @@ def _summary(e: BaseException) -> str:
     while tb is not None:
         path = tb.tb_frame.f_code.co_filename.replace("\\", "/")
         if "/transformers/" in path:
-            where = f"{path[path.index('transformers/'):]}:{tb.tb_lineno} in {tb.tb_frame.f_code.co_name}"
+            where = f"{path[path.index('transformers/') :]}:{tb.tb_lineno} in {tb.tb_frame.f_code.co_name}"
         tb = tb.tb_next
     return f"{out} (at {where})" if where else out
 
@@ -649,17 +660,19 @@ def _rename_inputs(gm: torch.fx.GraphModule, mask_kinds: tuple[str, ...]) -> Non
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     n_kv = len(placeholders) - 3 - len(mask_kinds)
     if n_kv < 0 or n_kv % 2:
-        raise SpecPassError(f"captured graph has {len(placeholders)} inputs; expected 3 + {len(mask_kinds)} + 2 per layer")
+        raise SpecPassError(
+            f"captured graph has {len(placeholders)} inputs; expected 3 + {len(mask_kinds)} + 2 per layer"
+        )
     names = input_names(mask_kinds, n_kv // 2)
     taken = {n.name for n in gm.graph.nodes if n.op != "placeholder"} & set(names)
     for node in gm.graph.nodes:  # free the names first (no op node is called k_0 today, but be sure)
         if node.name in taken:
             node._rename(f"{node.name}_op")
-    for node, name in zip(placeholders, names):
+    for node, name in zip(placeholders, names, strict=True):
         node.target = name
         node._rename(name)
         if node.name != name:
-            raise SpecPassError(f"could not name the graph input {node.name!r} {name!r}")
+            raise SpecPassError(f"could not rename the graph input {node.name!r} to {name!r}")
     codegen = gm.graph._codegen
     info = getattr(codegen, "pytree_info", None)
     if info is not None:
@@ -667,9 +680,10 @@ def _rename_inputs(gm: torch.fx.GraphModule, mask_kinds: tuple[str, ...]) -> Non
     gm.recompile()
 
 
-def _chain_masks(spec: CacheSpec, start: int, q: int, device) -> list[torch.Tensor]:
-    """Additive masks for q chain tokens at slots start..start+q-1 (the runtime's, rebuilt independently)."""
-    slots = torch.arange(spec.max_cache_len, device=device)
+def _chain_masks(spec: CacheSpec, start: int, q: int, width: int, device) -> list[torch.Tensor]:
+    """Additive (1, 1, q, width) masks for q chain tokens at slots start..start+q-1 (the runtime's, rebuilt
+    independently)."""
+    slots = torch.arange(width, device=device)
     query = start + torch.arange(q, device=device)
     masks = []
     for kind in spec.mask_kinds:
@@ -699,13 +713,16 @@ def _validate(gm, model: nn.Module, spec: CacheSpec, structure: Structure, kv) -
         start = 0
         for k, q in enumerate(steps):
             slots = torch.arange(start, start + q, device=ids.device)
-            masks = _chain_masks(spec, start, q, ids.device)
+            # The prefill attends to every slot, the decode steps to as few as cover the sequence: both ends of
+            # the dynamic mask width.
+            width = spec.max_cache_len if k == 0 else max(2, start + q)
+            masks = _chain_masks(spec, start, q, width, ids.device)
             try:
                 got = gm(ids[:, start : start + q], slots[None], slots, *masks, *kv)
             except Exception as e:  # noqa: BLE001 - the graph does not run on the runtime's inputs
                 raise SpecPassError(f"{name}: the captured graph fails on a {q}-token step: {_summary(e)}") from e
             err = _rel_err(got, want[:, start : start + q])
-            if not err <= _tolerance(want.dtype):
+            if not err <= _tolerance(want.dtype):  # NaN fails too
                 step = "the prefill" if k == 0 else f"decode step {k}"
                 why = ""
                 if not _reads(structure.position_ids):

@@ -243,6 +243,15 @@ def test_inputs_have_readable_names(optimized, name):
     assert "def forward(self, input_ids, position_ids, cache_position, mask_" in cg.gm.code
 
 
+def test_structure_analysis_keeps_sizes_symbolic():
+    # hidden size == max_cache_len: comparing a symbolic mask width with the hidden size must not specialise it.
+    model = _build(ARCHS["llama"])
+    cg = specpass.capture(model, max_cache_len=HIDDEN)
+    mask = cg.structure.masks[0].meta["val"]
+    assert isinstance(mask.shape[2], torch.SymInt) and isinstance(mask.shape[3], torch.SymInt)
+    assert all(isinstance(n.meta["val"].shape[1], torch.SymInt) for n in (cg.structure.input_ids, cg.structure.lm_head))
+
+
 # --------------------------------------------------------------------------------------------------------
 # (b, c) logits through the captured graph against HF eager
 # --------------------------------------------------------------------------------------------------------
@@ -283,7 +292,9 @@ def test_greedy_generate_matches_hf(optimized, name):
     model, sm = optimized(name)
     prompt = _ids(PROMPT, seed=1)
     with torch.no_grad():
-        want = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=NEW_TOKENS, do_sample=False)
+        want = model.generate(
+            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=NEW_TOKENS, do_sample=False
+        )
     got = sm.generate(prompt, max_new_tokens=NEW_TOKENS)
     assert want.shape[1] == PROMPT + NEW_TOKENS
     assert got.tolist() == want.tolist()
@@ -374,4 +385,3 @@ def test_not_a_causal_lm():
     model = tf.LlamaModel(tf.LlamaConfig(**_LLAMA_LIKE))  # no LM head
     with pytest.raises(SpecPassError, match="LM head not found"):
         specpass.capture(model, max_cache_len=16)
-
