@@ -598,6 +598,24 @@ def example_inputs(spec: CacheSpec, q: int = 2, batch: int = 1, device=None, wid
     return (ids, pos, slots, *masks, *kv)
 
 
+def program_dynamic_shapes(spec: CacheSpec, *, dynamic_q: bool, rewritten: bool = False) -> tuple:
+    """torch.export dynamic shapes for the flat program signature (input_ids, ..., *masks, *kv).
+
+    The masks' key width W is always dynamic (programs attend to the first W cache slots, W >= every slot
+    used); the query length q is dynamic for programs that take a variable number of tokens (prefill).
+    """
+    if dynamic_q and rewritten:
+        # A rewritten graph may carry guards that hold for every q >= 1 but that export cannot prove from the
+        # range alone (e.g. q * min(16, 32 q) == 16 q); AUTO keeps q symbolic without demanding a proof.
+        q = Dim.AUTO(min=1, max=spec.max_cache_len)
+    else:
+        q = Dim("q", min=1, max=spec.max_cache_len) if dynamic_q else None
+    width = Dim("width", min=2, max=spec.max_cache_len)
+    per_query = (lambda dim: {dim: q}) if dynamic_q else (lambda dim: None)
+    masks = [{2: q, 3: width} if dynamic_q else {3: width} for _ in spec.mask_kinds]
+    return (per_query(1), per_query(1), per_query(0), *masks, *[None] * (2 * spec.num_layers))
+
+
 def capture(model: nn.Module, *, max_cache_len: int = 1024) -> CapturedGraph:
     """Export ``model`` to a training-IR graph with a runtime-owned KV cache; see the module docstring."""
     _check_model(model)
@@ -623,11 +641,9 @@ def capture(model: nn.Module, *, max_cache_len: int = 1024) -> CapturedGraph:
     layer_types = tuple(config.layer_types) if getattr(config, "layer_types", None) else None
     wrapper = CaptureWrapper(model, kinds, layer_types).eval()
     args = example_inputs(spec, q=2, device=next(model.parameters()).device)
-    q = Dim("q", min=1, max=max_cache_len)
-    # The masks' key width W is dynamic too: programs attend to the first W cache slots (W >= every slot used).
-    width = Dim("width", min=2, max=max_cache_len)
-    # The varargs (*masks, *kv) form one pytree entry of the signature.
-    dynamic = ({1: q}, {1: q}, {0: q}, (*[{2: q, 3: width} for _ in kinds], *[None] * (2 * spec.num_layers)))
+    flat = program_dynamic_shapes(spec, dynamic_q=True)
+    # The wrapper's varargs (*masks, *kv) form one pytree entry of its signature.
+    dynamic = (*flat[:3], flat[3:])
     try:
         with torch.no_grad():
             exported = torch.export.export(wrapper, args, dynamic_shapes=dynamic, strict=False)

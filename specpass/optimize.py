@@ -8,8 +8,9 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
-from specpass.capture import CapturedGraph, capture, example_inputs
+from specpass.capture import CapturedGraph, capture, example_inputs, program_dynamic_shapes
 from specpass.errors import SpecPassError
 from specpass.lower import BACKENDS, lower
 from specpass.passes import PIPELINES, run_passes
@@ -18,6 +19,38 @@ from specpass.runtime.kv_cache import KVCache
 from specpass.runtime.sampling import SamplingConfig
 
 log = logging.getLogger("specpass")
+
+
+# HF's own fallbacks for unset generation parameters (GenerationConfig._get_default_generation_params).
+# With neither max_new_tokens nor max_length set anywhere, HF generates 20 new tokens.
+_HF_DEFAULTS = {"max_new_tokens": 20, "temperature": 1.0, "top_k": 50, "top_p": 1.0}
+
+# generation_config settings that change HF's output and that specpass does not implement, with the value
+# that means "off". A model that sets one gets a SpecPassError instead of silently different tokens.
+_UNSUPPORTED = {
+    "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "bad_words_ids": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "min_length": 0,
+    "min_new_tokens": None,
+    "sequence_bias": None,
+    "num_beams": 1,
+    "num_return_sequences": 1,
+    "typical_p": 1.0,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+    "min_p": None,
+    "top_h": None,
+    "exponential_decay_length_penalty": None,
+    "guidance_scale": None,
+    "watermarking_config": None,
+    "penalty_alpha": None,
+}
 
 
 class SpecModel:
@@ -39,9 +72,19 @@ class SpecModel:
         return self.captured.spec.max_cache_len
 
     def _default(self, name: str, value):
-        if value is not None:
-            return value
-        return getattr(self.generation_config, name, None) if self.generation_config is not None else None
+        """An argument, else the model's generation_config, else HF's fallback."""
+        if value is None and self.generation_config is not None:
+            value = getattr(self.generation_config, name, None)
+        return _HF_DEFAULTS.get(name) if value is None else value
+
+    def _check_generation_config(self) -> None:
+        for name, off in _UNSUPPORTED.items():
+            value = getattr(self.generation_config, name, None)
+            if value is not None and value != off:
+                raise SpecPassError(
+                    f"generation_config.{name}={value!r} changes HF's output and is not supported by specpass; "
+                    f"unset it (model.generation_config.{name} = None) before specpass.optimize()"
+                )
 
     def generate(
         self,
@@ -63,9 +106,17 @@ class SpecModel:
         input_ids = self._check_ids(input_ids)
         if attention_mask is not None:
             input_ids = self._strip_left_padding(input_ids, attention_mask)
-        max_new_tokens = self._default("max_new_tokens", max_new_tokens)
+        self._check_generation_config()
         if max_new_tokens is None:
-            max_new_tokens = 20
+            max_new_tokens = getattr(self.generation_config, "max_new_tokens", None)
+        max_length = getattr(self.generation_config, "max_length", None)
+        if max_new_tokens is None and max_length is not None:  # a model's max_length counts the prompt too
+            max_new_tokens = max_length - input_ids.shape[1]
+            if max_new_tokens < 1:
+                raise SpecPassError(
+                    f"the prompt ({input_ids.shape[1]} tokens) fills generation_config.max_length; pass max_new_tokens"
+                )
+        max_new_tokens = self._default("max_new_tokens", max_new_tokens)
         if max_new_tokens < 1:
             raise SpecPassError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         total = input_ids.shape[1] + max_new_tokens
@@ -76,7 +127,7 @@ class SpecModel:
             )
         sampling = SamplingConfig(
             do_sample=bool(self._default("do_sample", do_sample)),
-            temperature=float(_or(self._default("temperature", temperature), 1.0)),
+            temperature=float(self._default("temperature", temperature)),
             top_k=self._default("top_k", top_k),
             top_p=self._default("top_p", top_p),
         )
@@ -120,36 +171,13 @@ class SpecModel:
         return input_ids[:, -keep:]
 
 
-def _or(value, default):
-    return default if value is None else value
-
-
-def _warm_up(programs: dict, captured: CapturedGraph) -> None:
-    """Compile now, on scratch buffers, so that generate() never pays for compilation."""
-    spec = captured.spec
-    device = next(captured.gm.parameters()).device
-    with torch.no_grad():
-        for name, program in programs.items():
-            dynamic = name != "decode"
-            args = example_inputs(spec, q=2 if dynamic else 1, device=device)
-            n_masks = len(spec.mask_kinds)
-            # Mark the symbolic sizes up front (the attention width always, the query length for prefill):
-            # otherwise the first call compiles a static graph and the next one recompiles.
-            for i in range(3, 3 + n_masks):
-                torch._dynamo.mark_dynamic(args[i], 3)
-            if dynamic:
-                for t, dim in zip(args[: 3 + n_masks], (1, 1, 0, *[2] * n_masks)):
-                    torch._dynamo.mark_dynamic(t, dim)
-            program(*args)
-
-
 def optimize(
     model: nn.Module,
     *,
     speculate: bool | str = False,
     backend: str = "inductor",
     max_cache_len: int = 1024,
-    warm_up: bool = True,
+    progress: bool = True,
 ) -> SpecModel:
     """Compile ``model`` for generation. ``speculate=False`` gives compiled plain decoding (no drafts)."""
     if speculate not in (False,):
@@ -163,11 +191,17 @@ def optimize(
     t0 = time.perf_counter()
     captured = capture(model, max_cache_len=max_cache_len)
     programs = {}
-    for name, passes in PIPELINES.items():
+    device = next(model.parameters()).device
+    for name, passes in tqdm(PIPELINES.items(), desc=f"specpass: compiling ({backend})", disable=not progress):
         gm = run_passes(captured.gm, passes, captured.structure)
-        programs[name] = lower(gm, backend, dynamic=(name != "decode"))
-    if warm_up:
-        _warm_up(programs, captured)
+        one_token = name == "decode"
+        programs[name] = lower(
+            gm,
+            backend,
+            name=name,
+            example_args=example_inputs(captured.spec, q=1 if one_token else 2, device=device),
+            dynamic_shapes=program_dynamic_shapes(captured.spec, dynamic_q=not one_token, rewritten=True),
+        )
     compile_s = time.perf_counter() - t0
     log.info("optimized %s with %s in %.1fs", type(model).__name__, backend, compile_s)
     return SpecModel(model, captured, programs, backend, compile_s)

@@ -196,8 +196,9 @@ def _first_token_counts(sm, ids, n, **kw):
 def _chi2_pvalue(counts, probs):
     keep = probs > 0
     assert counts[~keep].sum() == 0, "sampled a token of probability 0"
-    expected = probs[keep] * counts.sum()
-    return stats.chisquare(counts[keep].numpy(), expected.double().numpy()).pvalue
+    p = probs[keep].double()
+    expected = p / p.sum() * counts.sum()  # exact totals: scipy rejects float32 rounding in the sums
+    return stats.chisquare(counts[keep].double().numpy(), expected.numpy()).pvalue
 
 
 def test_sampling_distribution_chi_square_with_negative_control():
@@ -213,5 +214,23 @@ def test_sampling_distribution_chi_square_with_negative_control():
     counts = _first_token_counts(sm, ids, 3000, **cfg)
     assert _chi2_pvalue(counts, probs) > 1e-3
     # Negative control: the same counts against the unwarped distribution must be rejected.
-    wrong = logits.softmax(-1)
-    assert stats.chisquare(counts.numpy(), (wrong * counts.sum()).double().numpy()).pvalue < 1e-6
+    assert _chi2_pvalue(counts, logits.softmax(-1)) < 1e-6
+
+
+def test_generation_config_defaults_and_unsupported_settings(llama):
+    model, sm = llama
+    ids = torch.randint(0, VOCAB, (1, 5), generator=torch.Generator().manual_seed(8))
+    # Neither max_new_tokens nor max_length set: HF generates 20 new tokens; a model's max_length counts
+    # the prompt too.
+    assert sm.generate(ids).shape[1] == 25 == _hf(model, ids, None).shape[1]
+    model.generation_config.max_length = 12
+    try:
+        assert sm.generate(ids).shape[1] == 12 == _hf(model, ids, None).shape[1]
+    finally:
+        model.generation_config.max_length = None
+    model.generation_config.repetition_penalty = 1.3
+    try:
+        with pytest.raises(specpass.SpecPassError, match="repetition_penalty"):
+            sm.generate(ids, max_new_tokens=3)
+    finally:
+        model.generation_config.repetition_penalty = None

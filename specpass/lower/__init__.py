@@ -1,4 +1,4 @@
-"""Lower rewritten GraphModules to callables: ``eager`` (as they are) or ``inductor`` (torch.compile)."""
+"""Lower rewritten GraphModules to callables: ``eager`` (as they are) or ``inductor`` (AOTInductor)."""
 
 from __future__ import annotations
 
@@ -12,12 +12,14 @@ from specpass.lower.inductor import lower_inductor
 BACKENDS = ("inductor", "eager")
 
 
-def lower(gm: torch.fx.GraphModule, backend: str, *, dynamic: bool) -> Callable[..., torch.Tensor]:
-    """One program -> a callable with the same signature; ``dynamic`` means the query length varies."""
+def lower(
+    gm: torch.fx.GraphModule, backend: str, *, name: str, example_args: tuple, dynamic_shapes: tuple
+) -> Callable[..., torch.Tensor]:
+    """One program -> a callable with the same signature (``dynamic_shapes`` as for torch.export)."""
     if backend == "eager":
         return gm
     if backend == "inductor":
-        return lower_inductor(gm, dynamic=dynamic)
+        return lower_inductor(gm, example_args, dynamic_shapes, name)
     raise SpecPassError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
