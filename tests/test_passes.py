@@ -16,7 +16,7 @@ from conftest import GOLDENS
 from specpass.capture import example_inputs
 from specpass.errors import SpecPassError
 from specpass.graph_text import normalize
-from specpass.passes import PIPELINES, PassResult, clone_graph_module, last_token_logits, run_passes
+from specpass.passes import PIPELINES, PassResult, clone_graph_module, fold_gqa_heads, last_token_logits, run_passes
 from specpass.passes.manager import remap
 
 SLICE = torch.ops.aten.slice.Tensor
@@ -129,6 +129,59 @@ def test_last_token_logits_leaves_the_captured_graph_untouched(tiny):
     assert not tagged(cg.gm, "last_token_logits")
     # The copy shares the weights: no parameter was duplicated.
     assert gm.get_parameter("model.lm_head.weight") is cg.gm.get_parameter("model.lm_head.weight")
+
+
+# --------------------------------------------------------------------------------------------------------
+# fold_gqa_heads
+# --------------------------------------------------------------------------------------------------------
+EXPAND = torch.ops.aten.expand.default
+
+
+def _repeat_kv_inputs(gm) -> int:
+    """SDPA key/value inputs that are HF's repeat_kv (reshape of an expand)."""
+    return sum(
+        1
+        for n in gm.graph.nodes
+        if n.target == SDPA
+        for a in n.args[1:3]
+        if a.target in (torch.ops.aten.reshape.default, torch.ops.aten.view.default) and a.args[0].target == EXPAND
+    )
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_fold_gqa_heads_op_counts(tiny, arch):
+    cg = tiny(arch).cg
+    layers = cg.spec.num_layers
+    gm = run_passes(cg.gm, (fold_gqa_heads,), cg.structure)
+    before, after = op_counts(cg.gm), op_counts(gm)
+    assert _repeat_kv_inputs(cg.gm) == 2 * layers and _repeat_kv_inputs(gm) == 0
+    # Two K/V expands per layer go; one mask expand per layer comes (the mask is tiny).
+    assert after[EXPAND] == before[EXPAND] - layers
+    assert after[SDPA] == before[SDPA] == layers
+    assert len([n for n in tagged(gm, "fold_gqa_heads") if n.target == SDPA]) == layers
+    assert gm.meta["specpass"]["history"] == [{"pass": "fold_gqa_heads", "modified": True, "n_matches": layers}]
+
+
+def test_fold_gqa_heads_leaves_multi_head_attention_alone(tiny):
+    cg = tiny("gpt2").cg
+    gm = run_passes(cg.gm, (fold_gqa_heads,), cg.structure)
+    assert normalize(gm) == normalize(cg.gm)
+    assert gm.meta["specpass"]["history"] == [{"pass": "fold_gqa_heads", "modified": False, "n_matches": 0}]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_fold_gqa_heads_matches_eager(tiny, arch):
+    t = tiny(arch)
+    cg = t.cg
+    folded = run_passes(cg.gm, (fold_gqa_heads,), cg.structure)
+    ids = torch.randint(0, t.vocab, (1, 9), generator=torch.Generator().manual_seed(2))
+    ref_logits, ref_kv = run_program(cg.gm, cg.spec, ids)
+    logits, kv = run_program(folded, cg.spec, ids)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-6, rtol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(logits, t.model(ids).logits, atol=1e-5, rtol=1e-5)
+    for a, b in zip(ref_kv, kv, strict=True):
+        assert torch.equal(a, b)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -31,8 +31,18 @@ def lower_inductor(gm: torch.fx.GraphModule, example_args: tuple, dynamic_shapes
         raise SpecPassError(f"program '{name}' could not be re-exported for Inductor: {type(e).__name__}: {e}") from e
     with tempfile.TemporaryDirectory(prefix="specpass-") as tmp:
         path = os.path.join(tmp, f"{name}.pt2")
+        # Weights stay out of the compiled library: every program binds the model's own parameters below
+        # (user_managed: no copy), so N programs cost one set of weights, not N + 1.
+        path = torch._inductor.aoti_compile_and_package(
+            exported, package_path=path, inductor_configs={"aot_inductor.package_constants_in_so": False}
+        )
         # The package is loaded into memory right away, so the temporary file can go with the directory.
-        path = torch._inductor.aoti_compile_and_package(exported, package_path=path)
         runner = torch._inductor.aoti_load_package(path)
+    constants = {**exported.state_dict, **exported.constants}
+    needed = runner.get_constant_fqns()
+    missing = [fqn for fqn in needed if fqn not in constants]
+    if missing:
+        raise SpecPassError(f"program '{name}': compiled model needs constants not in the graph: {missing[:5]}")
+    runner.load_constants({fqn: constants[fqn] for fqn in needed}, check_full_update=True, user_managed=True)
     log.info("compiled program %s with AOTInductor in %.1fs", name, time.perf_counter() - t0)
     return runner
