@@ -656,7 +656,7 @@ def capture(model: nn.Module, *, max_cache_len: int = 1024) -> CapturedGraph:
     structure = analyze(gm, wrapper, len(kinds))
     if len(structure.kv) != 2 * spec.num_layers:
         raise SpecPassError(f"captured graph has {len(structure.kv)} KV inputs, expected {2 * spec.num_layers}")
-    _validate(gm, model, spec, structure, kv=args[3 + len(kinds) :])
+    _validate(gm, model, spec, structure)
     log.info("captured %s: %d layers, %d graph nodes", type(model).__name__, spec.num_layers, len(exported.graph.nodes))
     return CapturedGraph(exported, gm, structure, spec, getattr(config, "model_type", "?"))
 
@@ -696,22 +696,7 @@ def _rename_inputs(gm: torch.fx.GraphModule, mask_kinds: tuple[str, ...]) -> Non
     gm.recompile()
 
 
-def _chain_masks(spec: CacheSpec, start: int, q: int, width: int, device) -> list[torch.Tensor]:
-    """Additive (1, 1, q, width) masks for q chain tokens at slots start..start+q-1 (the runtime's, rebuilt
-    independently)."""
-    slots = torch.arange(width, device=device)
-    query = start + torch.arange(q, device=device)
-    masks = []
-    for kind in spec.mask_kinds:
-        allowed = slots[None, :] <= query[:, None]
-        if kind == SLIDING:
-            allowed &= slots[None, :] > query[:, None] - spec.sliding_window
-        mask = torch.zeros(allowed.shape, dtype=spec.dtype, device=device)
-        masks.append(mask.masked_fill_(~allowed, torch.finfo(spec.dtype).min)[None, None])
-    return masks
-
-
-def _validate(gm, model: nn.Module, spec: CacheSpec, structure: Structure, kv) -> None:
+def _validate(gm, model: nn.Module, spec: CacheSpec, structure: Structure) -> None:
     """Run the captured graph as the runtime will (prefill, then one-token steps) against the model's own
     full forward, on a few tokens: a model that computes something else than its eager self (positions taken
     from the cache length, masks rebuilt from a 2D mask, ...) is refused here, not discovered in generate()."""
@@ -724,17 +709,19 @@ def _validate(gm, model: nn.Module, spec: CacheSpec, structure: Structure, kv) -
             want = _forward_logits(model, ids)
         except Exception as e:  # noqa: BLE001 - the model's own forward fails: nothing to compare against
             raise SpecPassError(f"{name}: the model's own forward failed on a {n}-token probe: {_summary(e)}") from e
-        for t in kv:
-            t.zero_()
+        from specpass.runtime.kv_cache import KVCache  # the runtime's own cache and masks; imports capture
+
+        cache = KVCache(spec, device=ids.device)
         start = 0
         for k, q in enumerate(steps):
             slots = torch.arange(start, start + q, device=ids.device)
             # The prefill attends to every slot, the decode steps to as few as cover the sequence: both ends of
             # the dynamic mask width.
             width = spec.max_cache_len if k == 0 else max(2, start + q)
-            masks = _chain_masks(spec, start, q, width, ids.device)
+            cache.length = start
+            masks = cache.chain_masks(q, width)
             try:
-                got = gm(ids[:, start : start + q], slots[None], slots, *masks, *kv)
+                got = gm(ids[:, start : start + q], slots[None], slots, *masks, *cache.tensors)
             except Exception as e:  # noqa: BLE001 - the graph does not run on the runtime's inputs
                 raise SpecPassError(f"{name}: the captured graph fails on a {q}-token step: {_summary(e)}") from e
             err = _rel_err(got, want[:, start : start + q])

@@ -51,8 +51,7 @@ def byte_tokenizer():
     return tok
 
 
-@pytest.fixture(scope="module")
-def tiny_chat():
+def tiny_chat_model():
     """A 2-layer random Llama over the byte tokenizer's 259 ids; eos is <|im_end|>."""
     import transformers as tf
 
@@ -75,6 +74,11 @@ def tiny_chat():
     model.generation_config.eos_token_id = 2
     model.generation_config.pad_token_id = 2
     return model, tok
+
+
+@pytest.fixture(scope="module")
+def tiny_chat():
+    return tiny_chat_model()
 
 
 @pytest.fixture

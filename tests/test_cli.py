@@ -79,27 +79,11 @@ def test_demo_streams_and_reports(capsys):
     import argparse
     import json
 
-    import torch
-    import transformers as tf
-    from test_bench import byte_tokenizer
+    from test_bench import tiny_chat_model
 
     from specpass import demo
 
-    tok = byte_tokenizer()
-    torch.manual_seed(0)
-    config = tf.LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        eos_token_id=2,
-        pad_token_id=2,
-        initializer_range=0.2,
-    )
-    model = tf.LlamaForCausalLM(config).eval()
+    model, tok = tiny_chat_model()
     parser = argparse.ArgumentParser()
     demo.add_arguments(parser)
 
