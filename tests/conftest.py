@@ -149,3 +149,15 @@ def tiny():
         return made[arch]
 
     return get
+
+
+def chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """Chi-square goodness of fit of sampled ``counts`` to ``probs``; a count where probs is 0 fails at once."""
+    from scipy import stats
+
+    keep = probs > 0
+    assert counts[~keep].sum() == 0, "sampled a token of probability 0"
+    if int(keep.sum()) == 1:
+        return 1.0  # one possible token, and every sample was it (asserted above)
+    expected = probs[keep].double() / probs[keep].double().sum() * counts.sum()  # exact totals for scipy
+    return stats.chisquare(counts[keep].double().numpy(), expected.numpy()).pvalue

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from scipy import stats
+from conftest import chi2_pvalue
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
 from transformers.generation.logits_process import (
     TemperatureLogitsWarper,
@@ -193,14 +193,6 @@ def _first_token_counts(sm, ids, n, **kw):
     return counts
 
 
-def _chi2_pvalue(counts, probs):
-    keep = probs > 0
-    assert counts[~keep].sum() == 0, "sampled a token of probability 0"
-    p = probs[keep].double()
-    expected = p / p.sum() * counts.sum()  # exact totals: scipy rejects float32 rounding in the sums
-    return stats.chisquare(counts[keep].double().numpy(), expected.numpy()).pvalue
-
-
 def test_sampling_distribution_chi_square_with_negative_control():
     model = _tiny("llama", vocab=8)
     with torch.no_grad():
@@ -212,9 +204,9 @@ def test_sampling_distribution_chi_square_with_negative_control():
     cfg = dict(temperature=0.8, top_k=6, top_p=0.95)
     probs = warp(logits[None], SamplingConfig(True, **cfg)).softmax(-1)[0]
     counts = _first_token_counts(sm, ids, 3000, **cfg)
-    assert _chi2_pvalue(counts, probs) > 1e-3
+    assert chi2_pvalue(counts, probs) > 1e-3
     # Negative control: the same counts against the unwarped distribution must be rejected.
-    assert _chi2_pvalue(counts, logits.softmax(-1)) < 1e-6
+    assert chi2_pvalue(counts, logits.softmax(-1)) < 1e-6
 
 
 def test_generation_config_defaults_and_unsupported_settings(llama):
