@@ -31,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from specpass.errors import SpecPassError
+from specpass.lower import BACKENDS
 
 log = logging.getLogger("specpass.bench")
 
@@ -188,7 +189,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--backend",
         default="inductor",
-        choices=("inductor", "eager"),
+        choices=BACKENDS,
         help="specpass lowering backend (default: %(default)s)",
     )
     parser.add_argument(

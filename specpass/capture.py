@@ -148,18 +148,6 @@ class CacheSpec:
         # (a width that could equal the buffer length gets specialised).
         return self.max_cache_len + 1
 
-    def to_json(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["dtype"] = str(self.dtype).removeprefix("torch.")
-        d["mask_kinds"] = list(self.mask_kinds)
-        return d
-
-    @classmethod
-    def from_json(cls, d: dict) -> CacheSpec:
-        d = dict(d)
-        d["dtype"] = getattr(torch, d["dtype"])
-        d["mask_kinds"] = tuple(d["mask_kinds"])
-        return cls(**d)
 
 
 def _text_config(config):

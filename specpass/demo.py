@@ -15,6 +15,7 @@ import time
 import torch
 
 from specpass.errors import SpecPassError
+from specpass.lower import BACKENDS
 
 DEFAULT_PROMPT = "Explain in a few sentences why the sky is blue."
 
@@ -35,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--backend",
         default="inductor",
-        choices=("inductor", "eager"),
+        choices=BACKENDS,
         help="specpass lowering backend (default: %(default)s)",
     )
     parser.add_argument(

@@ -37,11 +37,6 @@ class GenerationStats:
     def tokens_per_s(self) -> float:
         return self.new_tokens / self.total_s if self.total_s else 0.0
 
-    def to_json(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["tokens_per_s"] = self.tokens_per_s
-        return d
-
 
 class StopChecker:
     """max_new_tokens, eos ids and stop strings, with HF's semantics (the stopping token is kept)."""
