@@ -393,7 +393,7 @@ def _strip(path: str) -> str:
     return ".".join(out)
 
 
-def _module_path_of(node: torch.fx.Node) -> list[str]:
+def module_path_of(node: torch.fx.Node) -> list[str]:
     return [_strip(p) for p, _ in _stack_paths(node)]
 
 
@@ -412,7 +412,7 @@ def analyze(gm: torch.fx.GraphModule, wrapper: CaptureWrapper, n_masks: int) -> 
         raise SpecPassError(
             f"{name}: decoder layers not found: no nn.ModuleList of num_hidden_layers={n_layers} modules"
         )
-    by_candidate = {p: _nodes_by_layer(gm, p) for p in candidates}
+    by_candidate = {p: nodes_by_layer(gm, p) for p in candidates}
     complete = [p for p in candidates if len(by_candidate[p]) == n_layers]
     if not complete:
         found = ", ".join(f"'{p}' runs {len(by_candidate[p])}" for p in candidates)
@@ -479,7 +479,7 @@ def analyze(gm: torch.fx.GraphModule, wrapper: CaptureWrapper, n_masks: int) -> 
     last_out = layers[-1].output
     final_norm = None
     final_norm_path = None
-    head_nodes = [n for n in gm.graph.nodes if n.op == "call_function" and head_path in _module_path_of(n)]
+    head_nodes = [n for n in gm.graph.nodes if n.op == "call_function" and head_path in module_path_of(n)]
     if not head_nodes:
         raise SpecPassError(f"{name}: no graph node belongs to the LM head '{head_path}'")
     lm_head = max(head_nodes, key=order.__getitem__)
@@ -494,7 +494,7 @@ def analyze(gm: torch.fx.GraphModule, wrapper: CaptureWrapper, n_masks: int) -> 
     # final_norm stays the *last* node of that module: walk forward while nodes belong to it.
     if final_norm is not None:
         for node in gm.graph.nodes:
-            if order[final_norm] < order[node] < order[head_nodes[0]] and final_norm_path in _module_path_of(node):
+            if order[final_norm] < order[node] < order[head_nodes[0]] and final_norm_path in module_path_of(node):
                 final_norm = node
     return Structure(
         layers_path=layers_path,
@@ -511,14 +511,14 @@ def analyze(gm: torch.fx.GraphModule, wrapper: CaptureWrapper, n_masks: int) -> 
     )
 
 
-def _nodes_by_layer(gm: torch.fx.GraphModule, layers_path: str) -> dict[int, list[torch.fx.Node]]:
+def nodes_by_layer(gm: torch.fx.GraphModule, layers_path: str) -> dict[int, list[torch.fx.Node]]:
     """Graph nodes per layer index of the ModuleList at ``layers_path``, from nn_module_stack."""
     prefix = layers_path + "."
     by_layer: dict[int, list[torch.fx.Node]] = {}
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
-        for p in _module_path_of(node):
+        for p in module_path_of(node):
             if p.startswith(prefix):
                 idx = p[len(prefix) :].split(".")[0]
                 if idx.isdigit():

@@ -10,14 +10,20 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 from conftest import ARCHS, build_tiny
 
 import specpass
 from specpass.graph_text import normalize
-from specpass.passes import PIPELINES, run_passes
+from specpass.passes import PIPELINES, DraftConfig, run_passes
 
 #: (program, number of its passes applied), one per pass of every pipeline
 PASS_STAGES = [(program, i + 1) for program, passes in PIPELINES.items() for i in range(len(passes))]
+
+
+def golden_draft_config(vocab: int) -> DraftConfig:
+    """One draft using every draft pass on a 2-layer model: exit after layer 0, skip its MLP, keep 16 tokens."""
+    return DraftConfig(exit_layer=0, skip_mlp=(0,), vocab_ids=torch.arange(0, vocab, vocab // 16))
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -32,7 +38,7 @@ def test_capture_golden(tiny, golden, arch):
 def test_pass_golden(tiny, golden, arch, program, n_passes):
     cg = tiny(arch).cg
     passes = PIPELINES[program][:n_passes]
-    gm = run_passes(cg.gm, passes, cg.structure)
+    gm = run_passes(cg.gm, passes, cg.structure, golden_draft_config(tiny(arch).vocab))
     golden(f"{passes[-1].__name__}/{program}-{arch}", normalize(gm))
 
 

@@ -16,7 +16,19 @@ from conftest import GOLDENS
 from specpass.capture import example_inputs
 from specpass.errors import SpecPassError
 from specpass.graph_text import normalize
-from specpass.passes import PIPELINES, PassResult, clone_graph_module, fold_gqa_heads, last_token_logits, run_passes
+from specpass.passes import (
+    PIPELINES,
+    DraftConfig,
+    PassResult,
+    clone_graph_module,
+    draft_pipeline,
+    fold_gqa_heads,
+    insert_early_exit,
+    last_token_logits,
+    prune_lm_head,
+    run_passes,
+    skip_layers,
+)
 from specpass.passes.manager import remap
 
 SLICE = torch.ops.aten.slice.Tensor
@@ -242,3 +254,207 @@ def test_run_passes_eliminates_dead_code(tiny):
 
     gm = run_passes(cg.gm, (add_unused,), cg.structure)
     assert op_counts(gm) == op_counts(cg.gm)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Draft passes: skip_layers, insert_early_exit, prune_lm_head. Oracle: the HF model with the same surgery
+# done on its modules (forward hooks), and the target path left bit-identical.
+# --------------------------------------------------------------------------------------------------------
+INDEX_SELECT = torch.ops.aten.index_select.default
+
+
+def hf_model_path(structure_path: str) -> str:
+    return structure_path.removeprefix("model.")  # capture wraps the model as ``.model``
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _replace_first(out, value):
+    return (value, *out[1:]) if isinstance(out, tuple) else value
+
+
+def surgery_logits(model, cg, ids, *, identity=(), zero=(), adapter_after=None, adapter=None, vocab_ids=None):
+    """Eager reference: HF forward with layers turned into identities, sublayers zeroed, an adapter applied."""
+    layers = model.get_submodule(hf_model_path(cg.structure.layers_path))
+    hooks = []
+
+    def identity_hook(module, args, kwargs, out):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return _replace_first(out, hidden)
+
+    def zero_hook(module, args, out):
+        return _replace_first(out, torch.zeros_like(_first(out)))
+
+    def adapter_hook(module, args, out):
+        return _replace_first(out, adapter(_first(out)))
+
+    for i in identity:
+        hooks.append(layers[i].register_forward_hook(identity_hook, with_kwargs=True))
+    for i, child in zero:
+        hooks.append(getattr(layers[i], child).register_forward_hook(zero_hook))
+    if adapter is not None:
+        hooks.append(layers[adapter_after].register_forward_hook(adapter_hook))
+    try:
+        with torch.no_grad():
+            logits = model(ids).logits
+    finally:
+        for h in hooks:
+            h.remove()
+    if vocab_ids is not None:
+        full = torch.full_like(logits, float("-inf"))
+        full[..., vocab_ids] = logits[..., vocab_ids]
+        logits = full
+    return logits
+
+
+def draft_logits(t, cfg, ids):
+    gm = run_passes(t.cg.gm, draft_pipeline(cfg), t.cg.structure, cfg)
+    return run_program(gm, t.cg.spec, ids)[0], gm
+
+
+def _ids(t, q=7):
+    return torch.randint(0, t.vocab, (1, q), generator=torch.Generator().manual_seed(1))
+
+
+def _layer_op_counts(t, i):
+    from specpass.capture import nodes_by_layer
+
+    return collections.Counter(n.target for n in nodes_by_layer(t.cg.gm, t.cg.structure.layers_path)[i])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
+def test_skip_layers_op_counts(tiny, arch):
+    t = tiny(arch)
+    cfg = DraftConfig(skip_layers=(1,))
+    gm = run_passes(t.cg.gm, (skip_layers,), t.cg.structure, cfg)
+    removed = op_counts(t.cg.gm) - op_counts(gm)
+    assert op_counts(gm) - op_counts(t.cg.gm) == collections.Counter()
+    layer_ops = _layer_op_counts(t, 1)
+    # The whole layer goes, its two KV writes and its attention included.
+    assert removed == layer_ops
+    assert removed[INDEX_COPY] == 2 and removed[SDPA] == 1
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
+@pytest.mark.parametrize("skip", [(0,), (1,)])
+def test_skip_layers_matches_eager(tiny, arch, skip):
+    t = tiny(arch)
+    ids = _ids(t)
+    got, _ = draft_logits(t, DraftConfig(skip_layers=skip), ids)
+    torch.testing.assert_close(got, surgery_logits(t.model, t.cg, ids, identity=skip), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("arch", "attn", "mlp"), [("llama", "self_attn", "mlp"), ("gpt2", "attn", "mlp")])
+def test_skip_layers_sublayers_match_eager(tiny, arch, attn, mlp):
+    t = tiny(arch)
+    ids = _ids(t)
+    got, gm = draft_logits(t, DraftConfig(skip_attention=(0,), skip_mlp=(1,)), ids)
+    want = surgery_logits(t.model, t.cg, ids, zero=[(0, attn), (1, mlp)])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert op_counts(t.cg.gm)[SDPA] - op_counts(gm)[SDPA] == 1
+    assert len(tagged(gm, "skip_layers")) == 2  # one zeros_like per skipped sublayer
+
+
+def test_skip_layers_errors_name_what_is_wrong(tiny):
+    t = tiny("llama")
+    for cfg, message in [
+        (DraftConfig(), "nothing to skip"),
+        (DraftConfig(skip_layers=(5,)), "out of range"),
+        (DraftConfig(skip_layers=(0, 1)), "all 2 layers"),
+    ]:
+        with pytest.raises(SpecPassError, match=message):
+            run_passes(t.cg.gm, (skip_layers,), t.cg.structure, cfg)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
+def test_insert_early_exit_op_counts(tiny, arch):
+    t = tiny(arch)
+    gm = run_passes(t.cg.gm, (insert_early_exit,), t.cg.structure, DraftConfig(exit_layer=0))
+    assert op_counts(gm) - op_counts(t.cg.gm) == collections.Counter()
+    assert op_counts(t.cg.gm) - op_counts(gm) == _layer_op_counts(t, 1)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
+def test_insert_early_exit_matches_eager_with_and_without_adapter(tiny, arch):
+    from specpass.tune.adapter import ExitAdapter
+
+    t = tiny(arch)
+    ids = _ids(t)
+    hidden = t.model.get_input_embeddings().weight.shape[1]
+    got, _ = draft_logits(t, DraftConfig(exit_layer=0), ids)
+    torch.testing.assert_close(got, surgery_logits(t.model, t.cg, ids, identity=(1,)), rtol=1e-4, atol=1e-4)
+
+    torch.manual_seed(3)
+    adapter = ExitAdapter(hidden, rank=4)
+    torch.nn.init.normal_(adapter.up.weight, std=0.5)  # not the identity it starts as
+    got, gm = draft_logits(t, DraftConfig(exit_layer=0, adapter=adapter), ids)
+    want = surgery_logits(t.model, t.cg, ids, identity=(1,), adapter_after=0, adapter=adapter)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert [n.op for n in tagged(gm, "insert_early_exit")] == ["call_module"]
+    assert not torch.allclose(got, draft_logits(t, DraftConfig(exit_layer=0), ids)[0])
+
+
+def test_insert_early_exit_errors_name_what_is_wrong(tiny):
+    t = tiny("llama")
+    with pytest.raises(SpecPassError, match="no exit layer"):
+        run_passes(t.cg.gm, (insert_early_exit,), t.cg.structure, DraftConfig())
+    with pytest.raises(SpecPassError, match=r"exit layer 1 must lie in \[0, 0\]"):
+        run_passes(t.cg.gm, (insert_early_exit,), t.cg.structure, DraftConfig(exit_layer=1))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
+def test_prune_lm_head_op_counts_and_weights(tiny, arch):
+    t = tiny(arch)
+    ids = torch.tensor([3, 5, 8, 13, 21])
+    gm = run_passes(t.cg.gm, (prune_lm_head,), t.cg.structure, DraftConfig(vocab_ids=ids))
+    added = op_counts(gm) - op_counts(t.cg.gm)
+    assert added == collections.Counter(
+        {SLICE: 1, torch.ops.aten.full_like.default: 1, torch.ops.aten.cat.default: 1, INDEX_SELECT: 1}
+    )
+    assert op_counts(t.cg.gm) - op_counts(gm) == collections.Counter()
+    head_weight = t.model.get_output_embeddings().weight
+    torch.testing.assert_close(gm.specpass_draft_head_weight, head_weight[ids], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
+def test_prune_lm_head_matches_eager(tiny, arch):
+    t = tiny(arch)
+    ids = _ids(t)
+    keep = torch.randperm(t.vocab, generator=torch.Generator().manual_seed(2))[:20]
+    got, _ = draft_logits(t, DraftConfig(vocab_ids=keep), ids)
+    want = surgery_logits(t.model, t.cg, ids, vocab_ids=keep)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert set(got[0].argmax(-1).tolist()) <= set(keep.tolist())
+
+
+def test_prune_lm_head_errors_name_what_is_wrong(tiny):
+    t = tiny("llama")
+    for ids, message in [(None, "no token ids"), (torch.tensor([1, 1]), "distinct"), (torch.tensor([999]), "distinct")]:
+        with pytest.raises(SpecPassError, match=message):
+            run_passes(t.cg.gm, (prune_lm_head,), t.cg.structure, DraftConfig(vocab_ids=ids))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
+def test_draft_passes_leave_the_target_path_bit_identical(tiny, arch):
+    t = tiny(arch)
+    ids = _ids(t)
+    verify = run_passes(t.cg.gm, PIPELINES["verify"], t.cg.structure)
+    before_text, before = normalize(verify), run_program(verify, t.cg.spec, ids)[0]
+    cfg = DraftConfig(exit_layer=0, skip_mlp=(0,), vocab_ids=torch.arange(0, t.vocab, 3))
+    draft_logits(t, cfg, ids)
+    verify = run_passes(t.cg.gm, PIPELINES["verify"], t.cg.structure)
+    assert normalize(verify) == before_text
+    assert torch.equal(run_program(verify, t.cg.spec, ids)[0], before)
+    assert torch.equal(t.model.get_output_embeddings().weight, t.model.get_output_embeddings().weight.clone())
+
+
+def test_draft_pipeline_keeps_only_the_configured_passes():
+    names = lambda cfg: [p.__name__ for p in draft_pipeline(cfg)]  # noqa: E731
+    assert names(DraftConfig(exit_layer=3)) == ["fold_gqa_heads", "insert_early_exit"]
+    assert names(DraftConfig(skip_layers=(1,), vocab_ids=torch.arange(4))) == [
+        "fold_gqa_heads",
+        "skip_layers",
+        "prune_lm_head",
+    ]

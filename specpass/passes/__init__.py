@@ -3,14 +3,46 @@
 The order below is the only place passes are sequenced.
 """
 
+from specpass.passes.draft_config import DraftConfig
 from specpass.passes.fold_gqa_heads import fold_gqa_heads
+from specpass.passes.insert_early_exit import insert_early_exit
 from specpass.passes.last_token_logits import last_token_logits
 from specpass.passes.manager import PassResult, clone_graph_module, run_passes
+from specpass.passes.prune_lm_head import prune_lm_head
+from specpass.passes.skip_layers import skip_layers
 
-#: programs -> the passes that derive them from the captured graph, in order
+#: programs -> the passes that derive them from the captured graph, in order. ``verify`` computes the
+#: unchanged target model for every query position; ``decode`` is the same program at one token.
 PIPELINES = {
     "prefill": (fold_gqa_heads, last_token_logits),
     "decode": (fold_gqa_heads,),
+    "verify": (fold_gqa_heads,),
+    "draft": (fold_gqa_heads, insert_early_exit, skip_layers, prune_lm_head),
 }
 
-__all__ = ["PIPELINES", "PassResult", "clone_graph_module", "fold_gqa_heads", "last_token_logits", "run_passes"]
+#: the draft passes a DraftConfig can leave out (what it does not configure)
+_DRAFT_OPTIONAL = {
+    insert_early_exit: lambda cfg: cfg.exit_layer is not None,
+    skip_layers: lambda cfg: bool(cfg.skip_layers or cfg.skip_attention or cfg.skip_mlp),
+    prune_lm_head: lambda cfg: cfg.vocab_ids is not None,
+}
+
+
+def draft_pipeline(cfg: DraftConfig) -> tuple:
+    """The ``draft`` pipeline restricted to the passes ``cfg`` configures (order kept)."""
+    return tuple(p for p in PIPELINES["draft"] if p not in _DRAFT_OPTIONAL or _DRAFT_OPTIONAL[p](cfg))
+
+
+__all__ = [
+    "PIPELINES",
+    "DraftConfig",
+    "PassResult",
+    "clone_graph_module",
+    "draft_pipeline",
+    "fold_gqa_heads",
+    "insert_early_exit",
+    "last_token_logits",
+    "prune_lm_head",
+    "run_passes",
+    "skip_layers",
+]

@@ -31,4 +31,3 @@ def last_token_logits(gm: torch.fx.GraphModule, structure, cfg=None) -> PassResu
     if isinstance(out_val, torch.Tensor):
         head.meta["val"] = out_val[:, -1:]
     return PassResult(gm, True, 1)
-

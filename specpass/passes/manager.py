@@ -47,7 +47,9 @@ def remap(obj: Any, node_map: dict) -> Any:
     if isinstance(obj, list):
         return [remap(x, node_map) for x in obj]
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return dataclasses.replace(obj, **{f.name: remap(getattr(obj, f.name), node_map) for f in dataclasses.fields(obj)})
+        return dataclasses.replace(
+            obj, **{f.name: remap(getattr(obj, f.name), node_map) for f in dataclasses.fields(obj)}
+        )
     return obj
 
 
@@ -83,3 +85,23 @@ def run_passes(
         log.debug("pass %s: %d matches", name, result.n_matches)
         done.append(name)
     return gm
+
+
+def erase_unused(gm: torch.fx.GraphModule, nodes: Sequence[torch.fx.Node]) -> int:
+    """Erase those of ``nodes`` that nothing uses any more, side-effecting ones (KV writes) included.
+
+    ``eliminate_dead_code`` keeps in-place ops such as a removed layer's ``index_copy_`` into its KV input;
+    a pass that removes a layer knows those writes are dead (the verify program writes the same slots).
+    """
+    erased = 0
+    pending = set(nodes)
+    changed = True
+    while changed:
+        changed = False
+        for node in reversed(list(gm.graph.nodes)):
+            if node in pending and not node.users:
+                gm.graph.erase_node(node)
+                pending.discard(node)
+                erased += 1
+                changed = True
+    return erased
