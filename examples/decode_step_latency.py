@@ -44,7 +44,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     model, _ = default_model()
-    fast = specpass.optimize(model, backend="inductor", max_cache_len=512)
+    fast = specpass.optimize(model, speculate=False, backend="inductor", max_cache_len=512)
     captured = fast.captured
     decode = run_passes(captured.gm, PIPELINES["decode"], captured.structure)
     programs = {

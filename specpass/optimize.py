@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -13,8 +14,8 @@ from tqdm.auto import tqdm
 from specpass.capture import CapturedGraph, capture, example_inputs, program_dynamic_shapes
 from specpass.errors import SpecPassError
 from specpass.lower import BACKENDS, lower
-from specpass.passes import PIPELINES, run_passes
-from specpass.runtime.generate import GenerationStats, StopChecker, generate
+from specpass.passes import PIPELINES, draft_pipeline, run_passes
+from specpass.runtime.generate import GenerationStats, StopChecker, generate, speculative_generate
 from specpass.runtime.kv_cache import KVCache
 from specpass.runtime.sampling import SamplingConfig
 
@@ -66,6 +67,12 @@ class SpecModel:
         self.generation_config = getattr(model, "generation_config", None)
         self.cache = KVCache(captured.spec, device=next(model.parameters()).device)
         self.last_stats: GenerationStats | None = None
+        self.plan = None  # a SpecPlan: speculative decoding when it says so and a draft program is built
+        self._draft_key = None
+
+    @property
+    def speculative(self) -> bool:
+        return self.plan is not None and self.plan.speculate and "draft" in self.programs
 
     @property
     def max_cache_len(self) -> int:
@@ -136,9 +143,27 @@ class SpecModel:
         if isinstance(stop_strings, str):
             stop_strings = [stop_strings]
         stop = StopChecker(max_new_tokens, eos, stop_strings or [], tokenizer)
-        out, self.last_stats = generate(
-            self.programs, self.cache, input_ids, sampling=sampling, stop=stop, streamer=streamer, generator=generator
-        )
+        if self.speculative:
+            out, self.last_stats = speculative_generate(
+                self.programs,
+                self.cache,
+                input_ids,
+                policy=self.plan.policy(),
+                sampling=sampling,
+                stop=stop,
+                streamer=streamer,
+                generator=generator,
+            )
+        else:
+            out, self.last_stats = generate(
+                self.programs,
+                self.cache,
+                input_ids,
+                sampling=sampling,
+                stop=stop,
+                streamer=streamer,
+                generator=generator,
+            )
         return out
 
     def _check_ids(self, input_ids) -> torch.Tensor:
@@ -174,16 +199,26 @@ class SpecModel:
 def optimize(
     model: nn.Module,
     *,
-    speculate: bool | str = False,
+    speculate: bool | str = "auto",
+    plan=None,
+    tokenizer=None,
+    prompts=None,
     backend: str = "inductor",
     max_cache_len: int = 1024,
     progress: bool = True,
 ) -> SpecModel:
-    """Compile ``model`` for generation. ``speculate=False`` gives compiled plain decoding (no drafts)."""
-    if speculate not in (False,):
-        raise SpecPassError(
-            f"speculate={speculate!r} is not available in this version; use speculate=False (compiled decoding)"
-        )
+    """Compile ``model`` for lossless generation.
+
+    ``speculate="auto"`` calibrates (or reuses a cached SpecPlan, or takes ``plan=``) and speculates only when
+    a draft measured faster than plain compiled decoding; ``True`` always speculates (the best draft found);
+    ``False`` compiles plain decoding only. ``tokenizer``/``prompts`` feed calibration (see specpass.calibrate).
+    """
+    from specpass.tune.plan import SpecPlan, cached_plan, model_hash, plan_cache_dir
+
+    if speculate not in (True, False, "auto"):
+        raise SpecPassError(f"speculate must be True, False or 'auto', got {speculate!r}")
+    if plan is not None and not isinstance(plan, SpecPlan):
+        raise SpecPassError(f"plan must be a specpass.SpecPlan (SpecPlan.load(path)), got {type(plan).__name__}")
     if backend not in BACKENDS:
         raise SpecPassError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     for p in model.parameters():
@@ -192,16 +227,75 @@ def optimize(
     captured = capture(model, max_cache_len=max_cache_len)
     programs = {}
     device = next(model.parameters()).device
-    for name, passes in tqdm(PIPELINES.items(), desc=f"specpass: compiling ({backend})", disable=not progress):
-        gm = run_passes(captured.gm, passes, captured.structure)
-        one_token = name == "decode"
+    for name in tqdm(("prefill", "decode"), desc=f"specpass: compiling ({backend})", disable=not progress):
+        gm = run_passes(captured.gm, PIPELINES[name], captured.structure)
+        # decode takes any number of tokens: one in plain decoding, the verified chain in speculation.
         programs[name] = lower(
             gm,
             backend,
             name=name,
-            example_args=example_inputs(captured.spec, q=1 if one_token else 2, device=device),
-            dynamic_shapes=program_dynamic_shapes(captured.spec, dynamic_q=not one_token, rewritten=True),
+            example_args=example_inputs(captured.spec, q=2, device=device),
+            dynamic_shapes=program_dynamic_shapes(captured.spec, dynamic_q=True, rewritten=True),
         )
-    compile_s = time.perf_counter() - t0
-    log.info("optimized %s with %s in %.1fs", type(model).__name__, backend, compile_s)
-    return SpecModel(model, captured, programs, backend, compile_s)
+    sm = SpecModel(model, captured, programs, backend, time.perf_counter() - t0)
+    if speculate is False:
+        log.info("optimized %s with %s in %.1fs", type(model).__name__, backend, sm.compile_s)
+        return sm
+
+    if plan is None:
+        key = model_hash(model)
+        plan = cached_plan(key)
+        if plan is not None:
+            log.info("using the cached SpecPlan %s: %s", plan_cache_dir() / f"{key}.json", plan.describe())
+        else:
+            from specpass.tune.calibrate import calibrate_compiled
+
+            if tokenizer is None:
+                tokenizer = _find_tokenizer(model)
+            plan = calibrate_compiled(sm, prompts, tokenizer=tokenizer, progress=progress)
+            plan.model_hash = key
+            plan.save(plan_cache_dir() / f"{key}.json")
+    plan.check(model)
+    if speculate == "auto" and not plan.speculate:
+        log.info("speculate='auto': plain compiled decoding (%s)", plan.reason or "the plan says no speculation")
+        sm.plan = plan
+    elif not plan.has_draft:
+        raise SpecPassError(f"speculate=True but the plan has no draft ({plan.reason}); pass speculate='auto'")
+    else:
+        build_draft_programs(sm, plan)
+        sm.plan = dataclasses.replace(plan, speculate=True)
+    sm.compile_s = time.perf_counter() - t0
+    log.info("optimized %s with %s in %.1fs: %s", type(model).__name__, backend, sm.compile_s, sm.plan.describe())
+    return sm
+
+
+def build_draft_programs(sm: SpecModel, plan) -> None:
+    """Run the draft passes for ``plan`` and lower the draft program (a one-token step) into ``sm.programs``."""
+    key = plan.draft_key()
+    if sm._draft_key == key:
+        return
+    device = next(sm.model.parameters()).device
+    cfg = plan.draft_config(device)
+    gm = run_passes(sm.captured.gm, draft_pipeline(cfg), sm.captured.structure, cfg)
+    sm.programs["draft"] = lower(
+        gm,
+        sm.backend,
+        name="draft",
+        example_args=example_inputs(sm.captured.spec, q=1, device=device),
+        dynamic_shapes=program_dynamic_shapes(sm.captured.spec, dynamic_q=False, rewritten=True),
+    )
+    sm._draft_key = key
+
+
+def _find_tokenizer(model: nn.Module):
+    """The model's tokenizer when its files are where the model came from; None otherwise."""
+    source = getattr(model.config, "_name_or_path", None) or getattr(model, "name_or_path", None)
+    if not source:
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(source)
+    except Exception as e:  # noqa: BLE001 - calibration then uses token prompts; say why
+        log.info("no tokenizer found at %s (%s); calibration prompts will be token ids", source, type(e).__name__)
+        return None

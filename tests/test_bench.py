@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+import types
 
 import pytest
 import torch
@@ -107,6 +109,38 @@ def _shift_last_token(model, tokenizer, cfg):
 
 
 WRONG = bench.Method("wrong", "hf_eager with its last token changed", _shift_last_token)
+
+
+def _eager_with_tau(model, tokenizer, cfg):
+    """HF eager that reports a made-up tau (2.5 tokens per verify step) and a note."""
+    reference = bench.METHODS["hf_eager"].setup(model, tokenizer, cfg).generate
+    return bench.Runner(reference, tau=lambda: 2.5, note="tau is made up")
+
+
+WITH_TAU = bench.Method("with_tau", "hf_eager reporting a tau", _eager_with_tau)
+
+
+def run_small(model, tok, prompts_file, tmp_path, methods: str, registry=None) -> tuple[int, dict, str]:
+    """run_bench on 2 prompts, 6 new tokens: (exit code, JSON report, Markdown)."""
+    out_json, out_md = tmp_path / "r.json", tmp_path / "r.md"
+    args = bench_args(
+        "--prompts",
+        str(prompts_file),
+        "--num-prompts",
+        "2",
+        "--max-new-tokens",
+        "6",
+        "--methods",
+        methods,
+        "--threads",
+        "1",
+        "--json",
+        str(out_json),
+        "--markdown",
+        str(out_md),
+    )
+    rc = bench.run_bench(args, model=model, tokenizer=tok, methods=registry)
+    return rc, json.loads(out_json.read_text()), out_md.read_text()
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -255,6 +289,139 @@ def test_near_ties_are_tolerated_and_reported(tiny_chat, prompts_file, monkeypat
     assert "| wrong |" in printed and "2 near-tie(s)" in printed
 
 
+# --------------------------------------------------------------------------------------------------------
+# Peers, skips, tau
+# --------------------------------------------------------------------------------------------------------
+def test_default_methods_are_all_registered_methods_in_order():
+    expected = (
+        "hf_eager",
+        "hf_static_compile",
+        "hf_prompt_lookup",
+        "hf_early_exit",
+        "economize_layer_skip",
+        "flashspec_lookup",
+        "specpass_plain",
+        "specpass",
+    )
+    assert bench.DEFAULT_METHODS == tuple(bench.METHODS) == expected
+    assert bench_args().methods == ",".join(expected)
+
+
+def test_early_exit_candidates_are_fractions_of_the_layers():
+    assert bench.early_exit_candidates(30) == [8, 15, 22]
+    assert bench.early_exit_candidates(4) == [1, 2, 3]
+    assert bench.early_exit_candidates(2) == [1]
+
+
+def test_hf_assisted_methods_match_hf_eager(tiny_chat, prompts_file, tmp_path, capsys):
+    model, tok = tiny_chat
+    rc, data, md = run_small(model, tok, prompts_file, tmp_path, "hf_eager,hf_prompt_lookup,hf_early_exit")
+    assert rc == 0 and data["mismatches"] == [] and data["skipped"] == {}
+    for name in ("hf_prompt_lookup", "hf_early_exit"):
+        s = data["summary"][name]
+        assert s["identical"] and s["tau"] is None
+        assert s["new_tokens"] == data["summary"]["hf_eager"]["new_tokens"] > 0
+    assert data["summary"]["hf_early_exit"]["note"].startswith("assistant_early_exit=1 of 2 layers")
+    assert data["summary"]["hf_prompt_lookup"]["note"] == "prompt_lookup_num_tokens=10"
+    assert "- hf_early_exit: assistant_early_exit=1 of 2 layers" in md
+    assert "| method | tokens/s | vs hf_eager | tau |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("name", "package"), [("economize_layer_skip", "economize"), ("flashspec_lookup", "flashspec")]
+)
+def test_pypi_peers_match_hf_eager(name, package, tiny_chat, prompts_file, tmp_path):
+    pytest.importorskip(package)
+    model, tok = tiny_chat
+    rc, data, _ = run_small(model, tok, prompts_file, tmp_path, f"hf_eager,{name}")
+    assert rc == 0 and data["mismatches"] == [] and data["skipped"] == {}
+    s = data["summary"][name]
+    assert s["identical"] and s["new_tokens"] == data["summary"]["hf_eager"]["new_tokens"]
+    assert s["tau"] is not None and s["tau"] >= 1.0
+    assert s["note"].startswith(package)
+    for p in data["prompts"]:
+        assert p["methods"][name]["tau"] >= 1.0
+
+
+def test_a_missing_peer_package_is_reported_as_skipped(tiny_chat, prompts_file, tmp_path, monkeypatch, capsys):
+    model, tok = tiny_chat
+    monkeypatch.setitem(sys.modules, "economize", None)  # import economize raises ImportError
+    rc, data, md = run_small(model, tok, prompts_file, tmp_path, "hf_eager,economize_layer_skip")
+    assert rc == 0
+    assert data["config"]["methods"] == ["hf_eager"] and set(data["summary"]) == {"hf_eager"}
+    why = data["skipped"]["economize_layer_skip"]
+    assert "economize is not installed" in why and "pip install economize" in why
+    printed = capsys.readouterr().out
+    for text in (printed, md):
+        assert "| economize_layer_skip | | | | | | skipped: economize is not installed" in text
+        assert "SKIPPED: economize_layer_skip: economize is not installed" in text
+
+
+def test_an_unavailable_reference_is_an_error(tiny_chat, prompts_file, tmp_path):
+    model, tok = tiny_chat
+
+    def unavailable(model, tokenizer, cfg):
+        raise bench.MethodUnavailable("no")
+
+    registry = {**bench.METHODS, "hf_eager": bench.Method("hf_eager", "", unavailable)}
+    with pytest.raises(bench.MethodUnavailable):
+        run_small(model, tok, prompts_file, tmp_path, "hf_eager", registry)
+
+
+def test_tau_is_reported_where_a_runner_has_it(tiny_chat, prompts_file, tmp_path, capsys):
+    model, tok = tiny_chat
+    rc, data, md = run_small(
+        model, tok, prompts_file, tmp_path, "hf_eager,with_tau", {**bench.METHODS, "with_tau": WITH_TAU}
+    )
+    assert rc == 0
+    assert data["summary"]["with_tau"]["tau"] == pytest.approx(2.5)
+    assert data["summary"]["hf_eager"]["tau"] is None
+    assert [p["methods"]["with_tau"]["tau"] for p in data["prompts"]] == [2.5, 2.5]
+    assert data["summary"]["with_tau"]["note"] == "tau is made up"
+    printed = capsys.readouterr().out
+    for text in (printed, md):
+        rows = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| ")}
+        assert "| 2.50 |" in rows["| with_tau"]
+        assert "x |  | " in rows["| hf_eager"]  # blank tau
+        assert "with_tau: tau is made up" in text
+
+
+def test_specpass_methods_pass_their_options_and_read_tau(monkeypatch):
+    """specpass_plain asks for speculate=False, specpass for the default; tau comes from last_stats.tau."""
+    import specpass
+
+    calls = []
+
+    class FakeSpecModel:
+        compile_s = 0.0
+        last_stats = None
+
+        def generate(self, ids, **kwargs):
+            self.last_stats = types.SimpleNamespace(tau=1.75)
+            return ids
+
+    def fake_optimize(model, **kwargs):
+        calls.append(kwargs)
+        return FakeSpecModel()
+
+    monkeypatch.setattr(specpass, "optimize", fake_optimize)
+    cfg = bench.BenchConfig(max_new_tokens=4, max_cache_len=64, backend="eager")
+    plain = bench.METHODS["specpass_plain"].setup(None, None, cfg)
+    default = bench.METHODS["specpass"].setup(None, None, cfg)
+    assert calls == [
+        {"backend": "eager", "max_cache_len": 64, "speculate": False},
+        {"backend": "eager", "max_cache_len": 64},
+    ]
+    assert default.tau() is None  # no generation yet
+    default.generate(torch.zeros(1, 3, dtype=torch.long))
+    assert default.tau() == 1.75
+    plain.generate(torch.zeros(1, 3, dtype=torch.long))
+    monkeypatch.setattr(FakeSpecModel, "generate", lambda self, ids, **kw: ids)  # stats without tau
+    fresh = bench.METHODS["specpass"].setup(None, None, cfg)
+    fresh.generate(torch.zeros(1, 3, dtype=torch.long))
+    assert fresh.tau() is None
+
+
 def test_reference_is_added_when_missing(tiny_chat, prompts_file):
     args = bench_args("--methods", "wrong")
     assert bench._parse_methods(args.methods, {**bench.METHODS, "wrong": WRONG}) == ["hf_eager", "wrong"]
@@ -278,7 +445,8 @@ def test_bench_on_the_default_model(tmp_path):
     rc = main(["bench", "--num-prompts", "1", "--max-new-tokens", "8", "--json", str(out_json)])
     data = json.loads(out_json.read_text())
     assert rc == 0, data["mismatches"]
-    assert data["config"]["methods"] == ["hf_eager", "hf_static_compile", "specpass"]
+    assert data["config"]["methods"] == [n for n in bench.DEFAULT_METHODS if n not in data["skipped"]]
+    assert set(data["skipped"]) <= {"economize_layer_skip", "flashspec_lookup"}  # peers that are not installed
     for name, s in data["summary"].items():
         assert s["identical"], name
         assert s["new_tokens"] == data["summary"]["hf_eager"]["new_tokens"] > 0

@@ -41,7 +41,7 @@ def _tiny(arch: str, vocab: int = VOCAB):
 @pytest.fixture(scope="module")
 def llama():
     model = _tiny("llama")
-    return model, specpass.optimize(model, backend="eager", max_cache_len=96)
+    return model, specpass.optimize(model, speculate=False, backend="eager", max_cache_len=96)
 
 
 def _hf(model, ids, n, **kw):
@@ -53,7 +53,7 @@ def _hf(model, ids, n, **kw):
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
 def test_inductor_greedy_equals_hf(arch):
     model = _tiny(arch)
-    sm = specpass.optimize(model, backend="inductor", max_cache_len=128)
+    sm = specpass.optimize(model, speculate=False, backend="inductor", max_cache_len=128)
     for seed, (plen, n) in enumerate([(5, 24), (17, 40), (1, 12)]):
         ids = torch.randint(0, VOCAB, (1, plen), generator=torch.Generator().manual_seed(seed))
         ref = _hf(model, ids, n)
@@ -157,7 +157,7 @@ def test_too_long_for_cache_and_bad_arguments(llama):
         sm.generate(ids[:, :3], max_new_tokens=2, do_sample=True, temperature=0.0)
     model = sm.model
     with pytest.raises(specpass.SpecPassError, match="backend"):
-        specpass.optimize(model, backend="nope")
+        specpass.optimize(model, speculate=False, backend="nope")
 
 
 # ---- sampling -----------------------------------------------------------------------------------------
@@ -197,7 +197,7 @@ def test_sampling_distribution_chi_square_with_negative_control():
     model = _tiny("llama", vocab=8)
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(0.15)  # a spread-out distribution over 8 tokens
-    sm = specpass.optimize(model, backend="eager", max_cache_len=16)
+    sm = specpass.optimize(model, speculate=False, backend="eager", max_cache_len=16)
     ids = torch.tensor([[1, 2, 3]])
     with torch.no_grad():
         logits = model(ids).logits[0, -1]

@@ -51,9 +51,7 @@ def test_default_model_loads_and_chats(smollm2):
     # The GGUF's chat template is SmolLM2's ChatML one, kept verbatim.
     assert tokenizer.chat_template == models._CHATML_TEMPLATE
     messages = [{"role": "user", "content": "What is the capital of France?"}]
-    inputs = tokenizer.apply_chat_template(
-        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-    )
+    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=12, do_sample=False)
     answer = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
@@ -173,9 +171,7 @@ def test_load_local_causal_lm(tmp_path):
     vocab = {"<unk>": 0, "</s>": 1, "hello": 2, "world": 3}
     backend = Tokenizer(tokenizer_models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="</s>", unk_token="<unk>"
-    ).save_pretrained(tmp_path)
+    PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", unk_token="<unk>").save_pretrained(tmp_path)
     config = LlamaConfig(
         vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
         num_attention_heads=2, num_key_value_heads=1, eos_token_id=1, pad_token_id=None,

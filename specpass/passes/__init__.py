@@ -11,12 +11,12 @@ from specpass.passes.manager import PassResult, clone_graph_module, run_passes
 from specpass.passes.prune_lm_head import prune_lm_head
 from specpass.passes.skip_layers import skip_layers
 
-#: programs -> the passes that derive them from the captured graph, in order. ``verify`` computes the
-#: unchanged target model for every query position; ``decode`` is the same program at one token.
+#: programs -> the passes that derive them from the captured graph, in order. ``decode`` computes the
+#: unchanged target model for every query position: one token in plain decoding, the verified chain in
+#: speculative decoding. ``draft`` passes take a DraftConfig (see draft_pipeline).
 PIPELINES = {
     "prefill": (fold_gqa_heads, last_token_logits),
     "decode": (fold_gqa_heads,),
-    "verify": (fold_gqa_heads,),
     "draft": (fold_gqa_heads, insert_early_exit, skip_layers, prune_lm_head),
 }
 

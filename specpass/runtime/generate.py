@@ -1,7 +1,12 @@
-"""The decode loop: prefill, then one token per step, with HF-style stopping and streaming.
+"""The decode loops: plain (one token per step) and speculative (draft -> verify -> accept -> roll back),
+with HF-style stopping and streaming.
 
 Reads in one sitting on purpose (gpt-fast): the programs are plain callables with the specpass signature
 ``logits = program(input_ids, position_ids, cache_position, *masks, *kv)``; the cache decides slots and masks.
+
+Speculation writes no scratch copies: the draft writes its K/V at the slots after the committed prefix, and
+verification rewrites the same slots with the target's K/V for the same tokens. Acceptance commits the
+verified prefix; whatever lies beyond it is stale, masked out and overwritten by the next step.
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ import torch
 
 from specpass.errors import SpecPassError
 from specpass.runtime.kv_cache import KVCache
-from specpass.runtime.sampling import SamplingConfig, select
+from specpass.runtime.sampling import SamplingConfig, probabilities, select
+from specpass.runtime.verify import greedy_accept, sample_accept
 
 Program = Callable[..., torch.Tensor]
 
@@ -28,6 +34,20 @@ class GenerationStats:
     steps: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0
+    draft_s: float = 0.0  # speculative decoding: time in the draft program
+    verify_s: float = 0.0  # ... and in the verify program
+    drafted: list[int] = dataclasses.field(default_factory=list)  # drafted[i]: steps that drafted position i
+    accepted: list[int] = dataclasses.field(default_factory=list)  # accepted[i]: steps that accepted it
+
+    @property
+    def tau(self) -> float:
+        """Tokens per verify step: 1 + accepted draft tokens per step (1.0 for plain decoding)."""
+        return 1 + sum(self.accepted) / self.steps if self.steps else 1.0
+
+    @property
+    def acceptance(self) -> list[float]:
+        """Per draft position: the fraction of drafted tokens that verification accepted."""
+        return [a / d if d else 0.0 for a, d in zip(self.accepted, self.drafted, strict=True)]
 
     @property
     def total_s(self) -> float:
@@ -72,16 +92,20 @@ def attention_width(used: int, capacity: int) -> int:
     return min(capacity, -(-used // WINDOW_BUCKET) * WINDOW_BUCKET)
 
 
-def _step(program: Program, cache: KVCache, ids: torch.Tensor) -> torch.Tensor:
-    """Run q = ids.shape[1] chain tokens at the next slots; commit them; return their logits."""
+def _run(program: Program, cache: KVCache, ids: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    """Run q = ids.shape[1] chain tokens at the slots after ``offset`` uncommitted ones; return their logits."""
     q = ids.shape[1]
-    slots = cache.reserve(q)
-    pos = slots[None, :]
-    width = attention_width(cache.length + q, cache.capacity)
+    slots = cache.reserve(q, offset)
+    width = attention_width(cache.length + offset + q, cache.capacity)
     # Contiguous masks of exactly this width: a sliced view's strides would fail the compiled graph's guards.
-    masks = cache.chain_masks(q, width)
-    logits = program(ids, pos, slots, *masks, *cache.tensors)
-    cache.commit(q)
+    masks = cache.chain_masks(q, width, offset)
+    return program(ids, slots[None, :], slots, *masks, *cache.tensors)
+
+
+def _step(program: Program, cache: KVCache, ids: torch.Tensor) -> torch.Tensor:
+    """Run q chain tokens at the next slots and commit them."""
+    logits = _run(program, cache, ids)
+    cache.commit(ids.shape[1])
     return logits
 
 
@@ -117,6 +141,108 @@ def generate(
             token = select(logits[:, -1], sampling, generator)
             stats.steps += 1
         stats.decode_s = time.perf_counter() - t0
+    if streamer is not None:
+        streamer.end()
+    stats.new_tokens = len(new)
+    out = torch.tensor([new], dtype=input_ids.dtype, device=input_ids.device)
+    return torch.cat([input_ids, out], dim=1), stats
+
+
+@dataclasses.dataclass
+class DraftPolicy:
+    """How long each draft runs: Draft&Verify's adaptive draft exiting (Zhang et al., 2023).
+
+    Drafting stops after ``max_draft`` tokens or once the draft's top probability falls below a threshold.
+    The threshold follows the observed acceptance: a smoothed acceptance rate below ``target_acceptance``
+    raises it by ``step`` (draft less), above lowers it (draft more).
+    """
+
+    max_draft: int = 4
+    threshold: float = 0.5
+    adaptive: bool = True
+    target_acceptance: float = 0.8
+    step: float = 0.05
+    smoothing: float = 0.5
+
+
+def speculative_generate(
+    programs: dict[str, Program],
+    cache: KVCache,
+    input_ids: torch.Tensor,
+    *,
+    policy: DraftPolicy,
+    sampling: SamplingConfig,
+    stop: StopChecker,
+    streamer=None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, GenerationStats]:
+    """Lossless speculative generation: ``prefill``, then ``draft`` steps verified by the ``decode`` program."""
+    stats = GenerationStats(
+        prompt_tokens=input_ids.shape[1], drafted=[0] * policy.max_draft, accepted=[0] * policy.max_draft
+    )
+    threshold, rate = policy.threshold, policy.target_acceptance
+    cache.reset()
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+    new: list[int] = []
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        logits = _step(programs["prefill"], cache, input_ids)
+        token = select(logits[:, -1], sampling, generator)
+        stats.prefill_s = time.perf_counter() - t0
+        t_start = time.perf_counter()
+        pending = [int(token)]  # verified tokens not yet emitted; the last one is not in the cache yet
+        while True:
+            for t in pending:  # emit one by one: a stop inside an accepted run ends there, as in HF
+                new.append(t)
+                if streamer is not None:
+                    streamer.put(torch.tensor([t]))
+                if stop.done(new):
+                    break
+            if stop.done(new):
+                break
+            last = new[-1]
+
+            # Draft: up to max_draft tokens, fewer when the draft is unsure or the request is nearly done.
+            t0 = time.perf_counter()
+            budget = min(policy.max_draft, stop.max_new_tokens - len(new) - 1)
+            draft_ids, draft_probs = [], []
+            current = torch.tensor([[last]], device=input_ids.device)
+            for i in range(budget):
+                row = _run(programs["draft"], cache, current, offset=i)[0, -1]
+                probs = probabilities(row, sampling) if sampling.do_sample else row.softmax(-1)
+                d = torch.multinomial(probs, 1, generator=generator) if sampling.do_sample else probs.argmax()[None]
+                draft_ids.append(int(d))
+                draft_probs.append(probs)
+                if float(probs.max()) < threshold:
+                    break
+                current = d[None]
+            t1 = time.perf_counter()
+            stats.draft_s += t1 - t0
+
+            # Verify the last token and every draft token in one target pass; commit what it accepts.
+            ids = torch.tensor([[last, *draft_ids]], device=input_ids.device)
+            target = _run(programs["decode"], cache, ids)[0]
+            draft = ids[0, 1:]
+            if sampling.do_sample:
+                p = probabilities(target, sampling)
+                q = torch.stack(draft_probs) if draft_probs else p[:0]
+                n, bonus = sample_accept(draft, q, p, generator)
+            else:
+                n, bonus = greedy_accept(draft, target)
+            cache.commit(1 + n)
+            stats.verify_s += time.perf_counter() - t1
+            stats.steps += 1
+            for i in range(len(draft_ids)):
+                stats.drafted[i] += 1
+                stats.accepted[i] += i < n
+            pending = [*draft_ids[:n], bonus]
+
+            if policy.adaptive and draft_ids:
+                rate = policy.smoothing * rate + (1 - policy.smoothing) * n / len(draft_ids)
+                threshold += policy.step if rate < policy.target_acceptance else -policy.step
+                threshold = min(max(threshold, 0.0), 1.0)
+        stats.decode_s = time.perf_counter() - t_start
     if streamer is not None:
         streamer.end()
     stats.new_tokens = len(new)

@@ -40,16 +40,17 @@ class KVCache:
         self.length = 0
 
     # ---- bookkeeping ----------------------------------------------------------------------------------
-    def reserve(self, n: int) -> torch.Tensor:
-        """Slots for the next n tokens of a chain (not yet committed)."""
-        if n < 0:
-            raise ValueError(f"cannot reserve {n} slots")
-        if self.length + n > self.capacity:
+    def reserve(self, n: int, offset: int = 0) -> torch.Tensor:
+        """Slots for n chain tokens that follow ``offset`` uncommitted ones (a draft chain's next token)."""
+        if n < 0 or offset < 0:
+            raise ValueError(f"cannot reserve {n} slots at offset {offset}")
+        start = self.length + offset
+        if start + n > self.capacity:
             raise SpecPassError(
-                f"KV cache full: {self.length} tokens committed + {n} new > max_cache_len={self.capacity}; "
+                f"KV cache full: {start} tokens + {n} new > max_cache_len={self.capacity}; "
                 "pass a larger max_cache_len to specpass.optimize()"
             )
-        return self._slots[self.length : self.length + n]
+        return self._slots[start : start + n]
 
     def commit(self, n: int) -> None:
         if n < 0 or self.length + n > self.capacity:
@@ -80,16 +81,18 @@ class KVCache:
         self.length += len(src)
 
     # ---- masks --------------------------------------------------------------------------------------
-    def chain_masks(self, q: int, width: int | None = None) -> list[torch.Tensor]:
-        """Additive masks (1, 1, q, width) for q chain tokens at slots length..length+q-1, one per kind.
+    def chain_masks(self, q: int, width: int | None = None, offset: int = 0) -> list[torch.Tensor]:
+        """Additive masks (1, 1, q, width) for q chain tokens at slots start..start+q-1, one per kind, where
+        start = length + offset (a draft chain continues uncommitted slots).
 
-        Programs attend to the first ``width`` slots (default: all), so it must cover length + q.
+        Programs attend to the first ``width`` slots (default: all), so it must cover start + q.
         """
         width = self.capacity if width is None else width
-        if not self.length + q <= width <= self.capacity:
-            raise ValueError(f"mask width {width} must cover {self.length + q} slots and fit {self.capacity}")
+        start = self.length + offset
+        if not start + q <= width <= self.capacity:
+            raise ValueError(f"mask width {width} must cover {start + q} slots and fit {self.capacity}")
         keys = self._slots[None, :width]
-        last = self.length + torch.arange(q, device=self.device)[:, None]  # slot == position of each query
+        last = start + torch.arange(q, device=self.device)[:, None]  # slot == position of each query
         visible = keys <= last
         masks = []
         for kind in self.spec.mask_kinds:

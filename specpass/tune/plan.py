@@ -1,0 +1,198 @@
+"""SpecPlan: what calibration chose, as plain JSON (adapter weights included), cached on disk per model."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from specpass.errors import SpecPassError
+from specpass.passes import DraftConfig
+from specpass.runtime.generate import DraftPolicy
+from specpass.tune.adapter import ExitAdapter
+
+PLAN_VERSION = 1
+
+
+@dataclasses.dataclass
+class SpecPlan:
+    """A draft (early exit / skipped layers / pruned head), its draft-length policy, and why it was chosen.
+
+    ``speculate=False`` means calibration measured no draft faster than plain compiled decoding.
+    """
+
+    speculate: bool
+    exit_layer: int | None = None
+    skip_layers: list[int] = dataclasses.field(default_factory=list)
+    skip_attention: list[int] = dataclasses.field(default_factory=list)
+    skip_mlp: list[int] = dataclasses.field(default_factory=list)
+    vocab_ids: list[int] | None = None
+    adapter: dict | None = None  # {"hidden", "rank", "tensors": {name: {"shape", "data" (base64 fp32)}}}
+    max_draft: int = 3
+    threshold: float = 0.5
+    adaptive: bool = True
+    target_acceptance: float = 0.8
+    model_hash: str = ""
+    reason: str = ""
+    measurements: dict = dataclasses.field(default_factory=dict)
+    version: int = PLAN_VERSION
+
+    # ---- the runtime's view ---------------------------------------------------------------------------
+    @property
+    def has_draft(self) -> bool:
+        return bool(self.exit_layer is not None or self.skip_layers or self.skip_attention or self.skip_mlp)
+
+    def draft_key(self) -> str:
+        """What identifies the draft program (the policy fields do not change it)."""
+        fields = (self.exit_layer, self.skip_layers, self.skip_attention, self.skip_mlp, self.vocab_ids, self.adapter)
+        return hashlib.blake2b(json.dumps(fields).encode(), digest_size=16).hexdigest()
+
+    def draft_config(self, device=None) -> DraftConfig:
+        return DraftConfig(
+            skip_layers=tuple(self.skip_layers),
+            skip_attention=tuple(self.skip_attention),
+            skip_mlp=tuple(self.skip_mlp),
+            exit_layer=self.exit_layer,
+            adapter=self.exit_adapter(device),
+            vocab_ids=None if self.vocab_ids is None else torch.tensor(self.vocab_ids, device=device),
+        )
+
+    def policy(self) -> DraftPolicy:
+        return DraftPolicy(
+            max_draft=self.max_draft,
+            threshold=self.threshold,
+            adaptive=self.adaptive,
+            target_acceptance=self.target_acceptance,
+        )
+
+    def exit_adapter(self, device=None) -> ExitAdapter | None:
+        if self.adapter is None:
+            return None
+        module = ExitAdapter(self.adapter["hidden"], self.adapter["rank"])
+        state = {name: _decode(t) for name, t in self.adapter["tensors"].items()}
+        module.load_state_dict(state)
+        return module.to(device).eval().requires_grad_(False)
+
+    def set_adapter(self, module: ExitAdapter) -> None:
+        tensors = {name: _encode(t) for name, t in module.state_dict().items()}
+        hidden = module.norm_weight.shape[0]
+        self.adapter = {"hidden": hidden, "rank": module.rank, "tensors": tensors}
+
+    def describe(self) -> str:
+        if not self.speculate:
+            return f"no speculation ({self.reason})" if self.reason else "no speculation"
+        parts = []
+        if self.exit_layer is not None:
+            parts.append(f"exit after layer {self.exit_layer}" + (" + adapter" if self.adapter else ""))
+        if self.skip_layers:
+            parts.append(f"skip {len(self.skip_layers)} layers")
+        if self.vocab_ids is not None:
+            parts.append(f"head pruned to {len(self.vocab_ids)} tokens")
+        parts.append(f"up to {self.max_draft} draft tokens")
+        return ", ".join(parts)
+
+    # ---- JSON -----------------------------------------------------------------------------------------
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> SpecPlan:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SpecPassError(f"not a SpecPlan: invalid JSON ({e})") from e
+        if not isinstance(data, dict) or data.get("version") != PLAN_VERSION:
+            raise SpecPassError(f"not a SpecPlan of version {PLAN_VERSION}; calibrate again (specpass.calibrate)")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise SpecPassError(f"SpecPlan has unknown fields {unknown}")
+        return cls(**data)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write atomically: a reader sees the old file or the new one, never half of one."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".plan-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(self.to_json())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> SpecPlan:
+        return cls.from_json(Path(path).read_text())
+
+    def check(self, model: nn.Module) -> None:
+        """Refuse a plan made for a different model (layer or vocabulary counts that cannot fit)."""
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        n_layers, vocab = config.num_hidden_layers, model.get_output_embeddings().weight.shape[0]
+        layers = [*self.skip_layers, *self.skip_attention, *self.skip_mlp]
+        if self.exit_layer is not None:
+            layers.append(self.exit_layer)
+        if any(not 0 <= i < n_layers for i in layers):
+            raise SpecPassError(
+                f"this SpecPlan names layers beyond the model's {n_layers}: it was made for another model"
+            )
+        if self.vocab_ids is not None and max(self.vocab_ids, default=0) >= vocab:
+            raise SpecPassError(f"this SpecPlan's draft vocabulary exceeds the model's {vocab} tokens")
+        hidden = model.get_input_embeddings().weight.shape[1]
+        if self.adapter is not None and self.adapter["hidden"] != hidden:
+            raise SpecPassError(
+                f"this SpecPlan's exit adapter is for hidden size {self.adapter['hidden']}, not {hidden}"
+            )
+
+
+def _encode(t: torch.Tensor) -> dict:
+    data = t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+    return {"shape": list(t.shape), "data": base64.b64encode(data).decode()}
+
+
+def _decode(entry: dict) -> torch.Tensor:
+    raw = bytearray(base64.b64decode(entry["data"]))
+    return torch.frombuffer(raw, dtype=torch.float32).reshape(entry["shape"]).clone()
+
+
+# --------------------------------------------------------------------------------------------------------
+# The on-disk cache
+# --------------------------------------------------------------------------------------------------------
+def model_hash(model: nn.Module) -> str:
+    """A hash of the model's config and every weight, plus what makes measured speeds comparable here."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(model.config.to_json_string(use_diff=False).encode())
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(p.dtype).encode())
+        h.update(p.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    device = next(model.parameters()).device
+    h.update(
+        f"{PLAN_VERSION}|{platform.machine()}|{platform.processor()}|{torch.get_num_threads()}|{device.type}".encode()
+    )
+    return h.hexdigest()
+
+
+def plan_cache_dir() -> Path:
+    from specpass.models import cache_root
+
+    return cache_root() / "plans"
+
+
+def cached_plan(key: str) -> SpecPlan | None:
+    path = plan_cache_dir() / f"{key}.json"
+    if not path.exists():
+        return None
+    try:
+        return SpecPlan.load(path)
+    except SpecPassError:
+        return None  # an old or damaged entry: calibrate again and overwrite it
