@@ -298,7 +298,7 @@ def _setup_specpass_plain(model, tokenizer, cfg: BenchConfig) -> Runner:
 
 
 def _setup_specpass(model, tokenizer, cfg: BenchConfig) -> Runner:
-    return _specpass_runner(model, cfg)
+    return _specpass_runner(model, cfg, tokenizer=tokenizer)
 
 
 def _specpass_runner(model, cfg: BenchConfig, **options) -> Runner:
@@ -317,7 +317,8 @@ def _specpass_runner(model, cfg: BenchConfig, **options) -> Runner:
         value = getattr(spec_model.last_stats, "tau", None)
         return None if value is None else float(value)
 
-    return Runner(run, tau=tau)
+    plan = getattr(spec_model, "plan", None)
+    return Runner(run, tau=tau, note="" if plan is None else f"plan: {plan.describe()}; {plan.reason}")
 
 
 METHODS: dict[str, Method] = {

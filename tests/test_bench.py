@@ -410,7 +410,7 @@ def test_specpass_methods_pass_their_options_and_read_tau(monkeypatch):
     default = bench.METHODS["specpass"].setup(None, None, cfg)
     assert calls == [
         {"backend": "eager", "max_cache_len": 64, "speculate": False},
-        {"backend": "eager", "max_cache_len": 64},
+        {"backend": "eager", "max_cache_len": 64, "tokenizer": None},
     ]
     assert default.tau() is None  # no generation yet
     default.generate(torch.zeros(1, 3, dtype=torch.long))

@@ -1,4 +1,5 @@
-"""End to end on the real default model: specpass (Inductor) greedy output equals HF eager generate."""
+"""End to end on the real default model: specpass (Inductor) greedy output equals HF eager generate, plain and
+speculative (``speculate=True``: the calibrated draft, verified)."""
 
 from __future__ import annotations
 
@@ -10,18 +11,22 @@ from specpass.bench import chat_ids, compare_outputs, load_questions, resolve_pr
 
 pytestmark = pytest.mark.slow
 
-N_PROMPTS = 4
-NEW_TOKENS = 48
+N_PROMPTS = 12
+NEW_TOKENS = 128
 
 
-def test_inductor_greedy_equals_hf_on_default_model():
+@pytest.mark.parametrize("speculate", [False, True], ids=["plain", "speculative"])
+def test_inductor_greedy_equals_hf_on_default_model(speculate):
     from specpass.models import default_model
 
     model, tokenizer = default_model(progress=False)
     questions = stratified_sample(load_questions(resolve_prompts(None)), N_PROMPTS)
     prompts = [chat_ids(tokenizer, q["turns"][0]) for q in questions]
     longest = max(p.shape[1] for p in prompts)
-    fast = specpass.optimize(model, backend="inductor", max_cache_len=longest + NEW_TOKENS)
+    fast = specpass.optimize(
+        model, speculate=speculate, tokenizer=tokenizer, backend="inductor", max_cache_len=longest + NEW_TOKENS
+    )
+    assert fast.speculative == speculate
     near_ties = []
     for q, ids in zip(questions, prompts, strict=True):
         with torch.no_grad():
@@ -33,4 +38,6 @@ def test_inductor_greedy_equals_hf_on_default_model():
             assert diff["near_tie"], f"question {q['question_id']} ({q['category']}): {diff}"
             near_ties.append((q["question_id"], diff))
         assert fast.last_stats.new_tokens == out.shape[1] - ids.shape[1]
+        if speculate:
+            assert fast.last_stats.steps > 0 and sum(fast.last_stats.drafted) > 0
     print(f"near-ties tolerated: {near_ties or 'none'}")

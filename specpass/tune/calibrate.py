@@ -72,6 +72,7 @@ class CalibrationSettings:
     timed_prompts: int = 4  # prompts generated to time each finalist
     timed_tokens: int = 64
     finalists: int = 2  # candidates compiled and timed against plain decoding
+    min_gain: float = 0.05  # a draft must beat plain decoding by this much: timing noise is a few percent
 
 
 @dataclasses.dataclass
@@ -331,11 +332,11 @@ def calibrate_compiled(
     timed_ids = timed_ids[-settings.timed_prompts :]
     plain_tps = _tokens_per_s(sm, None, timed_ids, settings)
     measurements["plain_tokens_per_s"] = plain_tps
-    best_plan, best_tps = None, plain_tps
+    best_plan, best_tps = None, plain_tps * (1 + settings.min_gain)
     fastest_draft, fastest_tps = None, 0.0  # kept for speculate=True even when plain decoding wins
     seen = set()
     finals = []
-    for _, tau, gamma, desc in scored:
+    for _, _tau, gamma, desc in scored:
         key = (desc.get("exit_layer"), tuple(desc.get("skip_layers", ())), desc["vocab"])
         if key in seen:
             continue
