@@ -85,6 +85,7 @@ class _Text:
     generated: torch.Tensor  # (P,) bool: the next token is the model's own continuation (runs are valid)
     held_out: torch.Tensor  # (P,) bool: evaluation positions (prompts not used for frequencies or training)
     input_ids: list[torch.Tensor]  # per calibration sequence, (1, T) ids for skip-set scoring
+    prompt_lens: list[int]  # per sequence, where the model's own continuation starts
 
 
 def _prompt_ids(model, prompts: Sequence[str] | None, tokenizer) -> list[torch.Tensor]:
@@ -165,6 +166,7 @@ def _collect(sm, prompt_ids, settings, progress) -> tuple[_Text, torch.Tensor]:
         generated=torch.cat(generated),
         held_out=held,
         input_ids=seqs,
+        prompt_lens=starts,
     )
     return text, ranked
 
@@ -384,10 +386,11 @@ def _tokens_per_s(sm, plan, timed_ids, settings) -> float:
     previous = sm.plan
     sm.plan = plan
     try:
-        sm.generate(timed_ids[0], max_new_tokens=8, do_sample=False, eos_token_id=[])  # warm-up
+        room = [min(settings.timed_tokens, sm.max_cache_len - ids.shape[1]) for ids in timed_ids]
+        sm.generate(timed_ids[0], max_new_tokens=min(8, room[0]), do_sample=False, eos_token_id=[])  # warm-up
         tokens = seconds = 0.0
-        for ids in timed_ids:
-            sm.generate(ids, max_new_tokens=settings.timed_tokens, do_sample=False, eos_token_id=[])
+        for ids, n in zip(timed_ids, room, strict=True):
+            sm.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=[])
             tokens += sm.last_stats.new_tokens
             seconds += sm.last_stats.total_s
     finally:
