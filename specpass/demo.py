@@ -89,7 +89,7 @@ def run_demo(args: argparse.Namespace, *, model=None, tokenizer=None) -> int:
 
     _say(f"[2/3] Compiling with specpass ({args.backend}); this happens once per model and process ...")
     spec_model = specpass.optimize(
-        model, tokenizer=tokenizer, backend=args.backend, max_cache_len=max(n_prompt + args.max_new_tokens, 512)
+        model, tokenizer=tokenizer, backend=args.backend, max_cache_len=n_prompt + args.max_new_tokens
     )
     warm_s = time.perf_counter()
     spec_model.generate(ids, max_new_tokens=2, do_sample=False, eos_token_id=eos)  # untimed, as for HF

@@ -160,7 +160,7 @@ def test_reserve_beyond_capacity_raises():
     cache = small_cache(8)
     cache.commit(6)
     assert cache.reserve(2).tolist() == [6, 7]
-    with pytest.raises(SpecPassError, match=r"KV cache full: 6 tokens committed \+ 3 new > max_cache_len=8"):
+    with pytest.raises(SpecPassError, match=r"KV cache full: 6 tokens \+ 3 new > max_cache_len=8"):
         cache.reserve(3)
     with pytest.raises(ValueError):
         cache.reserve(-1)
