@@ -193,13 +193,15 @@ def speculative_generate(
         t_start = time.perf_counter()
         pending = [int(token)]  # verified tokens not yet emitted; the last one is not in the cache yet
         while True:
+            done = False
             for t in pending:  # emit one by one: a stop inside an accepted run ends there, as in HF
                 new.append(t)
                 if streamer is not None:
                     streamer.put(torch.tensor([t]))
-                if stop.done(new):
+                done = stop.done(new)
+                if done:
                     break
-            if stop.done(new):
+            if done:
                 break
             last = new[-1]
 
