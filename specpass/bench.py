@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from specpass.errors import SpecPassError
 from specpass.lower import BACKENDS
+from specpass.models import chat_ids
 
 log = logging.getLogger("specpass.bench")
 
@@ -443,6 +444,8 @@ def run_bench(args: argparse.Namespace, *, model=None, tokenizer=None, methods: 
         raise SpecPassError("run_bench: a model was given without its tokenizer")
     model.eval()
 
+    if not getattr(tokenizer, "chat_template", None):
+        log.warning("the tokenizer has no chat template; using the raw question text as the prompt")
     prompts = [chat_ids(tokenizer, q["turns"][0]) for q in questions]
     warm_ups = [chat_ids(tokenizer, m) for m in _WARM_UP_MESSAGES]
     longest = max(p.shape[1] for p in prompts + warm_ups)
@@ -587,19 +590,6 @@ def stratified_sample(questions: Sequence[dict], n: int) -> list[dict]:
                 sample.append(qs[depth])
         depth += 1
     return sample
-
-
-def chat_ids(tokenizer, text: str) -> torch.Tensor:
-    """(1, n) ids of ``text`` as the first user turn of a chat, ready for the assistant's answer."""
-    if getattr(tokenizer, "chat_template", None):
-        enc = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )
-        ids = enc["input_ids"]
-    else:
-        log.warning("the tokenizer has no chat template; using the raw question text as the prompt")
-        ids = tokenizer(text, return_tensors="pt")["input_ids"]
-    return torch.as_tensor(ids, dtype=torch.long).reshape(1, -1)
 
 
 # --------------------------------------------------------------------------------------------------------

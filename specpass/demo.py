@@ -49,7 +49,8 @@ def run_demo(args: argparse.Namespace, *, model=None, tokenizer=None) -> int:
     """Run the demo; ``model``/``tokenizer`` may be injected (tests). Exit code 1 if the outputs differ."""
     import specpass
     from specpass import models
-    from specpass.bench import chat_ids, compare_outputs
+    from specpass.bench import compare_outputs
+    from specpass.models import chat_ids
 
     if args.max_new_tokens < 1:
         raise SpecPassError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")

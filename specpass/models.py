@@ -458,3 +458,15 @@ def _first_line(error: BaseException, limit: int = 300) -> str:
 def _tail(text: str, lines: int = 5) -> str:
     """The last lines of a tool's output, where pip puts the actual error."""
     return "\n".join(text.splitlines()[-lines:])
+
+
+def chat_ids(tokenizer, text: str) -> torch.Tensor:
+    """(1, n) ids of ``text`` as the first user turn of a chat, ready for the answer (raw text without a template)."""
+    if getattr(tokenizer, "chat_template", None):
+        enc = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+        ids = enc["input_ids"]
+    else:
+        ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    return torch.as_tensor(ids, dtype=torch.long).reshape(1, -1)

@@ -161,3 +161,14 @@ def chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
         return 1.0  # one possible token, and every sample was it (asserted above)
     expected = probs[keep].double() / probs[keep].double().sum() * counts.sum()  # exact totals for scipy
     return stats.chisquare(counts[keep].double().numpy(), expected.numpy()).pvalue
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _session_plan_cache(tmp_path_factory):
+    """SpecPlans calibrated by tests go to a session directory, never the user's cache (and none leak in)."""
+    from specpass.tune import plan
+
+    plans = tmp_path_factory.mktemp("plans")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(plan, "plan_cache_dir", lambda: plans)
+        yield plans

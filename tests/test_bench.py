@@ -16,6 +16,7 @@ import torch
 
 from specpass import bench
 from specpass.errors import SpecPassError
+from specpass.models import chat_ids
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -177,7 +178,7 @@ def test_default_prompts_missing_is_a_clear_error(monkeypatch, tmp_path):
 
 def test_chat_ids_use_the_chat_template(tiny_chat):
     _, tok = tiny_chat
-    ids = bench.chat_ids(tok, "hi")
+    ids = chat_ids(tok, "hi")
     assert ids.shape[0] == 1 and ids.dtype == torch.long
     assert tok.decode(ids[0]) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
 

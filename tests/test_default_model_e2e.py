@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import specpass
-from specpass.bench import chat_ids, compare_outputs, load_questions, resolve_prompts, stratified_sample
+from specpass.bench import compare_outputs, load_questions, resolve_prompts, stratified_sample
+from specpass.models import chat_ids
 
 pytestmark = pytest.mark.slow
 

@@ -210,17 +210,21 @@ def test_plan_json_round_trip_and_checks(tmp_path):
         specpass.optimize(model, speculate=True, plan=SpecPlan(speculate=False), backend="eager", max_cache_len=32)
 
 
+#: calibration settings small enough for a tiny model in a few seconds
+QUICK = CalibrationSettings(new_tokens=12, train_seconds=1.0, timed_prompts=2, timed_tokens=8, finalists=1)
+
+
 def test_auto_calibrates_once_then_uses_the_cached_plan(tmp_path, monkeypatch):
     from specpass.tune import calibrate as calibrate_module
+    from specpass.tune import plan as plan_module
 
-    monkeypatch.setenv("SPECPASS_CACHE", str(tmp_path))
-    settings = CalibrationSettings(new_tokens=12, train_seconds=1.0, timed_prompts=2, timed_tokens=8, finalists=1)
+    monkeypatch.setattr(plan_module, "plan_cache_dir", lambda: tmp_path / "plans")
     real = calibrate_module.calibrate_compiled
     calls = []
 
     def counted(sm, prompts=None, **kw):
         calls.append(1)
-        return real(sm, prompts, **{**kw, "settings": settings})
+        return real(sm, prompts, **{**kw, "settings": QUICK})
 
     monkeypatch.setattr(calibrate_module, "calibrate_compiled", counted)
     model = _sharpened("llama")
@@ -235,3 +239,15 @@ def test_auto_calibrates_once_then_uses_the_cached_plan(tmp_path, monkeypatch):
     assert calls == [1] and sm2.plan.to_json() == plan.to_json()
     ids = torch.tensor([[1, 2, 3, 4]])
     assert torch.equal(sm2.generate(ids, max_new_tokens=12, eos_token_id=[]), _hf(model, ids, 12))
+
+
+def test_calibration_keeps_the_end_of_prompts_longer_than_the_cache():
+    """A cache sized to one short request still calibrates: long prompts keep their last tokens."""
+    model = _sharpened("llama")
+    prompts = [list(range(1, 30)), list(range(3, 40)), list(range(5, 25))]
+    plan = specpass.calibrate(model, prompts, backend="eager", max_cache_len=16, settings=QUICK, progress=False)
+    assert plan.measurements["positions"] > 0 and plan.reason
+    with pytest.raises(SpecPassError, match="too small to calibrate"):
+        specpass.calibrate(model, prompts, backend="eager", max_cache_len=3, settings=QUICK, progress=False)
+    with pytest.raises(SpecPassError, match="at least 2 prompts"):
+        specpass.calibrate(model, prompts[:1], backend="eager", max_cache_len=16, settings=QUICK, progress=False)

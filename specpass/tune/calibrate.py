@@ -26,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from specpass.errors import SpecPassError
+from specpass.models import chat_ids
 from specpass.tune.adapter import ExitAdapter
 from specpass.tune.plan import SpecPlan
 
@@ -99,18 +100,7 @@ def _prompt_ids(model, prompts: Sequence[str] | None, tokenizer) -> list[torch.T
             g = torch.Generator().manual_seed(0)
             return [torch.randint(0, vocab, (1, 8), generator=g).to(device) for _ in range(12)]
         return [torch.as_tensor(p, device=device).reshape(1, -1) for p in prompts]
-    out = []
-    for text in prompts or DEFAULT_PROMPTS:
-        if getattr(tokenizer, "chat_template", None):
-            ids = tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], add_generation_prompt=True, return_tensors="pt", return_dict=False
-            )
-            if not isinstance(ids, torch.Tensor):
-                ids = torch.as_tensor(ids["input_ids"] if hasattr(ids, "keys") else ids)
-        else:
-            ids = tokenizer(text, return_tensors="pt").input_ids
-        out.append(ids.reshape(1, -1).to(device))
-    return out
+    return [chat_ids(tokenizer, text).to(device) for text in prompts or DEFAULT_PROMPTS]
 
 
 def _final_norm_and_head(model, structure) -> tuple[nn.Module, nn.Module]:
@@ -127,15 +117,27 @@ def _collect(sm, prompt_ids, settings, progress) -> tuple[_Text, torch.Tensor]:
     vocab = model.get_output_embeddings().weight.shape[0]
     n_eval = max(1, len(prompt_ids) // 3)
     seqs, starts = [], []
+    # A prompt longer than the cache allows keeps its end: calibration needs in-distribution continuations,
+    # not whole prompts, and a cache sized to one short request must still calibrate.
+    new_tokens = min(settings.new_tokens, sm.max_cache_len // 2)
+    if new_tokens < 2:
+        raise SpecPassError(
+            f"max_cache_len={sm.max_cache_len} is too small to calibrate a draft: pass max_cache_len >= 4, "
+            "or speculate=False"
+        )
+    keep, truncated = sm.max_cache_len - new_tokens, 0
     for ids in tqdm(prompt_ids, desc="specpass: calibration text", disable=not progress):
-        room = sm.max_cache_len - ids.shape[1]
-        if room < 2:
-            continue
-        out = sm.generate(ids, max_new_tokens=min(settings.new_tokens, room), do_sample=False, eos_token_id=[])
+        if ids.shape[1] > keep:
+            ids, truncated = ids[:, -keep:], truncated + 1
+        out = sm.generate(ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=[])
         seqs.append(out)
         starts.append(ids.shape[1])
     if len(seqs) < 2:
-        raise SpecPassError("calibration needs at least 2 prompts that fit max_cache_len")
+        raise SpecPassError(f"calibration needs at least 2 prompts, got {len(seqs)}: pass more prompts=")
+    if truncated:
+        log.info(
+            "kept the last %d tokens of %d calibration prompts (max_cache_len=%d)", keep, truncated, sm.max_cache_len
+        )
     all_hidden: dict[int, list] = {k: [] for k in range(n_layers - 1)}
     targets, finals, generated, held_out = [], [], [], []
     with torch.no_grad():
@@ -328,9 +330,7 @@ def calibrate_compiled(
     ]
 
     # Time the finalists generating, against plain decoding.
-    timed_ids = [
-        s[:, : s.shape[1] - settings.new_tokens] if s.shape[1] > settings.new_tokens else s for s in text.input_ids
-    ]
+    timed_ids = [s[:, :n] for s, n in zip(text.input_ids, text.prompt_lens, strict=True)]
     timed_ids = timed_ids[-settings.timed_prompts :]
     plain_tps = _tokens_per_s(sm, None, timed_ids, settings)
     measurements["plain_tokens_per_s"] = plain_tps
