@@ -67,12 +67,14 @@ class SpecModel:
         self.generation_config = getattr(model, "generation_config", None)
         self.cache = KVCache(captured.spec, device=next(model.parameters()).device)
         self.last_stats: GenerationStats | None = None
-        self.plan = None  # a SpecPlan: speculative decoding when it says so and a draft program is built
+        self.plan = None  # a SpecPlan: speculative decoding when it says so and its drafts are ready
         self._draft_key = None
 
     @property
     def speculative(self) -> bool:
-        return self.plan is not None and self.plan.speculate and "draft" in self.programs
+        if self.plan is None or not self.plan.speculate:
+            return False
+        return bool(self.plan.lookup) or (self.plan.has_draft and "draft" in self.programs)
 
     @property
     def max_cache_len(self) -> int:
@@ -259,7 +261,7 @@ def optimize(
     if speculate == "auto" and not plan.speculate:
         log.info("speculate='auto': plain compiled decoding (%s)", plan.reason or "the plan says no speculation")
         sm.plan = plan
-    elif not plan.has_draft:
+    elif not plan.drafts:
         raise SpecPassError(f"speculate=True but the plan has no draft ({plan.reason}); pass speculate='auto'")
     else:
         build_draft_programs(sm, plan)
@@ -270,7 +272,12 @@ def optimize(
 
 
 def build_draft_programs(sm: SpecModel, plan) -> None:
-    """Run the draft passes for ``plan`` and lower the draft program (a one-token step) into ``sm.programs``."""
+    """Run the draft passes for ``plan`` and lower the draft program (a one-token step) into ``sm.programs``;
+    a plan without one (lookup only) leaves none there."""
+    if not plan.has_draft:
+        sm.programs.pop("draft", None)
+        sm._draft_key = None
+        return
     key = plan.draft_key()
     if sm._draft_key == key:
         return

@@ -15,7 +15,7 @@ from specpass.errors import SpecPassError
 from specpass.runtime import generate as generate_module
 from specpass.runtime.sampling import SamplingConfig, warp
 from specpass.tune.calibrate import CalibrationSettings
-from specpass.tune.plan import SpecPlan
+from specpass.tune.plan import PLAN_VERSION, SpecPlan
 
 #: at least 8 architectures (the issue's bar); each has >= 2 layers in its tiny config
 ARCHS = ["llama", "qwen2", "qwen3", "mistral", "gemma", "phi", "phi3", "gpt2", "gpt_neox", "opt"]
@@ -23,6 +23,8 @@ ARCHS = ["llama", "qwen2", "qwen3", "mistral", "gemma", "phi", "phi3", "gpt2", "
 PLANS = {
     "early_exit": SpecPlan(speculate=True, exit_layer=0, max_draft=3, threshold=0.0, adaptive=False),
     "skip_pruned": SpecPlan(speculate=True, skip_layers=[1], vocab_ids=list(range(0, 64, 2)), max_draft=2),
+    "lookup": SpecPlan(speculate=True, lookup=3, max_draft=0),
+    "lookup_then_exit": SpecPlan(speculate=True, lookup=2, lookup_min_ngram=2, exit_layer=0, max_draft=2),
 }
 
 
@@ -58,7 +60,18 @@ def test_speculative_greedy_equals_hf(arch, plan):
         assert torch.equal(out, _hf(model, ids, n)), f"{arch}/{plan}: prompt {seed} differs"
         stats = sm.last_stats
         assert stats.new_tokens == n and stats.steps >= 1
-        assert 1.0 <= stats.tau <= 1 + PLANS[plan].max_draft
+        assert 1.0 <= stats.tau <= 1 + max(PLANS[plan].max_draft, PLANS[plan].lookup)
+
+
+def test_lookup_drafts_a_repeating_continuation():
+    """A model that repeats itself (sharpened random weights fall into a cycle) accepts context lookups."""
+    model = _sharpened("llama")
+    sm = specpass.optimize(model, speculate=True, plan=PLANS["lookup"], backend="eager", max_cache_len=96)
+    assert "draft" not in sm.programs  # lookup needs no draft program
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    out = sm.generate(ids, max_new_tokens=60, eos_token_id=[])
+    assert torch.equal(out, _hf(model, ids, 60))
+    assert sm.last_stats.tau > 1.5 and sum(sm.last_stats.accepted) > 0
 
 
 def _exact_draft_model():
@@ -131,8 +144,10 @@ def _second_token_counts(sm, ids, n, cfg) -> torch.Tensor:
     return counts
 
 
-@pytest.fixture(scope="module")
-def sampling_setup():
+@pytest.fixture(scope="module", params=["exit", "lookup"])
+def sampling_setup(request):
+    """An 8-token model; the second token is drafted by an early exit, or by context lookup (a one-hot q:
+    the prompt holds every token followed by another, so the first sampled token always matches)."""
     import transformers as tf
 
     torch.manual_seed(0)
@@ -148,10 +163,16 @@ def sampling_setup():
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(0.3)  # spread-out distributions over 8 tokens
     model.generation_config = tf.GenerationConfig()
-    plan = SpecPlan(speculate=True, exit_layer=0, vocab_ids=[0, 1, 2, 3, 5], max_draft=1, threshold=0.0, adaptive=False)
+    if request.param == "exit":
+        plan = SpecPlan(
+            speculate=True, exit_layer=0, vocab_ids=[0, 1, 2, 3, 5], max_draft=1, threshold=0.0, adaptive=False
+        )
+        ids = torch.tensor([[1, 2, 3]])
+    else:
+        plan = SpecPlan(speculate=True, lookup=1, max_draft=0)
+        ids = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7, 0]])
     sm = specpass.optimize(model, speculate=True, plan=plan, backend="eager", max_cache_len=16)
     cfg = SamplingConfig(True, temperature=0.9, top_k=6, top_p=0.95)
-    ids = torch.tensor([[1, 2, 3]])
     return model, sm, ids, cfg
 
 
@@ -194,7 +215,7 @@ def test_plan_json_round_trip_and_checks(tmp_path):
     path = tmp_path / "plan.json"
     plan.save(path)
     back = SpecPlan.load(path)
-    assert back == plan and json.loads(path.read_text())["version"] == 1
+    assert back == plan and json.loads(path.read_text())["version"] == PLAN_VERSION
     for name, t in back.exit_adapter().state_dict().items():
         assert torch.equal(t, adapter.state_dict()[name])
     with pytest.raises(SpecPassError, match="invalid JSON"):

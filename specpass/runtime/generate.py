@@ -19,6 +19,7 @@ import torch
 
 from specpass.errors import SpecPassError
 from specpass.runtime.kv_cache import KVCache
+from specpass.runtime.lookup import NgramIndex
 from specpass.runtime.sampling import SamplingConfig, probabilities, select
 from specpass.runtime.verify import greedy_accept, sample_accept
 
@@ -154,7 +155,8 @@ class DraftPolicy:
 
     Drafting stops after ``max_draft`` tokens or once the draft's top probability falls below a threshold.
     The threshold follows the observed acceptance: a smoothed acceptance rate below ``target_acceptance``
-    raises it by ``step`` (draft less), above lowers it (draft more).
+    raises it by ``step`` (draft less), above lowers it (draft more). A context n-gram match, when lookup is
+    on, drafts instead of the draft program: it costs nothing to propose.
     """
 
     max_draft: int = 4
@@ -163,6 +165,11 @@ class DraftPolicy:
     target_acceptance: float = 0.8
     step: float = 0.05
     smoothing: float = 0.5
+    #: up to this many tokens proposed by n-gram lookup in the context (runtime/lookup.py) before the draft
+    #: program is asked; 0 disables lookup
+    lookup: int = 0
+    lookup_max_ngram: int = 3
+    lookup_min_ngram: int = 1
 
 
 def speculative_generate(
@@ -176,11 +183,14 @@ def speculative_generate(
     streamer=None,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, GenerationStats]:
-    """Lossless speculative generation: ``prefill``, then ``draft`` steps verified by the ``decode`` program."""
-    stats = GenerationStats(
-        prompt_tokens=input_ids.shape[1], drafted=[0] * policy.max_draft, accepted=[0] * policy.max_draft
-    )
+    """Lossless speculative generation: ``prefill``, then drafts (context lookup, else the ``draft`` program
+    when there is one) verified by the ``decode`` program."""
+    longest = max(policy.lookup, policy.max_draft if "draft" in programs else 0)
+    stats = GenerationStats(prompt_tokens=input_ids.shape[1], drafted=[0] * longest, accepted=[0] * longest)
     threshold, rate = policy.threshold, policy.target_acceptance
+    index = None
+    if policy.lookup:
+        index = NgramIndex(input_ids[0].tolist(), max_n=policy.lookup_max_ngram, min_n=policy.lookup_min_ngram)
     cache.reset()
     if streamer is not None:
         streamer.put(input_ids.cpu())
@@ -204,11 +214,17 @@ def speculative_generate(
             if done:
                 break
             last = new[-1]
+            if index is not None:
+                index.extend(pending)
 
-            # Draft: up to max_draft tokens, fewer when the draft is unsure or the request is nearly done.
+            # Draft: a context match if there is one, else up to max_draft draft-program tokens, fewer when
+            # the draft is unsure; never past the request's end.
             t0 = time.perf_counter()
-            budget = min(policy.max_draft, stop.max_new_tokens - len(new) - 1)
+            room = stop.max_new_tokens - len(new) - 1
             draft_ids, draft_probs = [], []
+            if index is not None:
+                draft_ids = index.propose(min(policy.lookup, room))
+            budget = 0 if draft_ids or "draft" not in programs else min(policy.max_draft, room)
             current = torch.tensor([[last]], device=input_ids.device)
             for i in range(budget):
                 row = _run(programs["draft"], cache, current, offset=i)[0, -1]
@@ -228,7 +244,10 @@ def speculative_generate(
             draft = ids[0, 1:]
             if sampling.do_sample:
                 p = probabilities(target, sampling)
-                q = torch.stack(draft_probs) if draft_probs else p[:0]
+                if draft_probs:
+                    q = torch.stack(draft_probs)
+                else:  # a lookup draft is deterministic: q is one-hot at each proposed token
+                    q = torch.nn.functional.one_hot(draft, p.shape[-1]).to(p.dtype)
                 n, bonus = sample_accept(draft, q, p, generator)
             else:
                 n, bonus = greedy_accept(draft, target)
@@ -240,7 +259,7 @@ def speculative_generate(
                 stats.accepted[i] += i < n
             pending = [*draft_ids[:n], bonus]
 
-            if policy.adaptive and draft_ids:
+            if policy.adaptive and draft_probs:
                 rate = policy.smoothing * rate + (1 - policy.smoothing) * n / len(draft_ids)
                 threshold += policy.step if rate < policy.target_acceptance else -policy.step
                 threshold = min(max(threshold, 0.0), 1.0)

@@ -73,6 +73,8 @@ class CalibrationSettings:
     timed_prompts: int = 4  # prompts generated to time each finalist
     timed_tokens: int = 64
     finalists: int = 2  # candidates compiled and timed against plain decoding
+    lookup_tokens: tuple[int, ...] = (1, 2, 3)  # context-lookup draft lengths timed (0 in a plan: no lookup)
+    lookup_min_ngrams: tuple[int, ...] = (1, 2)
     min_gain: float = 0.05  # a draft must beat plain decoding by this much: timing noise is a few percent
 
 
@@ -336,6 +338,29 @@ def calibrate_compiled(
     measurements["plain_tokens_per_s"] = plain_tps
     best_plan, best_tps = None, plain_tps * (1 + settings.min_gain)
     fastest_draft, fastest_tps = None, 0.0  # kept for speculate=True even when plain decoding wins
+
+    def consider(plan: SpecPlan, record: dict) -> float:
+        nonlocal best_plan, best_tps, fastest_draft, fastest_tps
+        tps = _tokens_per_s(sm, plan, timed_ids, settings)
+        measurements.setdefault("timed", []).append({**record, "tokens_per_s": tps})
+        if tps > best_tps:
+            best_plan, best_tps = dataclasses.replace(plan), tps
+        if tps > fastest_tps:
+            fastest_draft, fastest_tps = dataclasses.replace(plan), tps
+        return tps
+
+    # Context lookup costs nothing to propose, so only measurement decides its length and n-gram size.
+    lookup = {"lookup": 0, "lookup_min_ngram": 1}
+    lookup_tps = plain_tps
+    for n, min_n in tqdm(
+        [(n, m) for n in settings.lookup_tokens for m in settings.lookup_min_ngrams],
+        desc="specpass: timing context lookup",
+        disable=not progress,
+    ):
+        fields = {"lookup": n, "lookup_min_ngram": min_n}
+        tps = consider(SpecPlan(speculate=True, max_draft=0, **fields), fields)
+        if tps > lookup_tps:
+            lookup, lookup_tps = fields, tps
     seen = set()
     finals = []
     for _, _tau, gamma, desc in scored:
@@ -347,12 +372,14 @@ def calibrate_compiled(
         if len(finals) == settings.finalists:
             break
     for gamma, desc in tqdm(finals, desc="specpass: timing drafts", disable=not progress):
+        # The draft program runs where lookup finds no match (with the best lookup, if any beat plain).
         plan = SpecPlan(
             speculate=True,
             exit_layer=desc.get("exit_layer"),
             skip_layers=list(desc.get("skip_layers", [])),
             vocab_ids=None if desc["vocab"] >= vocab else sorted(ranked[: desc["vocab"]].tolist()),
             max_draft=gamma,
+            **lookup,
         )
         if plan.exit_layer is not None:
             plan.set_adapter(adapters[plan.exit_layer])
@@ -360,14 +387,7 @@ def calibrate_compiled(
         for adaptive in (False, True):
             plan.adaptive = adaptive
             plan.threshold = 0.3 if adaptive else 0.0
-            tps = _tokens_per_s(sm, plan, timed_ids, settings)
-            measurements.setdefault("timed", []).append(
-                {**desc, "max_draft": gamma, "adaptive": adaptive, "tokens_per_s": tps}
-            )
-            if tps > best_tps:
-                best_plan, best_tps = dataclasses.replace(plan), tps
-            if tps > fastest_tps:
-                fastest_draft, fastest_tps = dataclasses.replace(plan), tps
+            consider(plan, {**desc, "max_draft": gamma, "adaptive": adaptive, **lookup})
     measurements["calibration_s"] = time.perf_counter() - t_start
     if best_plan is None:
         plan = dataclasses.replace(fastest_draft, speculate=False) if fastest_draft else SpecPlan(speculate=False)

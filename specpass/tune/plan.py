@@ -19,12 +19,13 @@ from specpass.passes import DraftConfig
 from specpass.runtime.generate import DraftPolicy
 from specpass.tune.adapter import ExitAdapter
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: context lookup fields
 
 
 @dataclasses.dataclass
 class SpecPlan:
-    """A draft (early exit / skipped layers / pruned head), its draft-length policy, and why it was chosen.
+    """The drafts (context lookup; a draft program: early exit / skipped layers / pruned head), their
+    draft-length policy, and why they were chosen.
 
     ``speculate=False`` means calibration measured no draft faster than plain compiled decoding.
     """
@@ -40,6 +41,9 @@ class SpecPlan:
     threshold: float = 0.5
     adaptive: bool = True
     target_acceptance: float = 0.8
+    lookup: int = 0  # tokens proposed by context n-gram lookup (0: off); see runtime/lookup.py
+    lookup_max_ngram: int = 3
+    lookup_min_ngram: int = 1
     model_hash: str = ""
     reason: str = ""
     measurements: dict = dataclasses.field(default_factory=dict)
@@ -47,7 +51,13 @@ class SpecPlan:
 
     # ---- the runtime's view ---------------------------------------------------------------------------
     @property
+    def drafts(self) -> bool:
+        """Whether anything drafts: context lookup or a draft program."""
+        return bool(self.lookup) or self.has_draft
+
+    @property
     def has_draft(self) -> bool:
+        """Whether there is a draft program (lookup needs none)."""
         return bool(self.exit_layer is not None or self.skip_layers or self.skip_attention or self.skip_mlp)
 
     def draft_key(self) -> str:
@@ -71,6 +81,9 @@ class SpecPlan:
             threshold=self.threshold,
             adaptive=self.adaptive,
             target_acceptance=self.target_acceptance,
+            lookup=self.lookup,
+            lookup_max_ngram=self.lookup_max_ngram,
+            lookup_min_ngram=self.lookup_min_ngram,
         )
 
     def exit_adapter(self, device=None) -> ExitAdapter | None:
@@ -90,13 +103,18 @@ class SpecPlan:
         if not self.speculate:
             return f"no speculation ({self.reason})" if self.reason else "no speculation"
         parts = []
+        if self.lookup:
+            parts.append(
+                f"context lookup of up to {self.lookup} tokens ({self.lookup_min_ngram}..{self.lookup_max_ngram}-grams)"
+            )
         if self.exit_layer is not None:
             parts.append(f"exit after layer {self.exit_layer}" + (" + adapter" if self.adapter else ""))
         if self.skip_layers:
             parts.append(f"skip {len(self.skip_layers)} layers")
         if self.vocab_ids is not None:
             parts.append(f"head pruned to {len(self.vocab_ids)} tokens")
-        parts.append(f"up to {self.max_draft} draft tokens")
+        if self.has_draft:
+            parts.append(f"up to {self.max_draft} draft tokens")
         return ", ".join(parts)
 
     # ---- JSON -----------------------------------------------------------------------------------------
