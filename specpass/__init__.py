@@ -1,9 +1,15 @@
-"""specpass: a compiler for lossless self-speculative decoding of Hugging Face causal LMs."""
+"""specpass: a compiler for lossless self-speculative decoding of Hugging Face causal LMs.
+
+``import specpass`` imports torch but not transformers: ``specpass run`` and ``specpass.load_engine`` must
+not load transformers' modeling code. ``calibrate`` (which needs it) loads on first use.
+"""
+
+from __future__ import annotations
 
 from specpass.capture import CacheSpec, CapturedGraph, Structure, capture
+from specpass.engine import Engine, load_engine, write_engine
 from specpass.errors import SpecPassError
 from specpass.optimize import SpecModel, optimize
-from specpass.tune.calibrate import calibrate
 from specpass.tune.plan import SpecPlan
 
 __version__ = "0.1.0"
@@ -11,11 +17,22 @@ __version__ = "0.1.0"
 __all__ = [
     "CacheSpec",
     "CapturedGraph",
+    "Engine",
     "SpecModel",
     "SpecPassError",
     "SpecPlan",
     "Structure",
     "calibrate",
     "capture",
+    "load_engine",
     "optimize",
+    "write_engine",
 ]
+
+
+def __getattr__(name: str):
+    if name == "calibrate":
+        from specpass.tune.calibrate import calibrate
+
+        return calibrate
+    raise AttributeError(f"module 'specpass' has no attribute {name!r}")

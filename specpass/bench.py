@@ -34,7 +34,6 @@ from tqdm.auto import tqdm
 
 from specpass.errors import SpecPassError
 from specpass.lower import BACKENDS
-from specpass.models import chat_ids
 
 log = logging.getLogger("specpass.bench")
 
@@ -66,6 +65,9 @@ class BenchConfig:
     backend: str = "inductor"  # specpass's lowering backend
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
+    #: what methods of one run share: "spec_model", the one specpass.optimize() that specpass and
+    #: specpass_plain both generate with
+    shared: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     def hf_generate_kwargs(self) -> dict:
         """Plain greedy decoding for ``model.generate``, stopping where every method stops."""
@@ -165,6 +167,8 @@ def _setup_hf_early_exit(model, tokenizer, cfg: BenchConfig) -> Runner:
     k is the fastest of a few (``early_exit_candidates``) on a short untimed probe generation of a fixed warm-up
     prompt, never a Spec-Bench one; the choice and the probe's speeds are logged and end up in the report's note.
     """
+    from specpass.models import chat_ids
+
     num_layers = getattr(model.config, "num_hidden_layers", None)
     if not num_layers or num_layers < 2:
         raise MethodUnavailable(f"early exit needs a model with num_hidden_layers >= 2, got {num_layers}")
@@ -221,6 +225,8 @@ def _setup_economize_layer_skip(model, tokenizer, cfg: BenchConfig) -> Runner:
     search (KL) on the warm-up prompts; each cycle of economize's default length 4 is verified by the full model.
     Greedy decoding through ``EfficientModel.decode`` (its eager decoding loop), stopping at eos.
     """
+    from specpass.models import chat_ids
+
     economize = _import_peer("economize")
     from economize.techniques.layer_skip import LayerSkipConfig
 
@@ -295,31 +301,41 @@ def _setup_flashspec_lookup(model, tokenizer, cfg: BenchConfig) -> Runner:
 
 
 def _setup_specpass_plain(model, tokenizer, cfg: BenchConfig) -> Runner:
-    return _specpass_runner(model, cfg, speculate=False)
+    return _specpass_runner(model, tokenizer, cfg, speculate=False)
 
 
 def _setup_specpass(model, tokenizer, cfg: BenchConfig) -> Runner:
-    return _specpass_runner(model, cfg, tokenizer=tokenizer)
+    return _specpass_runner(model, tokenizer, cfg, speculate=None)
 
 
-def _specpass_runner(model, cfg: BenchConfig, **options) -> Runner:
-    """``specpass.optimize(model, **options)``; ``tau`` reads the last generation's stats where they have it."""
+def _specpass_runner(model, tokenizer, cfg: BenchConfig, *, speculate: bool | None) -> Runner:
+    """``specpass.optimize(model)`` generating as its plan says (None) or plainly (False); ``tau`` reads the last
+    generation's stats."""
     import specpass
 
-    spec_model = specpass.optimize(model, backend=cfg.backend, max_cache_len=cfg.max_cache_len, **options)
-    log.info("specpass.optimize(backend=%s, %s) took %.1f s", cfg.backend, options, spec_model.compile_s)
+    spec_model = cfg.shared.get("spec_model")
+    if spec_model is None:
+        spec_model = specpass.optimize(model, tokenizer=tokenizer, backend=cfg.backend, max_cache_len=cfg.max_cache_len)
+        log.info("specpass.optimize(backend=%s) took %.1f s", cfg.backend, spec_model.compile_s)
+        cfg.shared["spec_model"] = spec_model
 
     def run(ids: torch.Tensor) -> torch.Tensor:
         return spec_model.generate(
-            ids, max_new_tokens=cfg.max_new_tokens, do_sample=False, eos_token_id=cfg.eos_token_id
+            ids,
+            max_new_tokens=cfg.max_new_tokens,
+            do_sample=False,
+            eos_token_id=cfg.eos_token_id,
+            speculate=speculate,
         )
 
     def tau() -> float | None:
         value = getattr(spec_model.last_stats, "tau", None)
         return None if value is None else float(value)
 
-    plan = getattr(spec_model, "plan", None)
-    return Runner(run, tau=tau, note="" if plan is None else f"plan: {plan.describe()}; {plan.reason}")
+    plan = spec_model.plan
+    if speculate is False or plan is None:
+        return Runner(run, tau=tau, note="the same compiled programs as specpass, one token per step")
+    return Runner(run, tau=tau, note=f"plan: {plan.describe()}; {plan.reason}")
 
 
 METHODS: dict[str, Method] = {
@@ -352,7 +368,9 @@ METHODS: dict[str, Method] = {
             _setup_flashspec_lookup,
         ),
         Method(
-            "specpass_plain", "specpass.optimize(model, speculate=False) (compiled decoding)", _setup_specpass_plain
+            "specpass_plain",
+            "specpass.optimize(model).generate(speculate=False): its programs, one token per step",
+            _setup_specpass_plain,
         ),
         Method("specpass", "specpass.optimize(model) (its default decoding)", _setup_specpass),
     )
@@ -424,6 +442,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_bench(args: argparse.Namespace, *, model=None, tokenizer=None, methods: dict[str, Method] | None = None) -> int:
     """Run the benchmark that ``args`` describe; ``model``/``tokenizer``/``methods`` may be injected (tests)."""
+    from specpass.models import chat_ids
+
     registry = METHODS if methods is None else methods
     names = _parse_methods(args.methods, registry)
     if args.num_prompts < 1:

@@ -1,4 +1,4 @@
-"""The ``specpass`` command line: demo, bench, coverage.
+"""The ``specpass`` command line: demo, bench, coverage, compile, run, inspect.
 
 Exit codes: 0 success, 1 a check failed (e.g. outputs differ), 2 bad usage or a SpecPassError.
 """
@@ -6,28 +6,11 @@ Exit codes: 0 success, 1 a check failed (e.g. outputs differ), 2 bad usage or a 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 
 from specpass.errors import SpecPassError
-
-
-def _demo(args: argparse.Namespace) -> int:
-    from specpass.demo import run_demo
-
-    return run_demo(args)
-
-
-def _bench(args: argparse.Namespace) -> int:
-    from specpass.bench import run_bench
-
-    return run_bench(args)
-
-
-def _coverage(args: argparse.Namespace) -> int:
-    from specpass.coverage import run_coverage
-
-    return run_coverage(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,14 +24,26 @@ def build_parser() -> argparse.ArgumentParser:
     from specpass.bench import add_arguments as bench_args
     from specpass.coverage import add_arguments as coverage_args
     from specpass.demo import add_arguments as demo_args
+    from specpass.engine_cli import add_compile_arguments, add_inspect_arguments, add_run_arguments
 
     demo_args(sub.add_parser("demo", help="generate with the default model and print the speedup over HF eager"))
     bench_args(sub.add_parser("bench", help="benchmark specpass against HF baselines on Spec-Bench prompts"))
     coverage_args(sub.add_parser("coverage", help="try every HF causal-LM architecture; write docs/coverage.md"))
+    add_compile_arguments(sub.add_parser("compile", help="compile a model into an engine file"))
+    add_run_arguments(sub.add_parser("run", help="generate from an engine file"))
+    add_inspect_arguments(sub.add_parser("inspect", help="show an engine file's manifest and programs"))
     return parser
 
 
-_COMMANDS = {"demo": _demo, "bench": _bench, "coverage": _coverage}
+#: command -> (module, function(args) -> exit code); imported only when that command runs
+_COMMANDS = {
+    "demo": ("specpass.demo", "run_demo"),
+    "bench": ("specpass.bench", "run_bench"),
+    "coverage": ("specpass.coverage", "run_coverage"),
+    "compile": ("specpass.engine_cli", "run_compile"),
+    "run": ("specpass.engine_cli", "run_run"),
+    "inspect": ("specpass.engine_cli", "run_inspect"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return _COMMANDS[args.command](args)
+        module, function = _COMMANDS[args.command]
+        return getattr(importlib.import_module(module), function)(args)
     except SpecPassError as e:
         print(f"specpass: error: {e}", file=sys.stderr)
         return 2

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import fx
 
-__all__ = ["normalize"]
+__all__ = ["normalize", "signature", "summary"]
 
 _DTYPES = {
     torch.float32: "f32",
@@ -50,6 +50,31 @@ def normalize(gm: fx.GraphModule | fx.Graph) -> str:
     graph = gm.graph if isinstance(gm, fx.GraphModule) else gm
     printer = _Printer(graph)
     return "".join(printer.line(node) + "\n" for node in graph.nodes)
+
+
+def signature(gm: fx.GraphModule) -> str:
+    """The program's calling convention, normalized: one ``name: dtype[shape]`` line per input, then the output."""
+    printer = _Printer(gm.graph)
+    lines = [f"{printer.names[n]}: {printer.val(n.meta.get('val'))}" for n in gm.graph.nodes if n.op == "placeholder"]
+    out = gm.graph.output_node().args[0]
+    vals = fx.node.map_arg(out, lambda n: n.meta.get("val"))
+    lines.append(f"-> {printer.val(vals)}")
+    return "".join(line + "\n" for line in lines)
+
+
+def summary(gm: fx.GraphModule) -> dict:
+    """What ``specpass inspect`` shows of a program: node and op counts, signature, pass history."""
+    ops: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op in ("call_function", "call_module"):
+            key = _target(node) if node.op == "call_function" else f"module.{node.target}"
+            ops[key] = ops.get(key, 0) + 1
+    return {
+        "nodes": len(gm.graph.nodes),
+        "ops": dict(sorted(ops.items())),
+        "signature": signature(gm).splitlines(),
+        "passes": list(gm.meta.get("specpass", {}).get("history", [])),
+    }
 
 
 class _Printer:

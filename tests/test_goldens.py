@@ -1,7 +1,9 @@
 """Graph goldens: the normalized text of every captured graph and of every pass's output, per architecture.
 
 ``tests/goldens/capture/<arch>.txt`` is the captured graph; ``tests/goldens/<pass>/<program>-<arch>.txt`` is
-the graph after ``run_passes`` of the program's pipeline up to and including that pass. A drift fails with
+the graph after ``run_passes`` of the program's pipeline up to and including that pass;
+``tests/goldens/signature/<program>-<arch>.txt`` is the calling convention of the program that is lowered
+(inputs and output, dtypes and symbolic shapes): what the runtime and engine files rely on. A drift fails with
 a diff; regenerate with ``python -m pytest tests/test_goldens.py --update-goldens`` and review the diff.
 """
 
@@ -14,7 +16,7 @@ import torch
 from conftest import ARCHS, build_tiny
 
 import specpass
-from specpass.graph_text import normalize
+from specpass.graph_text import normalize, signature
 from specpass.passes import PIPELINES, DraftConfig, run_passes
 
 #: (program, number of its passes applied), one per pass of every pipeline
@@ -40,6 +42,14 @@ def test_pass_golden(tiny, golden, arch, program, n_passes):
     passes = PIPELINES[program][:n_passes]
     gm = run_passes(cg.gm, passes, cg.structure, golden_draft_config(tiny(arch).vocab))
     golden(f"{passes[-1].__name__}/{program}-{arch}", normalize(gm))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("program", sorted(PIPELINES))
+def test_program_signature_golden(tiny, golden, arch, program):
+    cg = tiny(arch).cg
+    gm = run_passes(cg.gm, PIPELINES[program], cg.structure, golden_draft_config(tiny(arch).vocab))
+    golden(f"signature/{program}-{arch}", signature(gm))
 
 
 def test_normalized_text_is_stable_across_captures(tiny):

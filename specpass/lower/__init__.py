@@ -1,4 +1,4 @@
-"""Lower rewritten GraphModules to callables: ``eager`` (as they are) or ``inductor`` (AOTInductor)."""
+"""Lower rewritten GraphModules to callables: ``inductor`` (AOTInductor), ``eager`` (as they are) or ``tensorrt``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from specpass.errors import SpecPassError
 from specpass.lower.inductor import lower_inductor
 
-BACKENDS = ("inductor", "eager")
+BACKENDS = ("inductor", "eager", "tensorrt")
 
 
 def lower(
@@ -20,6 +20,10 @@ def lower(
         return gm
     if backend == "inductor":
         return lower_inductor(gm, example_args, dynamic_shapes, name)
+    if backend == "tensorrt":
+        from specpass.lower.tensorrt import lower_tensorrt
+
+        return lower_tensorrt(gm, example_args, dynamic_shapes, name)
     raise SpecPassError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 

@@ -58,6 +58,11 @@ class GenerationStats:
     def tokens_per_s(self) -> float:
         return self.new_tokens / self.total_s if self.total_s else 0.0
 
+    def as_dict(self) -> dict:
+        """The fields and the derived figures, for JSON output."""
+        derived = {"tau": self.tau, "acceptance": self.acceptance, "tokens_per_s": self.tokens_per_s}
+        return {**dataclasses.asdict(self), **derived}
+
 
 class StopChecker:
     """max_new_tokens, eos ids and stop strings, with HF's semantics (the stopping token is kept)."""

@@ -1,0 +1,7 @@
+"""``python -m specpass``: the same CLI as the ``specpass`` command."""
+
+import sys
+
+from specpass.cli import main
+
+sys.exit(main())

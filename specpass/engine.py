@@ -1,0 +1,322 @@
+"""Engine files: a compiled SpecModel on disk, loadable without the HF model or transformers' modeling code.
+
+An engine is a zip archive (stored, not compressed) of:
+
+- ``manifest.json``: format and version, the torch / transformers / specpass versions that built it, the
+  model's config and generation config, the KV-cache layout, the plan, per program its package, constant
+  bindings and graph summary (signature, op counts, pass history), and the sha256 of every other entry;
+- ``weights.safetensors``: every constant the programs bind, stored once: programs share the model's
+  weights (AOTInductor would otherwise copy them into each program's library) and tied weights are one
+  tensor;
+- ``programs/<name>.pt2``: one AOTInductor package per program (prefill, decode/verify, draft), compiled
+  without their constants;
+- ``tokenizer/``: the tokenizer's files, read back with the ``tokenizers`` library.
+
+Writing goes to a temporary file in the destination's directory and is renamed into place, so an
+interrupted compile leaves no partial engine. Loading checks the manifest and every checksum before any
+payload is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import tempfile
+import time
+import types
+import zipfile
+from pathlib import Path
+
+import torch
+
+from specpass.capture import CacheSpec
+from specpass.errors import SpecPassError
+from specpass.runtime.model import CompiledLM
+
+log = logging.getLogger("specpass.engine")
+
+FORMAT = "specpass-engine"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+WEIGHTS = "weights.safetensors"
+_CHUNK = 1 << 20
+
+
+# ---- writing ---------------------------------------------------------------------------------------------
+def write_engine(sm, path: str | os.PathLike[str], *, tokenizer=None) -> dict:
+    """Write ``sm`` (a SpecModel lowered with the ``inductor`` backend) to ``path``; returns the manifest."""
+    from safetensors.torch import save
+
+    from specpass import __version__
+    from specpass.lower.inductor import AOTIProgram
+
+    path = Path(path)
+    not_aoti = [name for name, p in sm.programs.items() if not isinstance(p, AOTIProgram)]
+    if not_aoti:
+        raise SpecPassError(
+            f"an engine holds AOTInductor programs; {', '.join(not_aoti)} were lowered with backend "
+            f"{sm.backend!r}: optimize with backend='inductor' (specpass compile --backend aoti)"
+        )
+    stored: dict[str, torch.Tensor] = {}
+    by_view: dict[tuple, str] = {}  # the same tensor (or a tied one) is stored once
+    programs = {}
+    for name, program in sm.programs.items():
+        bindings = {}
+        for fqn, t in program.constants.items():
+            if not t.is_contiguous():  # stored contiguous, it would come back with other strides than compiled
+                raise SpecPassError(f"program {name!r}: constant {fqn} is not contiguous; an engine cannot hold it")
+            view = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+            key = by_view.get(view)
+            if key is None:
+                key = fqn if fqn not in stored else f"{name}/{fqn}"  # a same-named but different constant
+                stored[key] = t
+                by_view[view] = key
+            bindings[fqn] = key
+        programs[name] = {
+            "package": f"programs/{name}.pt2",
+            "constants": bindings,
+            "summary": sm.summaries.get(name, {}),
+        }
+    # safetensors refuses tensors that share memory; distinct views of one storage become copies.
+    seen_storage: dict[int, str] = {}
+    for key, t in list(stored.items()):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen_storage:
+            stored[key] = t.clone()
+        else:
+            seen_storage[ptr] = key
+    payloads = {WEIGHTS: save({k: t.detach().contiguous().cpu() for k, t in stored.items()})}
+    for name, program in sm.programs.items():
+        payloads[programs[name]["package"]] = program.package
+    if tokenizer is not None:
+        with tempfile.TemporaryDirectory(prefix="specpass-tok-") as tmp:
+            tokenizer.save_pretrained(tmp)
+            for f in sorted(Path(tmp).iterdir()):
+                payloads[f"tokenizer/{f.name}"] = f.read_bytes()
+
+    import transformers
+
+    generation_config = sm.generation_config.to_dict() if sm.generation_config is not None else {}
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "specpass": __version__},
+        "backend": "aoti",
+        "model": {
+            "class": type(sm.model).__name__,
+            "name_or_path": getattr(sm.model.config, "_name_or_path", ""),
+            "config": json.loads(sm.model.config.to_json_string()),
+        },
+        "generation_config": json.loads(json.dumps(generation_config, default=str)),
+        "vocab_size": sm.vocab_size,
+        "cache": _spec_to_json(sm.spec),
+        "plan": json.loads(sm.plan.to_json()) if sm.plan is not None else None,
+        "programs": programs,
+        "weight_bytes": sum(t.numel() * t.element_size() for t in stored.values()),
+        "payloads": {name: hashlib.sha256(data).hexdigest() for name, data in payloads.items()},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as z:
+            z.writestr(MANIFEST, json.dumps(manifest, indent=1))
+            for name, data in payloads.items():
+                z.writestr(name, data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    log.info("wrote engine %s (%.1f MB)", path, path.stat().st_size / 1e6)
+    return manifest
+
+
+def _spec_to_json(spec: CacheSpec) -> dict:
+    return {
+        "num_layers": spec.num_layers,
+        "num_kv_heads": spec.num_kv_heads,
+        "head_dim": spec.head_dim,
+        "max_cache_len": spec.max_cache_len,
+        "dtype": str(spec.dtype).removeprefix("torch."),
+        "mask_kinds": list(spec.mask_kinds),
+        "sliding_window": spec.sliding_window,
+    }
+
+
+def _spec_from_json(data: dict) -> CacheSpec:
+    return CacheSpec(
+        num_layers=data["num_layers"],
+        num_kv_heads=data["num_kv_heads"],
+        head_dim=data["head_dim"],
+        max_cache_len=data["max_cache_len"],
+        dtype=getattr(torch, data["dtype"]),
+        mask_kinds=tuple(data["mask_kinds"]),
+        sliding_window=data["sliding_window"],
+    )
+
+
+# ---- reading ---------------------------------------------------------------------------------------------
+def read_manifest(path: str | os.PathLike[str]) -> dict:
+    """The manifest of the engine at ``path``, after checking that it is one this specpass can read."""
+    with _open(path) as z:
+        return _manifest(z, path)
+
+
+def _open(path) -> zipfile.ZipFile:
+    path = Path(path)
+    if not path.is_file():
+        raise SpecPassError(f"{path}: no such engine file")
+    try:
+        return zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise SpecPassError(
+            f"{path} is not a specpass engine, or it is truncated ({e}); write it again with specpass compile"
+        ) from e
+
+
+def _manifest(z: zipfile.ZipFile, path) -> dict:
+    try:
+        manifest = json.loads(z.read(MANIFEST))
+    except KeyError:
+        raise SpecPassError(f"{path} is not a specpass engine (a zip archive without {MANIFEST})") from None
+    except (zipfile.BadZipFile, json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+        raise SpecPassError(f"{path}: the engine's manifest is damaged ({e}); write it again") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise SpecPassError(f"{path} is not a specpass engine (its {MANIFEST} is not a specpass manifest)")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise SpecPassError(
+            f"{path} has engine format {version}, newer than this specpass reads ({FORMAT_VERSION}): "
+            "upgrade specpass, or compile the engine again with this one"
+        )
+    return manifest
+
+
+def _check_torch(manifest: dict, path) -> None:
+    built = manifest["versions"]["torch"]
+    if _major_minor(built) != _major_minor(torch.__version__):
+        raise SpecPassError(
+            f"{path} was compiled with torch {built}; this is torch {torch.__version__}. AOTInductor packages "
+            "do not load across torch versions: compile the engine again with this torch (specpass compile)"
+        )
+
+
+def _major_minor(version: str) -> tuple[str, ...]:
+    return tuple(version.split("+")[0].split(".")[:2])
+
+
+def _read_checked(z: zipfile.ZipFile, name: str, manifest: dict, path) -> bytes:
+    expected = manifest["payloads"].get(name)
+    if expected is None:
+        raise SpecPassError(f"{path}: the manifest lists no checksum for {name}; the engine is damaged")
+    digest, buf = hashlib.sha256(), io.BytesIO()
+    try:
+        with z.open(name) as f:
+            while chunk := f.read(_CHUNK):
+                digest.update(chunk)
+                buf.write(chunk)
+    except KeyError:
+        raise SpecPassError(f"{path}: {name} is missing; the engine is damaged or truncated") from None
+    except (zipfile.BadZipFile, OSError, EOFError) as e:  # zip's own CRC check, or a cut-off entry
+        raise SpecPassError(f"{path}: {name} is damaged ({e}); write the engine again") from e
+    if digest.hexdigest() != expected:
+        raise SpecPassError(f"{path}: checksum mismatch for {name}; the engine is damaged, write it again")
+    return buf.getvalue()
+
+
+def load_engine(path: str | os.PathLike[str]) -> Engine:
+    """Load an engine written by ``specpass compile`` (or ``write_engine``); the Python side of ``specpass run``."""
+    from safetensors.torch import load
+
+    from specpass.lower.inductor import load_aoti_program
+    from specpass.tune.plan import SpecPlan
+
+    t0 = time.perf_counter()
+    with _open(path) as z:
+        manifest = _manifest(z, path)
+        _check_torch(manifest, path)
+        # every checksum before anything is used
+        data = {name: _read_checked(z, name, manifest, path) for name in manifest["payloads"]}
+    weights = load(data.pop(WEIGHTS))
+    programs = {}
+    for name, info in manifest["programs"].items():
+        constants = {fqn: weights[key] for fqn, key in info["constants"].items()}
+        try:
+            programs[name] = load_aoti_program(data.pop(info["package"]), constants, name)
+        except SpecPassError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a package this torch cannot load: say so, not a C++ trace
+            raise SpecPassError(
+                f"{path}: program {name!r} could not be loaded by torch {torch.__version__} "
+                f"({type(e).__name__}: {e}); compile the engine again"
+            ) from e
+    tokenizer_files = {name.removeprefix("tokenizer/"): b for name, b in data.items() if name.startswith("tokenizer/")}
+    plan = SpecPlan.from_json(json.dumps(manifest["plan"])) if manifest["plan"] else None
+    engine = Engine(programs, manifest, tokenizer_files, plan)
+    engine.load_s = time.perf_counter() - t0
+    log.info("loaded engine %s in %.2fs", path, engine.load_s)
+    return engine
+
+
+class Engine(CompiledLM):
+    """A loaded engine: ``generate`` as SpecModel's, plus the tokenizer (``tokenizers``, no transformers)."""
+
+    _larger_cache = "compile the engine again with a larger --max-cache-len"
+
+    def __init__(self, programs: dict, manifest: dict, tokenizer_files: dict[str, bytes], plan):
+        super().__init__(
+            programs,
+            _spec_from_json(manifest["cache"]),
+            vocab_size=manifest["vocab_size"],
+            generation_config=types.SimpleNamespace(**manifest["generation_config"]),
+            device=torch.device("cpu"),
+        )
+        self.manifest = manifest
+        self.plan = plan
+        self.load_s = 0.0
+        self.tokenizer = None
+        self._tokenizer_config: dict = {}
+        self._chat_template = None
+        if "tokenizer.json" in tokenizer_files:
+            from tokenizers import Tokenizer
+
+            self.tokenizer = Tokenizer.from_str(tokenizer_files["tokenizer.json"].decode())
+            if "tokenizer_config.json" in tokenizer_files:
+                self._tokenizer_config = json.loads(tokenizer_files["tokenizer_config.json"])
+            template = tokenizer_files.get("chat_template.jinja")
+            self._chat_template = template.decode() if template else self._tokenizer_config.get("chat_template")
+
+    def _need_tokenizer(self):
+        if self.tokenizer is None:
+            raise SpecPassError("this engine was compiled without a tokenizer: pass token ids, not text")
+        return self.tokenizer
+
+    def chat_ids(self, text: str) -> torch.Tensor:
+        """(1, n) ids of ``text`` as the first user turn of a chat: what specpass.models.chat_ids gives."""
+        tok = self._need_tokenizer()
+        if self._chat_template:
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            # As transformers renders chat templates (its apply_chat_template), without importing it.
+            env = ImmutableSandboxedEnvironment(
+                trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+            )
+            env.globals["raise_exception"] = _raise_template_error
+            specials = {k: v for k, v in self._tokenizer_config.items() if k.endswith("_token") and isinstance(v, str)}
+            text = env.from_string(self._chat_template).render(
+                messages=[{"role": "user", "content": text}], add_generation_prompt=True, **specials
+            )
+            ids = tok.encode(text, add_special_tokens=False).ids
+        else:
+            ids = tok.encode(text).ids
+        return torch.tensor([ids], dtype=torch.long)
+
+    def decode(self, ids, *, skip_special_tokens: bool = True) -> str:
+        return self._need_tokenizer().decode(list(map(int, ids)), skip_special_tokens=skip_special_tokens)
+
+
+def _raise_template_error(message: str):
+    raise SpecPassError(f"the engine's chat template refused the prompt: {message}")

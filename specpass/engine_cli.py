@@ -1,0 +1,214 @@
+"""``specpass compile``, ``specpass run`` and ``specpass inspect``: engine files from the command line.
+
+``run`` and ``inspect`` import neither transformers nor specpass's compiler side: an engine is read with
+the ``tokenizers`` library and AOTInductor's loader only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from specpass.errors import SpecPassError
+
+
+# ---- compile -------------------------------------------------------------------------------------------
+def add_compile_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Compile a model into one engine file: the AOTInductor programs (prefill, decode/verify, draft), "
+        "the weights once, the tokenizer and the speculation plan. By default the plan is the cached one "
+        "for this model, or calibrated now (as specpass.optimize does)."
+    )
+    parser.add_argument("model", help="'default' (SmolLM2-135M-Instruct), a local model directory or a Hub id")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT.specpass", help="the engine file to write")
+    parser.add_argument(
+        "--backend",
+        default="aoti",
+        choices=("aoti", "tensorrt"),
+        help="aoti: AOTInductor (CPU or GPU); tensorrt: Torch-TensorRT, needs a CUDA GPU (default: %(default)s)",
+    )
+    plan = parser.add_mutually_exclusive_group()
+    plan.add_argument("--plan", metavar="PLAN.json", help="use this SpecPlan (from specpass.calibrate / SpecPlan.save)")
+    plan.add_argument("--calibrate", action="store_true", help="calibrate now, even when a cached plan exists")
+    plan.add_argument("--no-speculate", action="store_true", help="plain compiled decoding only")
+    parser.add_argument(
+        "--max-cache-len", type=int, default=1024, metavar="N", help="longest prompt + answer (default: %(default)s)"
+    )
+    parser.add_argument("--json", action="store_true", help="print a JSON summary instead of text")
+
+
+def run_compile(args: argparse.Namespace) -> int:
+    import time
+
+    import specpass
+    from specpass import models
+    from specpass.engine import write_engine
+
+    if args.backend == "tensorrt":
+        from specpass.lower.tensorrt import require_tensorrt
+
+        require_tensorrt()  # a clear error without a GPU or torch-tensorrt
+        raise SpecPassError(
+            "engine files hold AOTInductor packages; a TensorRT engine file is not implemented yet. Use "
+            "--backend aoti, or specpass.optimize(model, backend='tensorrt') in Python"
+        )
+    out = Path(args.output)
+    if out.is_dir():
+        raise SpecPassError(f"{out} is a directory; pass a file path such as {out / 'model.specpass'}")
+    plan = None
+    if args.plan:
+        plan = specpass.SpecPlan.load(args.plan) if Path(args.plan).is_file() else None
+        if plan is None:
+            raise SpecPassError(f"--plan {args.plan}: no such file")
+    t0 = time.perf_counter()
+    model, tokenizer = models.load(args.model)
+    sm = specpass.optimize(
+        model,
+        speculate=False if args.no_speculate else "auto",
+        plan=plan,
+        tokenizer=tokenizer,
+        max_cache_len=args.max_cache_len,
+        recalibrate=args.calibrate,
+    )
+    manifest = write_engine(sm, out, tokenizer=tokenizer)
+    size = out.stat().st_size
+    result = {
+        "engine": str(out),
+        "bytes": size,
+        "weight_bytes": manifest["weight_bytes"],
+        "programs": sorted(manifest["programs"]),
+        "plan": sm.plan.describe() if sm.plan is not None else "no speculation",
+        "seconds": time.perf_counter() - t0,
+    }
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print(
+            f"wrote {out}: {size / 1e6:.1f} MB ({size / manifest['weight_bytes']:.3f}x the weights), programs "
+            f"{', '.join(result['programs'])}; {result['plan']}; {result['seconds']:.0f}s"
+        )
+    return 0
+
+
+# ---- run -----------------------------------------------------------------------------------------------
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = "Generate from an engine file alone (no model download, no transformers modeling code)."
+    parser.add_argument("engine", help="an engine file written by specpass compile")
+    parser.add_argument("--prompt", required=True, help="the user's message (the chat template is applied)")
+    parser.add_argument("--raw", action="store_true", help="tokenize the prompt as it is, without the chat template")
+    parser.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="(default: %(default)s)")
+    parser.add_argument(
+        "--temperature", type=float, default=0.0, metavar="T", help="0: greedy; > 0: sampling (default: %(default)s)"
+    )
+    parser.add_argument("--top-k", type=int, default=None, metavar="K", help="sampling: keep the K likeliest")
+    parser.add_argument("--top-p", type=float, default=None, metavar="P", help="sampling: nucleus mass")
+    parser.add_argument("--seed", type=int, default=None, help="sampling: random seed")
+    parser.add_argument("--stream", action="store_true", help="print the answer as it is generated")
+    parser.add_argument("--json", action="store_true", help='print {"text", "token_ids", "stats"} as JSON')
+
+
+class _TextStream:
+    """Prints the answer as tokens arrive; decoding the whole answer each time keeps multi-byte characters whole."""
+
+    def __init__(self, engine):
+        self.engine, self.ids, self.shown, self.prompt_seen = engine, [], "", False
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:  # the first put is the prompt
+            self.prompt_seen = True
+            return
+        self.ids.extend(int(t) for t in value.reshape(-1))
+        self._show(final=False)
+
+    def _show(self, final: bool) -> None:
+        text = self.engine.decode(self.ids)
+        if final or not text.endswith("\ufffd"):  # an incomplete character: wait for the next token
+            sys.stdout.write(text[len(self.shown) :] + ("\n" if final else ""))
+            sys.stdout.flush()
+            self.shown = text
+
+    def end(self) -> None:
+        self._show(final=True)
+
+
+def run_run(args: argparse.Namespace) -> int:
+    import torch
+
+    from specpass.engine import load_engine
+
+    if args.temperature < 0:
+        raise SpecPassError(f"--temperature must be >= 0, got {args.temperature}")
+    engine = load_engine(args.engine)
+    ids = engine._need_tokenizer().encode(args.prompt).ids if args.raw else None
+    ids = torch.tensor([ids], dtype=torch.long) if ids is not None else engine.chat_ids(args.prompt)
+    sampling = {"do_sample": args.temperature > 0}
+    if args.temperature > 0:
+        sampling.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+        if args.seed is not None:
+            sampling["generator"] = torch.Generator().manual_seed(args.seed)
+    streamer = _TextStream(engine) if args.stream and not args.json else None
+    out = engine.generate(ids, max_new_tokens=args.max_new_tokens, streamer=streamer, **sampling)
+    new = out[0, ids.shape[1] :].tolist()
+    text = engine.decode(new)
+    stats = {**engine.last_stats.as_dict(), "load_s": engine.load_s}
+    if args.json:
+        print(json.dumps({"text": text, "token_ids": new, "stats": stats}))
+    elif streamer is None:
+        print(text)
+    if not args.json:
+        print(
+            f"[{len(new)} tokens, {stats['tokens_per_s']:.1f} tokens/s, tau {stats['tau']:.2f}, "
+            f"engine loaded in {engine.load_s:.1f}s]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+# ---- inspect -------------------------------------------------------------------------------------------
+def add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = "Show an engine file's manifest, plan and programs (signature, op counts, pass history)."
+    parser.add_argument("engine", help="an engine file written by specpass compile")
+    parser.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    parser.add_argument("--ops", type=int, default=8, metavar="N", help="most frequent ops shown per program")
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    from specpass.engine import read_manifest
+
+    m = read_manifest(args.engine)
+    if args.json:
+        print(json.dumps(m, indent=1))
+        return 0
+    config = m["model"]["config"]
+    versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
+    print(f"engine      {args.engine} (format {m['format_version']}, {m['backend']}; built with {versions})")
+    print(f"model       {m['model']['class']} {m['model']['name_or_path']}".rstrip())
+    layers, hidden = config.get("num_hidden_layers", "?"), config.get("hidden_size", "?")
+    print(f"            {layers} layers, hidden {hidden}, vocab {m['vocab_size']}")
+    cache = m["cache"]
+    print(
+        f"cache       {cache['max_cache_len']} tokens, {cache['num_layers']} layers x {cache['num_kv_heads']} KV heads "
+        f"x {cache['head_dim']}, {cache['dtype']}"
+    )
+    plan = m["plan"]
+    if plan is None:
+        print("plan        none (plain decoding)")
+    else:
+        from specpass.tune.plan import SpecPlan
+
+        print(f"plan        {SpecPlan.from_json(json.dumps(plan)).describe()}")
+        if plan.get("reason"):
+            print(f"            {plan['reason']}")
+    print(f"weights     {m['weight_bytes'] / 1e6:.1f} MB, stored once")
+    for name, info in m["programs"].items():
+        s = info["summary"]
+        print(f"program     {name}: {s.get('nodes', '?')} nodes, {len(info['constants'])} constants")
+        for line in s.get("signature", []):
+            print(f"              {line}")
+        passes = [f"{h['pass']} ({h['n_matches']})" for h in s.get("passes", [])]
+        print(f"              passes: {', '.join(passes) or 'none'}")
+        top = sorted(s.get("ops", {}).items(), key=lambda kv: -kv[1])[: args.ops]
+        print(f"              ops: {', '.join(f'{op} x{n}' for op, n in top)}")
+    return 0

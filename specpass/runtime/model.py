@@ -1,0 +1,195 @@
+"""``CompiledLM``: compiled programs behind an HF-compatible ``generate`` (what SpecModel and engines share)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from specpass.capture import CacheSpec
+from specpass.errors import SpecPassError
+from specpass.runtime.generate import GenerationStats, StopChecker, generate, speculative_generate
+from specpass.runtime.kv_cache import KVCache
+from specpass.runtime.sampling import SamplingConfig
+
+# HF's own fallbacks for unset generation parameters (GenerationConfig._get_default_generation_params).
+# With neither max_new_tokens nor max_length set anywhere, HF generates 20 new tokens.
+_HF_DEFAULTS = {"max_new_tokens": 20, "temperature": 1.0, "top_k": 50, "top_p": 1.0}
+
+# generation_config settings that change HF's output and that specpass does not implement, with the value
+# that means "off". A model that sets one gets a SpecPassError instead of silently different tokens.
+_UNSUPPORTED = {
+    "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "bad_words_ids": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "min_length": 0,
+    "min_new_tokens": None,
+    "sequence_bias": None,
+    "num_beams": 1,
+    "num_return_sequences": 1,
+    "typical_p": 1.0,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+    "min_p": None,
+    "top_h": None,
+    "exponential_decay_length_penalty": None,
+    "guidance_scale": None,
+    "watermarking_config": None,
+    "penalty_alpha": None,
+}
+
+
+class CompiledLM:
+    """Compiled programs, the KV cache they share, and an HF-compatible ``generate``; needs no HF model.
+
+    ``programs``: ``prefill``, ``decode`` (any number of tokens: plain decoding and verification) and,
+    with a plan that has one, ``draft``. ``generation_config``: anything with HF's attribute names.
+    """
+
+    #: what to do when a request does not fit the cache
+    _larger_cache = "pass a larger max_cache_len to specpass.optimize()"
+
+    def __init__(self, programs: dict, spec: CacheSpec, *, vocab_size: int, generation_config, device):
+        self.programs = programs
+        self.spec = spec
+        self.vocab_size = vocab_size
+        self.generation_config = generation_config
+        self.cache = KVCache(spec, device=device)
+        self.last_stats: GenerationStats | None = None
+        self.plan = None  # a SpecPlan: speculative decoding when it says so and its drafts are ready
+
+    @property
+    def speculative(self) -> bool:
+        if self.plan is None or not self.plan.speculate:
+            return False
+        return bool(self.plan.lookup) or (self.plan.has_draft and "draft" in self.programs)
+
+    @property
+    def max_cache_len(self) -> int:
+        return self.spec.max_cache_len
+
+    def _default(self, name: str, value):
+        """An argument, else the model's generation_config, else HF's fallback."""
+        if value is None and self.generation_config is not None:
+            value = getattr(self.generation_config, name, None)
+        return _HF_DEFAULTS.get(name) if value is None else value
+
+    def _check_generation_config(self) -> None:
+        for name, off in _UNSUPPORTED.items():
+            value = getattr(self.generation_config, name, None)
+            if value is not None and value != off:
+                raise SpecPassError(
+                    f"generation_config.{name}={value!r} changes HF's output and is not supported by specpass; "
+                    f"unset it (model.generation_config.{name} = None) before specpass.optimize()"
+                )
+
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        max_new_tokens: int | None = None,
+        do_sample: bool | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
+        stop_strings: str | Sequence[str] | None = None,
+        tokenizer=None,
+        streamer=None,
+        generator: torch.Generator | None = None,
+        speculate: bool | None = None,
+    ) -> torch.Tensor:
+        """Like ``model.generate``: returns (1, prompt + new) ids. Unset arguments come from generation_config.
+
+        ``speculate=False`` decodes one token per step even when the plan speculates (the output is the same).
+        """
+        input_ids = self._check_ids(input_ids)
+        if attention_mask is not None:
+            input_ids = self._strip_left_padding(input_ids, attention_mask)
+        self._check_generation_config()
+        if max_new_tokens is None:
+            max_new_tokens = getattr(self.generation_config, "max_new_tokens", None)
+        max_length = getattr(self.generation_config, "max_length", None)
+        if max_new_tokens is None and max_length is not None:  # a model's max_length counts the prompt too
+            max_new_tokens = max_length - input_ids.shape[1]
+            if max_new_tokens < 1:
+                raise SpecPassError(
+                    f"the prompt ({input_ids.shape[1]} tokens) fills generation_config.max_length; pass max_new_tokens"
+                )
+        max_new_tokens = self._default("max_new_tokens", max_new_tokens)
+        if max_new_tokens < 1:
+            raise SpecPassError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        total = input_ids.shape[1] + max_new_tokens
+        if total > self.max_cache_len:
+            raise SpecPassError(
+                f"prompt ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) = {total} tokens exceeds "
+                f"max_cache_len={self.max_cache_len}; {self._larger_cache}"
+            )
+        sampling = SamplingConfig(
+            do_sample=bool(self._default("do_sample", do_sample)),
+            temperature=float(self._default("temperature", temperature)),
+            top_k=self._default("top_k", top_k),
+            top_p=self._default("top_p", top_p),
+        )
+        eos = self._default("eos_token_id", eos_token_id)
+        eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        if isinstance(stop_strings, str):
+            stop_strings = [stop_strings]
+        stop = StopChecker(max_new_tokens, eos, stop_strings or [], tokenizer)
+        if self.speculative and speculate is not False:
+            out, self.last_stats = speculative_generate(
+                self.programs,
+                self.cache,
+                input_ids,
+                policy=self.plan.policy(),
+                sampling=sampling,
+                stop=stop,
+                streamer=streamer,
+                generator=generator,
+            )
+        else:
+            out, self.last_stats = generate(
+                self.programs,
+                self.cache,
+                input_ids,
+                sampling=sampling,
+                stop=stop,
+                streamer=streamer,
+                generator=generator,
+            )
+        return out
+
+    def _check_ids(self, input_ids) -> torch.Tensor:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.long, torch.int):
+            raise SpecPassError("input_ids must be an integer torch.Tensor of shape (1, n)")
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise SpecPassError(f"input_ids must have shape (1, n) with n >= 1, got {tuple(input_ids.shape)}")
+        if input_ids.shape[0] != 1:
+            raise SpecPassError(
+                f"batch size {input_ids.shape[0]} is not supported yet: specpass generates one sequence at a time; "
+                "call generate() once per prompt"
+            )
+        vocab = self.vocab_size
+        if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:
+            raise SpecPassError(f"input_ids hold ids outside the vocabulary [0, {vocab})")
+        return input_ids.long()
+
+    @staticmethod
+    def _strip_left_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        # Batch 1: left padding is masked out by HF and positions restart after it, so dropping it is the
+        # same computation. Holes anywhere else are not something generate() of one sequence produces.
+        mask = attention_mask.reshape(-1).bool()
+        if mask.shape[0] != input_ids.shape[1]:
+            raise SpecPassError(f"attention_mask has {mask.shape[0]} entries for {input_ids.shape[1]} input ids")
+        keep = int(mask.sum())
+        if keep == 0 or not bool(mask[-keep:].all()):
+            raise SpecPassError("attention_mask must be ones after optional left padding (batch 1)")
+        return input_ids[:, -keep:]

@@ -1,0 +1,264 @@
+"""Engine files on a tiny chat model (AOTInductor): write, load, generate, the CLI, and every bad-file case."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import types
+import zipfile
+
+import pytest
+import torch
+from test_bench import tiny_chat_model
+
+import specpass
+from specpass.cli import main
+from specpass.engine import MANIFEST, WEIGHTS, load_engine, read_manifest, write_engine
+from specpass.errors import SpecPassError
+from specpass.models import chat_ids
+from specpass.tune.plan import SpecPlan
+
+#: lookup first, then an early-exit draft program: the engine holds prefill, decode and draft
+PLAN = SpecPlan(speculate=True, lookup=2, exit_layer=0, max_draft=2, threshold=0.0, adaptive=False)
+PROMPT = "hello there"
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """The tiny chat model saved as a model directory, and its engine written by ``specpass compile``."""
+    tmp = tmp_path_factory.mktemp("engine")
+    model, tok = tiny_chat_model()
+    model.save_pretrained(tmp / "model")
+    tok.save_pretrained(tmp / "model")
+    PLAN.save(tmp / "plan.json")
+    path = tmp / "tiny.specpass"
+    rc = main(
+        ["compile", str(tmp / "model"), "-o", str(path), "--plan", str(tmp / "plan.json"), "--max-cache-len", "64"]
+    )
+    assert rc == 0
+    return model, tok, path, read_manifest(path)
+
+
+def _hf(model, ids, n):
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False)
+
+
+def test_engine_reproduces_the_model(compiled):
+    model, tok, path, manifest = compiled
+    assert sorted(manifest["programs"]) == ["decode", "draft", "prefill"]
+    engine = load_engine(path)
+    ids = chat_ids(tok, PROMPT)
+    assert torch.equal(engine.chat_ids(PROMPT), ids)  # the chat template, rendered without transformers
+    out = engine.generate(ids, max_new_tokens=24, do_sample=False)
+    assert torch.equal(out, _hf(model, ids, 24))
+    assert engine.speculative and engine.plan.lookup == PLAN.lookup and engine.plan.exit_layer == PLAN.exit_layer
+    assert engine.decode(out[0, ids.shape[1] :]) == tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def test_engine_stores_the_weights_once(compiled):
+    model, _, path, manifest = compiled
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied head counted once
+    with zipfile.ZipFile(path) as z:
+        stored = z.getinfo(WEIGHTS).file_size
+        packages = [z.getinfo(p["package"]).file_size for p in manifest["programs"].values()]
+    # Three programs do not mean three copies: the weights are stored once, and no package holds them.
+    assert manifest["weight_bytes"] <= 1.2 * weight_bytes
+    assert stored <= 1.2 * weight_bytes + 65536  # + the safetensors header
+    assert all(size < stored for size in packages) or weight_bytes < 1e6  # tiny weights: the .so code dominates
+    bindings = [set(p["constants"].values()) for p in manifest["programs"].values()]
+    assert len(set.union(*bindings)) < sum(len(b) for b in bindings)  # programs share stored tensors
+
+
+def test_run_cli_needs_no_transformers_modeling_code(compiled):
+    model, tok, path, _ = compiled
+    script = (
+        "import json, sys\n"
+        "from specpass.cli import main\n"
+        f"rc = main(['run', {str(path)!r}, '--prompt', {PROMPT!r}, '--max-new-tokens', '12', '--json'])\n"
+        "bad = sorted(m for m in sys.modules if m.startswith('transformers'))\n"
+        "print(json.dumps({'rc': rc, 'transformers': bad}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    first, last = proc.stdout.strip().splitlines()[-2:]
+    result, env = json.loads(first), json.loads(last)
+    assert env == {"rc": 0, "transformers": []}
+    ids = chat_ids(tok, PROMPT)
+    want = _hf(model, ids, 12)[0, ids.shape[1] :].tolist()
+    assert result["token_ids"] == want and result["stats"]["new_tokens"] == len(want)
+    assert result["text"] == tok.decode(want, skip_special_tokens=True)
+
+
+def test_run_cli_streams_and_samples(compiled, capsys):
+    _, _, path, _ = compiled
+    assert main(["run", str(path), "--prompt", PROMPT, "--max-new-tokens", "8", "--stream"]) == 0
+    streamed = capsys.readouterr()
+    assert "tokens/s" in streamed.err
+    assert main(["run", str(path), "--prompt", PROMPT, "--max-new-tokens", "8", "--json"]) == 0
+    assert streamed.out.strip() == json.loads(capsys.readouterr().out)["text"].strip()
+    runs = []
+    for _ in range(2):
+        args = ["--temperature", "0.8", "--seed", "3", "--max-new-tokens", "8", "--json"]
+        assert main(["run", str(path), "--prompt", PROMPT, *args]) == 0
+        runs.append(json.loads(capsys.readouterr().out)["token_ids"])
+    assert runs[0] == runs[1]  # seeded sampling repeats
+    assert main(["run", str(path), "--prompt", PROMPT, "--max-new-tokens", "100"]) == 2
+    assert "compile the engine again with a larger --max-cache-len" in capsys.readouterr().err
+
+
+def test_inspect_cli(compiled, capsys):
+    _, _, path, manifest = compiled
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    for text in ("program     draft", "insert_early_exit", "input_ids: i64[1, ", "context lookup", "stored once"):
+        assert text in out
+    assert main(["inspect", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == manifest
+
+
+# ---- bad engine files ------------------------------------------------------------------------------------
+def _rewrite(src, dst, edit_manifest=None, edit_entry=None):
+    """Copy an engine, changing its manifest (a function of the dict) or one entry's bytes (name, function)."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            data = zin.read(info.filename)
+            if info.filename == MANIFEST and edit_manifest is not None:
+                manifest = json.loads(data)
+                edit_manifest(manifest)
+                data = json.dumps(manifest).encode()
+            if edit_entry is not None and info.filename == edit_entry[0]:
+                data = edit_entry[1](data)
+            zout.writestr(info.filename, data)
+    return dst
+
+
+def _flip_middle_byte(data: bytes) -> bytes:
+    i = len(data) // 2
+    return data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1 :]
+
+
+def _set(path_in_manifest, value):
+    def edit(m):
+        node = m
+        for key in path_in_manifest[:-1]:
+            node = node[key]
+        node[path_in_manifest[-1]] = value
+
+    return edit
+
+
+def _bad_files(src, tmp):
+    truncated = tmp / "truncated.specpass"
+    truncated.write_bytes(src.read_bytes()[: src.stat().st_size // 2])
+    corrupted = tmp / "corrupted.specpass"
+    data = bytearray(src.read_bytes())
+    with zipfile.ZipFile(src) as z:
+        info = z.getinfo(WEIGHTS)
+    middle = info.header_offset + 30 + len(info.filename) + info.compress_size // 2  # inside the weights' data
+    data[middle] ^= 0xFF
+    corrupted.write_bytes(bytes(data))
+    zip_without_manifest = tmp / "other.zip"
+    with zipfile.ZipFile(zip_without_manifest, "w") as z:
+        z.writestr("hello.txt", "hi")
+    text = tmp / "notes.txt"
+    text.write_text("not an engine")
+    return {
+        "truncated": (truncated, "truncated"),
+        "corrupted": (corrupted, "damaged"),
+        "checksum": (
+            _rewrite(src, tmp / "checksum.specpass", edit_entry=(WEIGHTS, _flip_middle_byte)),
+            "checksum mismatch for weights.safetensors",
+        ),
+        "newer_format": (
+            _rewrite(src, tmp / "newer.specpass", _set(["format_version"], 99)),
+            "newer than this specpass reads",
+        ),
+        "other_torch": (
+            _rewrite(src, tmp / "torch.specpass", _set(["versions", "torch"], "1.13.1")),
+            "compiled with torch 1.13.1",
+        ),
+        "not_an_engine": (text, "not a specpass engine"),
+        "zip_without_manifest": (zip_without_manifest, "not a specpass engine"),
+        "missing": (tmp / "nowhere.specpass", "no such engine file"),
+    }
+
+
+BAD = [
+    "truncated",
+    "corrupted",
+    "checksum",
+    "newer_format",
+    "other_torch",
+    "not_an_engine",
+    "zip_without_manifest",
+    "missing",
+]
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_engine_files_are_refused_clearly(compiled, tmp_path, capsys, case):
+    _, _, path, _ = compiled
+    bad, message = _bad_files(path, tmp_path)[case]
+    with pytest.raises(SpecPassError, match=message):
+        load_engine(bad)
+    assert main(["run", str(bad), "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("specpass: error:") and message in err and "Traceback" not in err
+    if case not in ("checksum", "corrupted", "other_torch", "truncated"):  # inspect reads the manifest only
+        with pytest.raises(SpecPassError, match=message):
+            read_manifest(bad)
+
+
+def test_an_interrupted_write_leaves_nothing(compiled, tmp_path, monkeypatch):
+    model, tok, path, _ = compiled
+    engine = load_engine(path)
+    # What write_engine reads of a SpecModel, from the loaded engine's AOTInductor programs (no recompile).
+    sm = types.SimpleNamespace(
+        model=model,
+        programs=engine.programs,
+        backend="inductor",
+        summaries={},
+        generation_config=model.generation_config,
+        vocab_size=engine.vocab_size,
+        spec=engine.spec,
+        plan=engine.plan,
+    )
+    real = zipfile.ZipFile.writestr
+    calls = []
+
+    def interrupted(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # after the manifest and one payload
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(zipfile.ZipFile, "writestr", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_engine(sm, tmp_path / "out.specpass", tokenizer=tok)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    write_engine(sm, tmp_path / "out.specpass", tokenizer=tok)  # the same call, uninterrupted, writes the file
+    assert torch.equal(
+        load_engine(tmp_path / "out.specpass").generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4),
+        engine.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4),
+    )
+
+
+def test_only_aoti_programs_can_be_written(tmp_path):
+    model, tok = tiny_chat_model()
+    sm = specpass.optimize(model, speculate=False, backend="eager", max_cache_len=32, progress=False)
+    with pytest.raises(SpecPassError, match="backend 'eager'"):
+        write_engine(sm, tmp_path / "x.specpass")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_tensorrt_without_a_gpu_is_a_clear_error(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU: the GPU test covers TensorRT")
+    model, _ = tiny_chat_model()
+    with pytest.raises(SpecPassError, match="needs a CUDA GPU"):
+        specpass.optimize(model, speculate=False, backend="tensorrt", max_cache_len=32, progress=False)
+    assert main(["compile", "default", "-o", str(tmp_path / "x.specpass"), "--backend", "tensorrt"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
