@@ -70,8 +70,8 @@ class CalibrationSettings:
     train_seconds: float = 60.0  # per exit adapter (the bound: all training under 10 minutes)
     max_draft: int = 4
     skip_candidates: int = 4  # SWIFT-style skip sets scored
-    timed_prompts: int = 4  # prompts generated to time each finalist
-    timed_tokens: int = 64
+    timed_prompts: int = 6  # prompts generated to time each candidate (fewer: a few-percent noise decides)
+    timed_tokens: int = 96
     finalists: int = 2  # candidates compiled and timed against plain decoding
     lookup_tokens: tuple[int, ...] = (1, 2, 3)  # context-lookup draft lengths timed (0 in a plan: no lookup)
     lookup_min_ngrams: tuple[int, ...] = (1, 2)
