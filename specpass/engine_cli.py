@@ -205,10 +205,34 @@ def run_inspect(args: argparse.Namespace) -> int:
     for name, info in m["programs"].items():
         s = info["summary"]
         print(f"program     {name}: {s.get('nodes', '?')} nodes, {len(info['constants'])} constants")
-        for line in s.get("signature", []):
+        for line in _grouped(s.get("signature", [])):
             print(f"              {line}")
         passes = [f"{h['pass']} ({h['n_matches']})" for h in s.get("passes", [])]
         print(f"              passes: {', '.join(passes) or 'none'}")
         top = sorted(s.get("ops", {}).items(), key=lambda kv: -kv[1])[: args.ops]
         print(f"              ops: {', '.join(f'{op} x{n}' for op, n in top)}")
     return 0
+
+
+def _grouped(signature: list[str]) -> list[str]:
+    """Signature lines with runs of inputs of one type (the KV cache's k_i, v_i) folded into one line."""
+    out, run = [], []
+
+    def flush():
+        if len(run) > 2:
+            out.append(f"{run[0][0]} .. {run[-1][0]} ({len(run)} inputs): {run[0][1]}")
+        else:
+            out.extend(f"{name}: {kind}" for name, kind in run)
+        run.clear()
+
+    for line in signature:
+        name, sep, kind = line.partition(": ")
+        if not sep:  # the output line
+            flush()
+            out.append(line)
+            continue
+        if run and run[-1][1] != kind:
+            flush()
+        run.append((name, kind))
+    flush()
+    return out
