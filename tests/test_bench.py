@@ -121,8 +121,8 @@ def _eager_with_tau(model, tokenizer, cfg):
 WITH_TAU = bench.Method("with_tau", "hf_eager reporting a tau", _eager_with_tau)
 
 
-def run_small(model, tok, prompts_file, tmp_path, methods: str, registry=None) -> tuple[int, dict, str]:
-    """run_bench on 2 prompts, 6 new tokens: (exit code, JSON report, Markdown)."""
+def run_small(model, tok, prompts_file, tmp_path, methods: str, registry=None, extra=()) -> tuple[int, dict, str]:
+    """run_bench on 2 prompts, 6 new tokens (``extra`` options override): (exit code, JSON report, Markdown)."""
     out_json, out_md = tmp_path / "r.json", tmp_path / "r.md"
     args = bench_args(
         "--prompts",
@@ -139,6 +139,7 @@ def run_small(model, tok, prompts_file, tmp_path, methods: str, registry=None) -
         str(out_json),
         "--markdown",
         str(out_md),
+        *extra,
     )
     rc = bench.run_bench(args, model=model, tokenizer=tok, methods=registry)
     return rc, json.loads(out_json.read_text()), out_md.read_text()
@@ -195,30 +196,12 @@ def test_unknown_method_is_a_usage_error(tiny_chat, prompts_file):
 # --------------------------------------------------------------------------------------------------------
 def test_bench_reports_identical_outputs(tiny_chat, prompts_file, tmp_path, capsys):
     model, tok = tiny_chat
-    out_json, out_md = tmp_path / "r.json", tmp_path / "r.md"
-    args = bench_args(
-        "--prompts",
-        str(prompts_file),
-        "--num-prompts",
-        "3",
-        "--max-new-tokens",
-        "8",
-        "--methods",
-        "hf_eager,specpass",
-        "--backend",
-        "eager",
-        "--threads",
-        "1",
-        "--json",
-        str(out_json),
-        "--markdown",
-        str(out_md),
-    )
-    assert bench.run_bench(args, model=model, tokenizer=tok) == 0
+    extra = ("--num-prompts", "3", "--max-new-tokens", "8", "--backend", "eager")
+    rc, data, md = run_small(model, tok, prompts_file, tmp_path, "hf_eager,specpass", extra=extra)
+    assert rc == 0
 
     printed = capsys.readouterr().out
     assert "| specpass |" in printed and "| math |" in printed
-    data = json.loads(out_json.read_text())
     assert data["exit_code"] == 0
     assert data["config"]["methods"] == ["hf_eager", "specpass"]
     assert data["config"]["max_cache_len"] % 64 == 0
@@ -239,7 +222,6 @@ def test_bench_reports_identical_outputs(tiny_chat, prompts_file, tmp_path, caps
     assert data["machine"]["threads"] == 1 and data["machine"]["torch"] == torch.__version__
     assert data["command"].startswith("specpass bench --model default --prompts ")
 
-    md = out_md.read_text()
     assert md.startswith("## SmolLM2-135M-Instruct: 3 Spec-Bench prompts, 8 new tokens")
     assert data["command"] in md and "| method | tokens/s |" in md and "| category |" in md
     assert "torch " + torch.__version__ in md
@@ -247,25 +229,12 @@ def test_bench_reports_identical_outputs(tiny_chat, prompts_file, tmp_path, caps
 
 def test_a_wrong_method_fails_the_run(tiny_chat, prompts_file, tmp_path, capsys):
     model, tok = tiny_chat
-    out_json = tmp_path / "r.json"
-    args = bench_args(
-        "--prompts",
-        str(prompts_file),
-        "--num-prompts",
-        "2",
-        "--max-new-tokens",
-        "8",
-        "--methods",
-        "hf_eager,wrong",
-        "--json",
-        str(out_json),
-    )
     methods = {**bench.METHODS, "wrong": WRONG}
-    assert bench.run_bench(args, model=model, tokenizer=tok, methods=methods) == 1
+    rc, data, _ = run_small(model, tok, prompts_file, tmp_path, "hf_eager,wrong", methods, ("--max-new-tokens", "8"))
+    assert rc == 1
 
     printed = capsys.readouterr().out
     assert "MISMATCH: wrong on question 1" in printed and "FAILED" in printed
-    data = json.loads(out_json.read_text())
     assert data["exit_code"] == 1
     assert data["summary"]["wrong"]["identical"] is False
     assert data["summary"]["wrong"]["mismatches"] == 2
