@@ -115,6 +115,27 @@ def _step(program: Program, cache: KVCache, ids: torch.Tensor) -> torch.Tensor:
     return logits
 
 
+def _prefill(programs, cache, input_ids, sampling, generator, streamer, stats) -> torch.Tensor:
+    """Start a generation: empty the cache, echo the prompt to the streamer, run the prompt; the first token."""
+    cache.reset()
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+    t0 = time.perf_counter()
+    logits = _step(programs["prefill"], cache, input_ids)
+    token = select(logits[:, -1], sampling, generator)
+    stats.prefill_s = time.perf_counter() - t0
+    return token
+
+
+def _finish(input_ids: torch.Tensor, new: list[int], stats: GenerationStats, streamer):
+    """End a generation: close the stream; prompt + new ids, and the stats."""
+    if streamer is not None:
+        streamer.end()
+    stats.new_tokens = len(new)
+    out = torch.tensor([new], dtype=input_ids.dtype, device=input_ids.device)
+    return torch.cat([input_ids, out], dim=1), stats
+
+
 def generate(
     programs: dict[str, Program],
     cache: KVCache,
@@ -127,15 +148,9 @@ def generate(
 ) -> tuple[torch.Tensor, GenerationStats]:
     """Autoregressive generation with the ``prefill`` and ``decode`` programs; returns prompt + new ids."""
     stats = GenerationStats(prompt_tokens=input_ids.shape[1])
-    cache.reset()
-    if streamer is not None:
-        streamer.put(input_ids.cpu())
     new: list[int] = []
     with torch.no_grad():  # not inference_mode: its tensors would not match the compiled guards
-        t0 = time.perf_counter()
-        logits = _step(programs["prefill"], cache, input_ids)
-        token = select(logits[:, -1], sampling, generator)
-        stats.prefill_s = time.perf_counter() - t0
+        token = _prefill(programs, cache, input_ids, sampling, generator, streamer, stats)
         t0 = time.perf_counter()
         while True:
             new.append(int(token))
@@ -147,11 +162,7 @@ def generate(
             token = select(logits[:, -1], sampling, generator)
             stats.steps += 1
         stats.decode_s = time.perf_counter() - t0
-    if streamer is not None:
-        streamer.end()
-    stats.new_tokens = len(new)
-    out = torch.tensor([new], dtype=input_ids.dtype, device=input_ids.device)
-    return torch.cat([input_ids, out], dim=1), stats
+    return _finish(input_ids, new, stats, streamer)
 
 
 @dataclasses.dataclass
@@ -196,15 +207,9 @@ def speculative_generate(
     index = None
     if policy.lookup:
         index = NgramIndex(input_ids[0].tolist(), max_n=policy.lookup_max_ngram, min_n=policy.lookup_min_ngram)
-    cache.reset()
-    if streamer is not None:
-        streamer.put(input_ids.cpu())
     new: list[int] = []
     with torch.no_grad():
-        t0 = time.perf_counter()
-        logits = _step(programs["prefill"], cache, input_ids)
-        token = select(logits[:, -1], sampling, generator)
-        stats.prefill_s = time.perf_counter() - t0
+        token = _prefill(programs, cache, input_ids, sampling, generator, streamer, stats)
         t_start = time.perf_counter()
         pending = [int(token)]  # verified tokens not yet emitted; the last one is not in the cache yet
         while True:
@@ -269,8 +274,4 @@ def speculative_generate(
                 threshold += policy.step if rate < policy.target_acceptance else -policy.step
                 threshold = min(max(threshold, 0.0), 1.0)
         stats.decode_s = time.perf_counter() - t_start
-    if streamer is not None:
-        streamer.end()
-    stats.new_tokens = len(new)
-    out = torch.tensor([new], dtype=input_ids.dtype, device=input_ids.device)
-    return torch.cat([input_ids, out], dim=1), stats
+    return _finish(input_ids, new, stats, streamer)
