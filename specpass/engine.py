@@ -309,10 +309,12 @@ class Engine(CompiledLM):
             text = env.from_string(self._chat_template).render(
                 messages=[{"role": "user", "content": text}], add_generation_prompt=True, **specials
             )
-            ids = tok.encode(text, add_special_tokens=False).ids
-        else:
-            ids = tok.encode(text).ids
-        return torch.tensor([ids], dtype=torch.long)
+            return torch.tensor([tok.encode(text, add_special_tokens=False).ids], dtype=torch.long)
+        return self.encode(text)
+
+    def encode(self, text: str) -> torch.Tensor:
+        """(1, n) ids of ``text`` as it is (with the tokenizer's own special tokens), no chat template."""
+        return torch.tensor([self._need_tokenizer().encode(text).ids], dtype=torch.long)
 
     def decode(self, ids, *, skip_special_tokens: bool = True) -> str:
         return self._need_tokenizer().decode(list(map(int, ids)), skip_special_tokens=skip_special_tokens)

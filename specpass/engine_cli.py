@@ -59,9 +59,9 @@ def run_compile(args: argparse.Namespace) -> int:
         raise SpecPassError(f"{out} is a directory; pass a file path such as {out / 'model.specpass'}")
     plan = None
     if args.plan:
-        plan = specpass.SpecPlan.load(args.plan) if Path(args.plan).is_file() else None
-        if plan is None:
+        if not Path(args.plan).is_file():
             raise SpecPassError(f"--plan {args.plan}: no such file")
+        plan = specpass.SpecPlan.load(args.plan)
     t0 = time.perf_counter()
     model, tokenizer = models.load(args.model)
     sm = specpass.optimize(
@@ -141,8 +141,7 @@ def run_run(args: argparse.Namespace) -> int:
     if args.temperature < 0:
         raise SpecPassError(f"--temperature must be >= 0, got {args.temperature}")
     engine = load_engine(args.engine)
-    ids = engine._need_tokenizer().encode(args.prompt).ids if args.raw else None
-    ids = torch.tensor([ids], dtype=torch.long) if ids is not None else engine.chat_ids(args.prompt)
+    ids = engine.encode(args.prompt) if args.raw else engine.chat_ids(args.prompt)
     sampling = {"do_sample": args.temperature > 0}
     if args.temperature > 0:
         sampling.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)

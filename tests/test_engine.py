@@ -92,7 +92,7 @@ def test_run_cli_needs_no_transformers_modeling_code(compiled):
 
 
 def test_run_cli_streams_and_samples(compiled, capsys):
-    _, _, path, _ = compiled
+    _, tok, path, _ = compiled
     assert main(["run", str(path), "--prompt", PROMPT, "--max-new-tokens", "8", "--stream"]) == 0
     streamed = capsys.readouterr()
     assert "tokens/s" in streamed.err
@@ -104,6 +104,8 @@ def test_run_cli_streams_and_samples(compiled, capsys):
         assert main(["run", str(path), "--prompt", PROMPT, *args]) == 0
         runs.append(json.loads(capsys.readouterr().out)["token_ids"])
     assert runs[0] == runs[1]  # seeded sampling repeats
+    assert main(["run", str(path), "--prompt", PROMPT, "--raw", "--max-new-tokens", "4", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["stats"]["prompt_tokens"] == len(tok(PROMPT).input_ids)
     assert main(["run", str(path), "--prompt", PROMPT, "--max-new-tokens", "100"]) == 2
     assert "compile the engine again with a larger --max-cache-len" in capsys.readouterr().err
 
