@@ -93,33 +93,35 @@ class Tiny:
         return self.model.get_output_embeddings().weight.shape[0]
 
 
+#: the shape of the tests' tiny decoders: 2 layers, grouped-query attention (4 query heads on 2 KV heads)
+TINY_DECODER = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
+
+
+def tiny_llama(**overrides) -> torch.nn.Module:
+    """A random Llama of TINY_DECODER's shape (seed 0), with ``overrides`` applied to its config."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    return tf.LlamaForCausalLM(tf.LlamaConfig(**{**TINY_DECODER, **overrides}))
+
+
 def build_tiny(arch: str) -> torch.nn.Module:
     """A 2-layer random model of ``arch`` (fixed seed; only shapes matter for graphs)."""
     import transformers as tf
 
     torch.manual_seed(0)
     if arch == "llama":
-        config = tf.LlamaConfig(
-            vocab_size=64,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,  # grouped-query attention
-            max_position_embeddings=64,
-        )
-        model = tf.LlamaForCausalLM(config)
+        model = tiny_llama()
     elif arch == "qwen2":
-        config = tf.Qwen2Config(
-            vocab_size=64,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-        )
-        model = tf.Qwen2ForCausalLM(config)
+        model = tf.Qwen2ForCausalLM(tf.Qwen2Config(**TINY_DECODER))
     elif arch == "gpt2":
         config = tf.GPT2Config(
             vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0

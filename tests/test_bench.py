@@ -13,6 +13,7 @@ import types
 
 import pytest
 import torch
+from conftest import tiny_llama
 
 from specpass import bench
 from specpass.errors import SpecPassError
@@ -56,24 +57,15 @@ def byte_tokenizer():
 
 def tiny_chat_model():
     """A 2-layer random Llama over the byte tokenizer's 259 ids; eos is <|im_end|>."""
-    import transformers as tf
-
     tok = byte_tokenizer()
-    torch.manual_seed(0)
-    config = tf.LlamaConfig(
+    model = tiny_llama(
         vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=256,
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=2,
         initializer_range=0.2,  # wide logits: no accidental near-ties
-    )
-    model = tf.LlamaForCausalLM(config).eval()
+    ).eval()
     model.generation_config.eos_token_id = 2
     model.generation_config.pad_token_id = 2
     return model, tok

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import chi2_pvalue
+from conftest import chi2_pvalue, tiny_llama
 
 import specpass
 from specpass.coverage import build_tiny_model
@@ -150,16 +150,7 @@ def sampling_setup(request):
     the prompt holds every token followed by another, so the first sampled token always matches)."""
     import transformers as tf
 
-    torch.manual_seed(0)
-    config = tf.LlamaConfig(
-        vocab_size=8,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    model = tf.LlamaForCausalLM(config).eval().requires_grad_(False)
+    model = tiny_llama(vocab_size=8, max_position_embeddings=2048).eval().requires_grad_(False)
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(0.3)  # spread-out distributions over 8 tokens
     model.generation_config = tf.GenerationConfig()
