@@ -25,6 +25,18 @@ PLANS = {
     "skip_pruned": SpecPlan(speculate=True, skip_layers=[1], vocab_ids=list(range(0, 64, 2)), max_draft=2),
     "lookup": SpecPlan(speculate=True, lookup=3, max_draft=0),
     "lookup_then_exit": SpecPlan(speculate=True, lookup=2, lookup_min_ngram=2, exit_layer=0, max_draft=2),
+    # draft trees: recycled tokens only; lookup branches, then the early exit's chain, then recycled tokens
+    "tree_recycled": SpecPlan(speculate=True, tree_budget=6, tree_template=[[0, 0], [0, 1], [1, 0], [1, 1], [3, 0]]),
+    "tree_fused": SpecPlan(
+        speculate=True,
+        lookup=3,
+        lookup_branches=2,
+        exit_layer=0,
+        max_draft=2,
+        threshold=0.0,
+        tree_budget=7,
+        tree_template=[[0, 0], [0, 1], [1, 0]],
+    ),
 }
 
 
@@ -60,7 +72,7 @@ def test_speculative_greedy_equals_hf(arch, plan):
         assert torch.equal(out, _hf(model, ids, n)), f"{arch}/{plan}: prompt {seed} differs"
         stats = sm.last_stats
         assert stats.new_tokens == n and stats.steps >= 1
-        assert 1.0 <= stats.tau <= 1 + max(PLANS[plan].max_draft, PLANS[plan].lookup)
+        assert 1.0 <= stats.tau <= 1 + max(PLANS[plan].max_draft, PLANS[plan].lookup, PLANS[plan].tree_budget - 1)
 
 
 def test_lookup_drafts_a_repeating_continuation():

@@ -20,7 +20,9 @@ import torch
 from specpass.errors import SpecPassError
 from specpass.runtime.kv_cache import KVCache
 from specpass.runtime.lookup import NgramIndex
+from specpass.runtime.recycle import AdjacencyTable
 from specpass.runtime.sampling import SamplingConfig, probabilities, select
+from specpass.runtime.tree import DraftTree, accept_tree
 from specpass.runtime.verify import greedy_accept, sample_accept
 
 Program = Callable[..., torch.Tensor]
@@ -39,6 +41,10 @@ class GenerationStats:
     verify_s: float = 0.0  # ... and in the verify program
     drafted: list[int] = dataclasses.field(default_factory=list)  # drafted[i]: steps that drafted position i
     accepted: list[int] = dataclasses.field(default_factory=list)  # accepted[i]: steps that accepted it
+    tree_nodes: int = 0  # tree mode: nodes verified, roots included
+    # tree mode: recycled-token table hits per depth and rank, and the steps where the table could propose
+    rank_hits: list[list[int]] = dataclasses.field(default_factory=list)
+    rank_tries: list[int] = dataclasses.field(default_factory=list)
 
     @property
     def tau(self) -> float:
@@ -108,6 +114,17 @@ def _run(program: Program, cache: KVCache, ids: torch.Tensor, offset: int = 0) -
     return program(ids, slots[None, :], slots, *masks, *cache.tensors)
 
 
+def _run_tree(program: Program, cache: KVCache, tree: DraftTree) -> torch.Tensor:
+    """Run every node of ``tree`` at the slots after the committed prefix (node i at slot length + i)."""
+    n = len(tree)
+    slots = cache.reserve(n)
+    width = attention_width(cache.length + n, cache.capacity)
+    depth = torch.tensor(tree.depth, device=cache.device)
+    masks = cache.tree_masks(tree.ancestors(), depth, width)
+    ids = torch.tensor([tree.tokens], device=cache.device)
+    return program(ids, (cache.length + depth)[None], slots, *masks, *cache.tensors)
+
+
 def _step(program: Program, cache: KVCache, ids: torch.Tensor) -> torch.Tensor:
     """Run q chain tokens at the next slots and commit them."""
     logits = _run(program, cache, ids)
@@ -134,6 +151,17 @@ def _finish(input_ids: torch.Tensor, new: list[int], stats: GenerationStats, str
     stats.new_tokens = len(new)
     out = torch.tensor([new], dtype=input_ids.dtype, device=input_ids.device)
     return torch.cat([input_ids, out], dim=1), stats
+
+
+def _emit(tokens: list[int], new: list[int], stop: StopChecker, streamer) -> bool:
+    """Append verified tokens one by one (a stop inside an accepted run ends there, as in HF); True when done."""
+    for t in tokens:
+        new.append(t)
+        if streamer is not None:
+            streamer.put(torch.tensor([t]))
+        if stop.done(new):
+            return True
+    return False
 
 
 def generate(
@@ -186,6 +214,12 @@ class DraftPolicy:
     lookup: int = 0
     lookup_max_ngram: int = 3
     lookup_min_ngram: int = 1
+    #: draft trees (tree_generate) when > 0: nodes per verify pass, root included; 0 drafts chains
+    tree_budget: int = 0
+    #: tree mode: the continuations lookup adds, the most recent first
+    lookup_branches: int = 1
+    #: tree mode: the template (parent, rank) walked in the recycled-token table (runtime/recycle.py)
+    tree_template: tuple[tuple[int, int], ...] = ()
 
 
 def speculative_generate(
@@ -212,17 +246,7 @@ def speculative_generate(
         token = _prefill(programs, cache, input_ids, sampling, generator, streamer, stats)
         t_start = time.perf_counter()
         pending = [int(token)]  # verified tokens not yet emitted; the last one is not in the cache yet
-        while True:
-            done = False
-            for t in pending:  # emit one by one: a stop inside an accepted run ends there, as in HF
-                new.append(t)
-                if streamer is not None:
-                    streamer.put(torch.tensor([t]))
-                done = stop.done(new)
-                if done:
-                    break
-            if done:
-                break
+        while not _emit(pending, new, stop, streamer):
             last = new[-1]
             if index is not None:
                 index.extend(pending)
@@ -275,3 +299,90 @@ def speculative_generate(
                 threshold = min(max(threshold, 0.0), 1.0)
         stats.decode_s = time.perf_counter() - t_start
     return _finish(input_ids, new, stats, streamer)
+
+
+#: the depths of tree acceptance per rank that GenerationStats counts
+RANK_DEPTHS = 8
+
+
+def tree_generate(
+    programs: dict[str, Program],
+    cache: KVCache,
+    input_ids: torch.Tensor,
+    *,
+    policy: DraftPolicy,
+    sampling: SamplingConfig,
+    stop: StopChecker,
+    table: AdjacencyTable,
+    streamer=None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, GenerationStats]:
+    """Lossless speculative generation with draft trees (runtime/tree.py) verified by ``decode`` in one pass.
+
+    Each step's tree fuses, in this order of priority, the context lookup's continuations, the draft
+    program's greedy chain (when there is one and lookup found nothing) and the recycled-token template
+    walked in ``table``, up to ``policy.tree_budget`` nodes. The accepted path's K/V is compacted into the
+    slots after the committed prefix; the rest of the tree is left stale beyond it.
+    """
+    stats = GenerationStats(prompt_tokens=input_ids.shape[1])
+    stats.rank_hits = [[0] * table.k for _ in range(RANK_DEPTHS)]
+    stats.rank_tries = [0] * RANK_DEPTHS
+    index = None
+    if policy.lookup:
+        index = NgramIndex(input_ids[0].tolist(), max_n=policy.lookup_max_ngram, min_n=policy.lookup_min_ngram)
+    new: list[int] = []
+    with torch.no_grad():
+        token = _prefill(programs, cache, input_ids, sampling, generator, streamer, stats)
+        t_start = time.perf_counter()
+        pending = [int(token)]
+        while not _emit(pending, new, stop, streamer):
+            if index is not None:
+                index.extend(pending)
+
+            # Draft: never deeper than the request has tokens left, never wider than the cache has slots.
+            t0 = time.perf_counter()
+            room = stop.max_new_tokens - len(new) - 1
+            tree = DraftTree(new[-1], min(policy.tree_budget, cache.capacity - cache.length), room)
+            found = index.propose_many(policy.lookup, policy.lookup_branches) if index is not None else []
+            for chain in found:
+                tree.add_path(chain)
+            if not found and "draft" in programs:
+                tree.add_path(_draft_chain(programs["draft"], cache, new[-1], min(policy.max_draft, room), policy))
+            table.grow(tree, policy.tree_template)
+            t1 = time.perf_counter()
+            stats.draft_s += t1 - t0
+
+            # Verify every node in one pass, walk the tree, keep the accepted path's K/V.
+            logits = _run_tree(programs["decode"], cache, tree)[0]
+            path, bonus = accept_tree(tree, logits, sampling, generator)
+            cache.compact([cache.length + node for node in (0, *path)])
+            pending = [*(tree.tokens[node] for node in path), bonus]
+            table.record([new[-1], *pending], stats.rank_hits, stats.rank_tries)
+            table.update(tree.tokens, logits)
+            stats.verify_s += time.perf_counter() - t1
+
+            stats.steps += 1
+            stats.tree_nodes += len(tree)
+            for d in range(tree.max_depth):
+                if d == len(stats.drafted):
+                    stats.drafted.append(0)
+                    stats.accepted.append(0)
+                stats.drafted[d] += 1
+                stats.accepted[d] += d < len(path)
+        stats.decode_s = time.perf_counter() - t_start
+    return _finish(input_ids, new, stats, streamer)
+
+
+def _draft_chain(program: Program, cache: KVCache, last: int, budget: int, policy: DraftPolicy) -> list[int]:
+    """The draft program's greedy chain after ``last``: a tree's children must not depend on the target's
+    sample (runtime/tree.py), so the draft proposes its argmax even when generation samples."""
+    chain: list[int] = []
+    current = torch.tensor([[last]], device=cache.device)
+    for i in range(budget):
+        probs = _run(program, cache, current, offset=i)[0, -1].softmax(-1)
+        top = probs.argmax()
+        chain.append(int(top))
+        if float(probs[top]) < policy.threshold:
+            break
+        current = top[None, None]
+    return chain

@@ -92,14 +92,36 @@ class KVCache:
         if not start + q <= width <= self.capacity:
             raise ValueError(f"mask width {width} must cover {start + q} slots and fit {self.capacity}")
         keys = self._slots[None, :width]
-        last = start + torch.arange(q, device=self.device)[:, None]  # slot == position of each query
-        visible = keys <= last
+        positions = start + torch.arange(q, device=self.device)[:, None]  # slot == position of each query
+        return self._masks(keys <= positions, positions, keys)
+
+    def tree_masks(self, ancestors: torch.Tensor, depth: torch.Tensor, width: int | None = None) -> list[torch.Tensor]:
+        """Additive masks (1, 1, T, width) for T tree nodes at slots length..length+T-1 (see runtime/tree.py):
+        node i sees the committed prefix and the nodes j with ``ancestors[i, j]``.
+
+        ``depth``: (T,) each node's depth; the position of node i is length + depth[i], which is what a
+        sliding window is measured in.
+        """
+        width = self.capacity if width is None else width
+        n = ancestors.shape[0]
+        if not self.length + n <= width <= self.capacity:
+            raise ValueError(f"mask width {width} must cover {self.length + n} slots and fit {self.capacity}")
+        keys = self._slots[None, :width]
+        allowed = (keys < self.length).expand(n, width).clone()
+        allowed[:, self.length : self.length + n] = ancestors.to(self.device)
+        key_positions = keys.clone()
+        key_positions[0, self.length : self.length + n] = self.length + depth.to(self.device)
+        return self._masks(allowed, self.length + depth.to(self.device)[:, None], key_positions)
+
+    def _masks(self, allowed: torch.Tensor, positions: torch.Tensor, key_positions: torch.Tensor) -> list[torch.Tensor]:
+        """One additive mask per attention kind from the (q, width) visibility; a sliding window also hides
+        keys ``sliding_window`` or more positions behind the query."""
         masks = []
         for kind in self.spec.mask_kinds:
-            allowed = visible
+            kind_allowed = allowed
             if kind == SLIDING:
-                allowed = allowed & (keys > last - self.spec.sliding_window)
-            mask = torch.zeros(allowed.shape, dtype=self.spec.dtype, device=self.device)
-            mask.masked_fill_(~allowed, self._neg)
+                kind_allowed = allowed & (key_positions > positions - self.spec.sliding_window)
+            mask = torch.zeros(kind_allowed.shape, dtype=self.spec.dtype, device=self.device)
+            mask.masked_fill_(~kind_allowed, self._neg)
             masks.append(mask[None, None])
         return masks

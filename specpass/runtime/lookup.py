@@ -21,27 +21,41 @@ class NgramIndex:
     and ``propose`` cost O(max_n) per token, not a scan of the context.
     """
 
-    def __init__(self, ids: Iterable[int], *, max_n: int = 3, min_n: int = 1):
+    def __init__(self, ids: Iterable[int], *, max_n: int = 3, min_n: int = 1, keep: int = 2):
         if not 1 <= min_n <= max_n:
             raise SpecPassError(f"n-gram lookup needs 1 <= min_n <= max_n, got min_n={min_n}, max_n={max_n}")
-        self.max_n, self.min_n = max_n, min_n
+        self.max_n, self.min_n, self.keep = max_n, min_n, keep
         self.seq: list[int] = []
-        self._after: dict[tuple[int, ...], int] = {}  # n-gram -> the position just after its latest occurrence
+        # n-gram -> the positions just after its ``keep`` latest occurrences, the latest last
+        self._after: dict[tuple[int, ...], list[int]] = {}
         self.extend(ids)
 
     def extend(self, ids: Iterable[int]) -> None:
         for t in ids:
             end = len(self.seq)  # the n-grams ending just before t now have a continuation
             for n in range(self.min_n, min(self.max_n, end) + 1):
-                self._after[tuple(self.seq[end - n : end])] = end
+                seen = self._after.setdefault(tuple(self.seq[end - n : end]), [])
+                seen.append(end)
+                if len(seen) > self.keep:
+                    del seen[0]
             self.seq.append(int(t))
 
     def propose(self, k: int) -> list[int]:
         """Up to ``k`` tokens that followed the longest matching suffix; [] without a match."""
+        found = self.propose_many(k, 1)
+        return found[0] if found else []
+
+    def propose_many(self, k: int, branches: int) -> list[list[int]]:
+        """Up to ``branches`` different continuations of up to ``k`` tokens, best first: the latest
+        occurrences of the longest matching suffix, then of shorter ones (the branches of a draft tree)."""
+        out: list[list[int]] = []
         if k <= 0:
-            return []
+            return out
         for n in range(min(self.max_n, len(self.seq)), self.min_n - 1, -1):
-            start = self._after.get(tuple(self.seq[-n:]))
-            if start is not None:
-                return self.seq[start : start + k]
-        return []
+            for start in reversed(self._after.get(tuple(self.seq[-n:]), ())):
+                chain = self.seq[start : start + k]
+                if chain not in out:
+                    out.append(chain)
+                    if len(out) == branches:
+                        return out
+        return out

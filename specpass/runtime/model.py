@@ -8,8 +8,9 @@ import torch
 
 from specpass.capture import CacheSpec
 from specpass.errors import SpecPassError
-from specpass.runtime.generate import GenerationStats, StopChecker, generate, speculative_generate
+from specpass.runtime.generate import GenerationStats, StopChecker, generate, speculative_generate, tree_generate
 from specpass.runtime.kv_cache import KVCache
+from specpass.runtime.recycle import AdjacencyTable
 from specpass.runtime.sampling import SamplingConfig
 
 # HF's own fallbacks for unset generation parameters (GenerationConfig._get_default_generation_params).
@@ -62,12 +63,16 @@ class CompiledLM:
         self.cache = KVCache(spec, device=device)
         self.last_stats: GenerationStats | None = None
         self.plan = None  # a SpecPlan: speculative decoding when it says so and its drafts are ready
+        # Token Recycling's table outlives a generate() call: later prompts start with a warm one.
+        self.recycled = AdjacencyTable()
 
     @property
     def speculative(self) -> bool:
         if self.plan is None or not self.plan.speculate:
             return False
-        return bool(self.plan.lookup) or (self.plan.has_draft and "draft" in self.programs)
+        if self.plan.has_draft and "draft" not in self.programs:
+            return False
+        return self.plan.drafts
 
     @property
     def max_cache_len(self) -> int:
@@ -142,27 +147,17 @@ class CompiledLM:
         if isinstance(stop_strings, str):
             stop_strings = [stop_strings]
         stop = StopChecker(max_new_tokens, eos, stop_strings or [], tokenizer)
-        if self.speculative and speculate is not False:
+        common = dict(sampling=sampling, stop=stop, streamer=streamer, generator=generator)
+        if self.speculative and speculate is not False and self.plan.tree_budget:
+            out, self.last_stats = tree_generate(
+                self.programs, self.cache, input_ids, policy=self.plan.policy(), table=self.recycled, **common
+            )
+        elif self.speculative and speculate is not False:
             out, self.last_stats = speculative_generate(
-                self.programs,
-                self.cache,
-                input_ids,
-                policy=self.plan.policy(),
-                sampling=sampling,
-                stop=stop,
-                streamer=streamer,
-                generator=generator,
+                self.programs, self.cache, input_ids, policy=self.plan.policy(), **common
             )
         else:
-            out, self.last_stats = generate(
-                self.programs,
-                self.cache,
-                input_ids,
-                sampling=sampling,
-                stop=stop,
-                streamer=streamer,
-                generator=generator,
-            )
+            out, self.last_stats = generate(self.programs, self.cache, input_ids, **common)
         return out
 
     def _check_ids(self, input_ids) -> torch.Tensor:

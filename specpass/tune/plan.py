@@ -19,7 +19,7 @@ from specpass.passes import DraftConfig
 from specpass.runtime.generate import DraftPolicy
 from specpass.tune.adapter import ExitAdapter
 
-PLAN_VERSION = 2  # 2: context lookup fields
+PLAN_VERSION = 3  # 2: context lookup fields; 3: draft trees
 
 
 @dataclasses.dataclass
@@ -44,6 +44,9 @@ class SpecPlan:
     lookup: int = 0  # tokens proposed by context n-gram lookup (0: off); see runtime/lookup.py
     lookup_max_ngram: int = 3
     lookup_min_ngram: int = 1
+    tree_budget: int = 0  # draft trees of this many nodes (root included) per verify; 0: chains
+    lookup_branches: int = 1  # tree mode: continuations lookup adds
+    tree_template: list[list[int]] = dataclasses.field(default_factory=list)  # recycled tokens: (parent, rank)
     model_hash: str = ""
     reason: str = ""
     measurements: dict = dataclasses.field(default_factory=dict)
@@ -52,8 +55,8 @@ class SpecPlan:
     # ---- the runtime's view ---------------------------------------------------------------------------
     @property
     def drafts(self) -> bool:
-        """Whether anything drafts: context lookup or a draft program."""
-        return bool(self.lookup) or self.has_draft
+        """Whether anything drafts: context lookup, recycled tokens or a draft program."""
+        return bool(self.lookup) or self.has_draft or bool(self.tree_budget > 1 and self.tree_template)
 
     @property
     def has_draft(self) -> bool:
@@ -84,6 +87,9 @@ class SpecPlan:
             lookup=self.lookup,
             lookup_max_ngram=self.lookup_max_ngram,
             lookup_min_ngram=self.lookup_min_ngram,
+            tree_budget=self.tree_budget,
+            lookup_branches=self.lookup_branches,
+            tree_template=tuple((int(p), int(r)) for p, r in self.tree_template),
         )
 
     def exit_adapter(self, device=None) -> ExitAdapter | None:
@@ -115,6 +121,9 @@ class SpecPlan:
             parts.append(f"head pruned to {len(self.vocab_ids)} tokens")
         if self.has_draft:
             parts.append(f"up to {self.max_draft} draft tokens")
+        if self.tree_budget:
+            recycled = f", {len(self.tree_template)} recycled-token nodes" if self.tree_template else ""
+            parts.append(f"trees of up to {self.tree_budget} nodes ({self.lookup_branches} lookup branches{recycled})")
         return ", ".join(parts)
 
     # ---- JSON -----------------------------------------------------------------------------------------
