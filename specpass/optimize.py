@@ -110,11 +110,20 @@ def optimize(
     elif not plan.drafts:
         raise SpecPassError(f"speculate=True but the plan has no draft ({plan.reason}); pass speculate='auto'")
     else:
+        if plan.tree_budget:
+            check_tree_verify(sm)
         build_draft_programs(sm, plan)
         sm.plan = dataclasses.replace(plan, speculate=True)
     sm.compile_s = time.perf_counter() - t0
     log.info("optimized %s with %s in %.1fs: %s", type(model).__name__, backend, sm.compile_s, sm.plan.describe())
     return sm
+
+
+def check_tree_verify(sm: SpecModel) -> None:
+    """Raise SpecPassError unless the decode program can verify draft trees (passes/tree_verify.py)."""
+    if "verify" not in sm.summaries:
+        gm = run_passes(sm.captured.gm, PIPELINES["verify"], sm.captured.structure)
+        sm.summaries["verify"] = summary(gm)
 
 
 def build_draft_programs(sm: SpecModel, plan) -> None:

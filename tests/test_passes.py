@@ -28,6 +28,7 @@ from specpass.passes import (
     prune_lm_head,
     run_passes,
     skip_layers,
+    tree_verify,
 )
 from specpass.passes.manager import remap
 
@@ -460,3 +461,48 @@ def test_draft_pipeline_keeps_only_the_configured_passes():
         "skip_layers",
         "prune_lm_head",
     ]
+
+
+# --------------------------------------------------------------------------------------------------------
+# tree_verify
+# --------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
+def test_tree_verify_proves_every_attention_and_changes_nothing(tiny, arch):
+    t = tiny(arch)
+    decode = run_passes(t.cg.gm, PIPELINES["decode"], t.cg.structure)
+    verify = run_passes(t.cg.gm, PIPELINES["verify"], t.cg.structure)
+    record = verify.meta["specpass"]["history"][-1]
+    assert record == {"pass": "tree_verify", "modified": False, "n_matches": len(t.cg.structure.layers)}
+    assert op_counts(verify) == op_counts(decode) and normalize(verify) == normalize(decode)
+
+
+def _rewired(t, edit):
+    """A copy of the captured graph with ``edit(gm, structure)`` applied, and its remapped structure."""
+    gm, node_map = clone_graph_module(t.cg.gm)
+    structure = remap(t.cg.structure, node_map)
+    edit(gm, structure)
+    gm.recompile()
+    return gm, structure
+
+
+def test_tree_verify_refuses_causal_attention(tiny):
+    def causal(gm, structure):
+        sdpa = structure.layers[1].attention[0]
+        sdpa.args = (*sdpa.args[:3], None)
+        sdpa.kwargs = {**sdpa.kwargs, "is_causal": True}
+
+    gm, structure = _rewired(tiny("llama"), causal)
+    with pytest.raises(SpecPassError, match=r"tree_verify: attention .*layers\.1.* is_causal=True"):
+        tree_verify(gm, structure)
+
+
+def test_tree_verify_refuses_positions_read_from_cache_slots(tiny):
+    """A model whose rotary angles come from the write slots would place tree nodes by slot, not depth."""
+
+    def slots_as_positions(gm, structure):
+        for user in list(structure.position_ids.users):
+            user.replace_input_with(structure.position_ids, structure.cache_position)
+
+    gm, structure = _rewired(tiny("llama"), slots_as_positions)
+    with pytest.raises(SpecPassError, match="cache_position"):
+        tree_verify(gm, structure)

@@ -192,7 +192,7 @@ def test_adjacency_table_grows_a_template_and_records_ranks():
     assert tree.parents == [-1, 0, 1, 0, 1, 3]
     hits, tries = [[0, 0] for _ in range(3)], [0, 0, 0]
     table.record([1, 6, 2, 4], hits, tries)  # 6 is rank 1 after 1; 2 is not after 6; 4 has no entry
-    assert tries == [1, 1, 0] and hits == [[0, 1], [0, 0], [0, 0]]
+    assert tries == [1, 1, 1] and hits == [[0, 1], [0, 0], [0, 0]]
 
 
 def test_lookup_proposes_several_branches():
@@ -223,7 +223,7 @@ def test_tree_decoding_accepts_recycled_tokens_on_a_repeating_model():
     stats = sm.last_stats
     assert stats.tau > 1.5 and stats.tree_nodes > stats.steps
     assert sum(map(sum, stats.rank_hits)) > 0 and all(
-        h <= t for h, t in zip(map(sum, stats.rank_hits), stats.rank_tries)
+        h <= t for h, t in zip(map(sum, stats.rank_hits), stats.rank_tries, strict=True)
     )
 
 

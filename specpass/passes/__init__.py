@@ -10,13 +10,17 @@ from specpass.passes.last_token_logits import last_token_logits
 from specpass.passes.manager import PassResult, clone_graph_module, run_passes
 from specpass.passes.prune_lm_head import prune_lm_head
 from specpass.passes.skip_layers import skip_layers
+from specpass.passes.tree_verify import tree_verify
 
 #: programs -> the passes that derive them from the captured graph, in order. ``decode`` computes the
 #: unchanged target model for every query position: one token in plain decoding, the verified chain in
-#: speculative decoding. ``draft`` passes take a DraftConfig (see draft_pipeline).
+#: speculative decoding. ``verify`` is decode's graph proven able to score a draft tree in one pass (it
+#: rewrites nothing, so the lowered decode program serves it). ``draft`` passes take a DraftConfig (see
+#: draft_pipeline).
 PIPELINES = {
     "prefill": (fold_gqa_heads, last_token_logits),
     "decode": (fold_gqa_heads,),
+    "verify": (fold_gqa_heads, tree_verify),
     "draft": (fold_gqa_heads, insert_early_exit, skip_layers, prune_lm_head),
 }
 
@@ -45,4 +49,5 @@ __all__ = [
     "prune_lm_head",
     "run_passes",
     "skip_layers",
+    "tree_verify",
 ]

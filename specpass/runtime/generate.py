@@ -42,7 +42,7 @@ class GenerationStats:
     drafted: list[int] = dataclasses.field(default_factory=list)  # drafted[i]: steps that drafted position i
     accepted: list[int] = dataclasses.field(default_factory=list)  # accepted[i]: steps that accepted it
     tree_nodes: int = 0  # tree mode: nodes verified, roots included
-    # tree mode: recycled-token table hits per depth and rank, and the steps where the table could propose
+    # tree mode: verified tokens per depth, and those the recycled-token table held, by rank
     rank_hits: list[list[int]] = dataclasses.field(default_factory=list)
     rank_tries: list[int] = dataclasses.field(default_factory=list)
 

@@ -45,17 +45,16 @@ class AdjacencyTable:
             placed.append(tree.add(node, row[rank]) if row is not None and rank < len(row) else None)
 
     def record(self, emitted: Sequence[int], hits: list[list[int]], tries: list[int]) -> None:
-        """Count, per depth d, whether the table held ``emitted[d]``'s entry and at which rank it had
-        ``emitted[d + 1]``: the acceptance per depth and rank that tune/tree_shape.py turns into a template.
-        Call before ``update``, so the counts describe what was drafted."""
-        for d, (prev, nxt) in enumerate(zip(emitted[:-1], emitted[1:])):
+        """Count, per depth d, the verified pairs (emitted[d], emitted[d + 1]) and, by rank, those where the
+        table had emitted[d + 1] among emitted[d]'s candidates: ``hits[d][r] / tries[d]`` is the acceptance
+        per depth and rank that tune/tree_shape.py turns into a template. Call before ``update``, so the
+        counts describe what was drafted."""
+        for d, (prev, nxt) in enumerate(zip(emitted[:-1], emitted[1:], strict=False)):
             if d >= len(tries):
                 break
-            row = self.next.get(int(prev))
-            if row is None:
-                continue
             tries[d] += 1
-            if nxt in row:
+            row = self.next.get(int(prev))
+            if row is not None and nxt in row:
                 hits[d][row.index(nxt)] += 1
 
 

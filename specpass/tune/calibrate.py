@@ -29,6 +29,7 @@ from specpass.errors import SpecPassError
 from specpass.models import chat_ids
 from specpass.tune.adapter import ExitAdapter
 from specpass.tune.plan import SpecPlan
+from specpass.tune.tree_shape import best_tree
 
 log = logging.getLogger("specpass.tune")
 
@@ -75,6 +76,8 @@ class CalibrationSettings:
     finalists: int = 2  # candidates compiled and timed against plain decoding
     lookup_tokens: tuple[int, ...] = (1, 2, 3)  # context-lookup draft lengths timed (0 in a plan: no lookup)
     lookup_min_ngrams: tuple[int, ...] = (1, 2)
+    tree_budgets: tuple[int, ...] = (2, 3, 4, 6, 8, 16)  # draft-tree sizes (nodes per verify, root included)
+    recycled_k: int = 4  # recycled-token candidates per token considered for tree templates
     min_gain: float = 0.05  # a draft must beat plain decoding by this much: timing noise is a few percent
 
 
@@ -251,7 +254,7 @@ def calibrate_compiled(
     sm, prompts=None, *, tokenizer=None, settings: CalibrationSettings | None = None, progress: bool = True
 ) -> SpecPlan:
     """Calibrate with an already-compiled plain SpecModel (``optimize(model, speculate=False)``)."""
-    from specpass.optimize import build_draft_programs
+    from specpass.optimize import build_draft_programs, check_tree_verify
 
     settings = settings or CalibrationSettings()
     t_start = time.perf_counter()
@@ -361,6 +364,32 @@ def calibrate_compiled(
         tps = consider(SpecPlan(speculate=True, max_draft=0, **fields), fields)
         if tps > lookup_tps:
             lookup, lookup_tps = fields, tps
+    # Draft trees: lookup's continuations plus recycled tokens along Sequoia's best template for each budget,
+    # from the acceptance per depth and rank that the calibration text shows (if the verify program can take
+    # a tree at all; passes/tree_verify.py).
+    front, front_tps = dict(lookup), lookup_tps
+    if settings.tree_budgets:
+        try:
+            check_tree_verify(sm)
+        except SpecPassError as e:
+            measurements["trees_refused"] = str(e)
+        else:
+            accept, table = _recycled_acceptance(text, ranked, settings.recycled_k)
+            sm.recycled.next.update(table)  # time trees with a table as warm as a running model's
+            measurements["recycled_acceptance"] = [[round(a, 4) for a in row] for row in accept]
+            # Budgets in increasing order until one is slower than the best so far: a bigger tree accepts more
+            # but costs more per verify, and where the verify cost jumps (at 4 tokens on a 2-core CPU) every
+            # larger budget loses too.
+            for budget in tqdm(
+                sorted(settings.tree_budgets), desc="specpass: timing draft trees", disable=not progress
+            ):
+                template, expected = best_tree(accept, budget)
+                fields = {**lookup, "tree_budget": budget, "tree_template": [list(t) for t in template]}
+                record = {**fields, "expected_recycled_tokens": round(expected, 3)}
+                tps = consider(SpecPlan(speculate=True, max_draft=0, **fields), record)
+                if tps <= front_tps:
+                    break
+                front, front_tps = fields, tps
     seen = set()
     finals = []
     for _, _tau, gamma, desc in scored:
@@ -372,14 +401,14 @@ def calibrate_compiled(
         if len(finals) == settings.finalists:
             break
     for gamma, desc in tqdm(finals, desc="specpass: timing drafts", disable=not progress):
-        # The draft program runs where lookup finds no match (with the best lookup, if any beat plain).
+        # The draft program runs where lookup finds no match (with the best lookup or tree, if any beat plain).
         plan = SpecPlan(
             speculate=True,
             exit_layer=desc.get("exit_layer"),
             skip_layers=list(desc.get("skip_layers", [])),
             vocab_ids=None if desc["vocab"] >= vocab else sorted(ranked[: desc["vocab"]].tolist()),
             max_draft=gamma,
-            **lookup,
+            **front,
         )
         if plan.exit_layer is not None:
             plan.set_adapter(adapters[plan.exit_layer])
@@ -387,7 +416,7 @@ def calibrate_compiled(
         for adaptive in (False, True):
             plan.adaptive = adaptive
             plan.threshold = 0.3 if adaptive else 0.0
-            consider(plan, {**desc, "max_draft": gamma, "adaptive": adaptive, **lookup})
+            consider(plan, {**desc, "max_draft": gamma, "adaptive": adaptive, **front})
     measurements["calibration_s"] = time.perf_counter() - t_start
     if best_plan is None:
         plan = dataclasses.replace(fastest_draft, speculate=False) if fastest_draft else SpecPlan(speculate=False)
@@ -400,6 +429,32 @@ def calibrate_compiled(
     plan.measurements = measurements
     log.info("calibration chose: %s; %s", plan.describe(), plan.reason)
     return plan
+
+
+def _recycled_acceptance(
+    text: _Text, ranked: torch.Tensor, k: int, depths: int = 6
+) -> tuple[list[list[float]], dict[int, list[int]]]:
+    """Token Recycling's acceptance per depth and rank, replayed on the calibration text: walking each greedy
+    continuation in order, the table holds every earlier position's top-k, and at each position a tree rooted
+    there would find the true token d + 1 ahead at some rank of the table's row for the token d ahead.
+    As at run time, only generated positions (not the prompt) fill the table, and it carries over prompts.
+    Returns the acceptance and the table at the end."""
+    top = ranked[text.target_logits.topk(k, dim=-1).indices].tolist()
+    table: dict[int, list[int]] = {}
+    hits, tries = [[0] * k for _ in range(depths)], [0] * depths
+    offset = 0
+    for seq in text.input_ids:
+        ids = seq[0].tolist()
+        for i in range(len(ids) - 1):
+            if text.generated[offset + i]:
+                for d in range(min(depths, len(ids) - 1 - i)):
+                    tries[d] += 1
+                    row = table.get(ids[i + d])
+                    if row is not None and ids[i + d + 1] in row:
+                        hits[d][row.index(ids[i + d + 1])] += 1
+                table[ids[i]] = top[offset + i]
+        offset += len(ids) - 1
+    return [[h / t if t else 0.0 for h in row] for row, t in zip(hits, tries, strict=True)], table
 
 
 def _tokens_per_s(sm, plan, timed_ids, settings) -> float:
