@@ -16,6 +16,7 @@ import torch
 import specpass
 from specpass.bench import load_questions, resolve_prompts, stratified_sample
 from specpass.models import chat_ids, default_model
+from specpass.runtime.generate import RANK_DEPTHS
 from specpass.tune.plan import SpecPlan
 from specpass.tune.tree_shape import best_tree
 
@@ -33,41 +34,35 @@ def main() -> None:
     sm = specpass.optimize(model, speculate=False, max_cache_len=1024)
 
     def run(plan):
+        """outputs, tokens/s, tau, tokens fed to the verifier per step, recycled-token (hits, tries)."""
         sm.plan = plan
-        outs, tokens, seconds, steps, nodes, hits, tries = [], 0, 0.0, 0, 0, None, None
+        outs, tokens, seconds, steps, nodes = [], 0, 0.0, 0, 0
+        hits, tries = torch.zeros(RANK_DEPTHS, sm.recycled.k), torch.zeros(RANK_DEPTHS)
         for ids in prompts:
             outs.append(sm.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False))
             s = sm.last_stats
-            tokens, seconds, steps, nodes = (
-                tokens + s.new_tokens,
-                seconds + s.total_s,
-                steps + s.steps,
-                nodes + s.tree_nodes,
-            )
+            tokens, seconds, steps = tokens + s.new_tokens, seconds + s.total_s, steps + s.steps
+            nodes += s.tree_nodes or s.steps + sum(s.drafted)  # a chain step verifies its root + drafts
             if s.rank_tries:
-                hits = (
-                    s.rank_hits
-                    if hits is None
-                    else [[a + b for a, b in zip(x, y, strict=True)] for x, y in zip(hits, s.rank_hits, strict=True)]
-                )
-                tries = s.rank_tries if tries is None else [a + b for a, b in zip(tries, s.rank_tries, strict=True)]
+                hits += torch.tensor(s.rank_hits, dtype=torch.float)
+                tries += torch.tensor(s.rank_tries, dtype=torch.float)
         return outs, tokens / seconds, tokens / steps, nodes / max(steps, 1), (hits, tries)
 
     run(None)  # warm-up
     plain, plain_tps, _, _, _ = run(None)
     rows = [("plain compiled decoding", plain_tps, 1.0, 1.0, True)]
     chain = SpecPlan(speculate=True, lookup=args.lookup, max_draft=0)
-    outs, tps, tau, _, _ = run(chain)
-    rows.append((f"chain: lookup {args.lookup}", tps, tau, 1 + tau - 1, all(map(torch.equal, plain, outs))))
+    outs, tps, tau, nodes, _ = run(chain)
+    rows.append((f"chain: lookup {args.lookup}", tps, tau, nodes, all(map(torch.equal, plain, outs))))
 
     # Measure recycled-token acceptance per depth and rank with a wide tree (this also warms the table).
     wide, _ = best_tree([[0.5, 0.2, 0.1, 0.05]] * 6, 16)
     plan = SpecPlan(speculate=True, lookup=args.lookup, tree_budget=16, tree_template=[list(t) for t in wide])
     _, _, _, _, (hits, tries) = run(plan)
-    accept = [[h / t if t else 0.0 for h in row] for row, t in zip(hits, tries, strict=True)]
+    accept = (hits / tries.clamp_min(1)[:, None]).tolist()
     print("recycled-token acceptance per depth (rows) and rank (columns):")
     for d, row in enumerate(accept):
-        print(f"  depth {d + 1}: " + " ".join(f"{a:.3f}" for a in row) + f"  (n={tries[d]})")
+        print(f"  depth {d + 1}: " + " ".join(f"{a:.3f}" for a in row) + f"  (n={int(tries[d])})")
     for budget in [int(b) for b in args.budgets.split(",")]:
         for branches in (1, 2):
             template, expected = best_tree(accept, budget)

@@ -113,6 +113,31 @@ def tiny_llama(**overrides) -> torch.nn.Module:
     return tf.LlamaForCausalLM(tf.LlamaConfig(**{**TINY_DECODER, **overrides}))
 
 
+def sampling_model() -> torch.nn.Module:
+    """An 8-token tiny Llama with spread-out next-token distributions, for chi-square tests of sampling."""
+    import transformers as tf
+
+    model = tiny_llama(vocab_size=8, max_position_embeddings=2048).eval().requires_grad_(False)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(0.3)
+    model.generation_config = tf.GenerationConfig()
+    return model
+
+
+def sample_three(sm, ids: torch.Tensor, cfg, generator: torch.Generator) -> torch.Tensor:
+    """``sm.generate`` of 3 sampled tokens with ``cfg``'s warpers and no eos: prompt + 3 ids."""
+    return sm.generate(
+        ids,
+        max_new_tokens=3,
+        do_sample=True,
+        generator=generator,
+        temperature=cfg.temperature,
+        top_k=cfg.top_k,
+        top_p=cfg.top_p,
+        eos_token_id=[],
+    )
+
+
 def build_tiny(arch: str) -> torch.nn.Module:
     """A 2-layer random model of ``arch`` (fixed seed; only shapes matter for graphs)."""
     import transformers as tf

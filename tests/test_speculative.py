@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import chi2_pvalue, tiny_llama
+from conftest import chi2_pvalue, sample_three, sampling_model
 
 import specpass
 from specpass.coverage import build_tiny_model
@@ -142,16 +142,7 @@ def _second_token_counts(sm, ids, n, cfg) -> torch.Tensor:
     counts = torch.zeros(sm.model.get_output_embeddings().weight.shape[0])
     for _ in range(n):
         # Three tokens: the prefill's, then one draft step whose verify decides the second (and maybe a bonus).
-        out = sm.generate(
-            ids,
-            max_new_tokens=3,
-            do_sample=True,
-            generator=gen,
-            temperature=cfg.temperature,
-            top_k=cfg.top_k,
-            top_p=cfg.top_p,
-            eos_token_id=[],
-        )
+        out = sample_three(sm, ids, cfg, gen)
         counts[out[0, ids.shape[1] + 1]] += 1
     return counts
 
@@ -160,12 +151,7 @@ def _second_token_counts(sm, ids, n, cfg) -> torch.Tensor:
 def sampling_setup(request):
     """An 8-token model; the second token is drafted by an early exit, or by context lookup (a one-hot q:
     the prompt holds every token followed by another, so the first sampled token always matches)."""
-    import transformers as tf
-
-    model = tiny_llama(vocab_size=8, max_position_embeddings=2048).eval().requires_grad_(False)
-    with torch.no_grad():
-        model.get_output_embeddings().weight.mul_(0.3)  # spread-out distributions over 8 tokens
-    model.generation_config = tf.GenerationConfig()
+    model = sampling_model()
     if request.param == "exit":
         plan = SpecPlan(
             speculate=True, exit_layer=0, vocab_ids=[0, 1, 2, 3, 5], max_draft=1, threshold=0.0, adaptive=False

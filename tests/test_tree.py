@@ -6,18 +6,22 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import chi2_pvalue, sample_three, sampling_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import specpass
+from specpass.capture import FULL, SLIDING, CacheSpec
 from specpass.coverage import SLIDING_WINDOW, build_tiny_model
 from specpass.errors import SpecPassError
+from specpass.runtime import generate as generate_module
 from specpass.runtime.generate import _run, _run_tree
 from specpass.runtime.kv_cache import KVCache
 from specpass.runtime.lookup import NgramIndex
 from specpass.runtime.recycle import AdjacencyTable, chain_template
-from specpass.runtime.sampling import SamplingConfig
+from specpass.runtime.sampling import SamplingConfig, probabilities
 from specpass.runtime.tree import DraftTree, accept_tree
+from specpass.tune.plan import SpecPlan
 from specpass.tune.tree_shape import best_tree
 
 #: six architectures; mistral's tiny config has a sliding window of SLIDING_WINDOW tokens, and the prompts
@@ -98,8 +102,6 @@ def test_draft_tree_merges_prefixes_and_keeps_limits():
 
 
 def test_tree_masks_by_depth_and_window():
-    from specpass.capture import FULL, SLIDING, CacheSpec
-
     cache = KVCache(CacheSpec(1, 1, 2, 16, torch.float32, (FULL, SLIDING), 3))
     cache.commit(4)
     tree = DraftTree(0, budget=8, max_depth=4)
@@ -208,8 +210,6 @@ def test_lookup_proposes_several_branches():
 # --------------------------------------------------------------------------------------------------------
 def test_tree_decoding_accepts_recycled_tokens_on_a_repeating_model():
     """Sharpened random weights fall into a cycle; once the table has seen it, recycled trees accept it."""
-    from specpass.tune.plan import SpecPlan
-
     model = build_tiny_model("llama")
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(8.0)
@@ -228,8 +228,6 @@ def test_tree_decoding_accepts_recycled_tokens_on_a_repeating_model():
 
 
 def test_tree_plan_round_trips_and_describes_itself(tmp_path):
-    from specpass.tune.plan import SpecPlan
-
     plan = SpecPlan(speculate=True, lookup=2, lookup_branches=2, tree_budget=8, tree_template=[[0, 0], [0, 1]])
     plan.save(tmp_path / "p.json")
     again = SpecPlan.load(tmp_path / "p.json")
@@ -243,15 +241,7 @@ def test_tree_plan_round_trips_and_describes_itself(tmp_path):
 @pytest.fixture(scope="module")
 def tree_sampling():
     """An 8-token model whose trees draft the top-3 recycled tokens at the root and one below the first."""
-    import transformers as tf
-    from conftest import tiny_llama
-
-    from specpass.tune.plan import SpecPlan
-
-    model = tiny_llama(vocab_size=8, max_position_embeddings=2048).eval().requires_grad_(False)
-    with torch.no_grad():
-        model.get_output_embeddings().weight.mul_(0.3)  # spread-out distributions over 8 tokens
-    model.generation_config = tf.GenerationConfig()
+    model = sampling_model()
     plan = SpecPlan(speculate=True, tree_budget=5, tree_template=[[0, 0], [0, 1], [0, 2], [1, 0]])
     sm = specpass.optimize(model, speculate=True, plan=plan, backend="eager", max_cache_len=16, progress=False)
     cfg = SamplingConfig(True, temperature=0.9, top_k=7, top_p=0.97)
@@ -261,8 +251,6 @@ def tree_sampling():
 def _last_two_distribution(model, ids, cfg) -> torch.Tensor:
     """Exact joint law of the second and third sampled tokens, flattened: sum over t1 of p(t1) p(t2 | t1)
     p(t3 | t1, t2). The joint, not the third token alone, so a wrong child distribution cannot average out."""
-    from specpass.runtime.sampling import probabilities
-
     with torch.no_grad():
         p1 = probabilities(model(ids).logits[0, -1], cfg)
         v = p1.shape[0]
@@ -278,24 +266,13 @@ def _last_two_counts(sm, ids, cfg, n=4000):
     counts = torch.zeros(64)
     descended = 0
     for _ in range(n):
-        out = sm.generate(
-            ids,
-            max_new_tokens=3,
-            do_sample=True,
-            generator=gen,
-            temperature=cfg.temperature,
-            top_k=cfg.top_k,
-            top_p=cfg.top_p,
-            eos_token_id=[],
-        )
+        out = sample_three(sm, ids, cfg, gen)
         counts[8 * out[0, -2] + out[0, -1]] += 1
         descended += sm.last_stats.steps == 1  # the third token was sampled at a tree node below the root
     return counts, descended
 
 
 def test_tree_sampling_matches_the_target_distribution(tree_sampling):
-    from conftest import chi2_pvalue
-
     model, sm, ids, cfg = tree_sampling
     counts, descended = _last_two_counts(sm, ids, cfg)
     assert descended > 1300, "too few third tokens came from below the root to test the tree"
@@ -306,11 +283,6 @@ def test_tree_sampling_matches_the_target_distribution(tree_sampling):
 def test_tree_sampling_negative_controls_fail(tree_sampling, monkeypatch, broken):
     """Acceptance that keeps the first child without sampling, or samples a child's token from its parent's
     row, or a tree mask that lets a node see its earlier siblings (a chain's mask), must fail the same test."""
-    from conftest import chi2_pvalue
-
-    from specpass.runtime import generate as generate_module
-    from specpass.runtime.sampling import probabilities
-
     model, sm, ids, cfg = tree_sampling
 
     def always_descend(tree, logits, sampling, generator=None):

@@ -222,6 +222,13 @@ class DraftPolicy:
     tree_template: tuple[tuple[int, int], ...] = ()
 
 
+def _lookup_index(policy: DraftPolicy, input_ids: torch.Tensor) -> NgramIndex | None:
+    """The context's n-gram index when the policy drafts by lookup."""
+    if not policy.lookup:
+        return None
+    return NgramIndex(input_ids[0].tolist(), max_n=policy.lookup_max_ngram, min_n=policy.lookup_min_ngram)
+
+
 def speculative_generate(
     programs: dict[str, Program],
     cache: KVCache,
@@ -238,9 +245,7 @@ def speculative_generate(
     longest = max(policy.lookup, policy.max_draft if "draft" in programs else 0)
     stats = GenerationStats(prompt_tokens=input_ids.shape[1], drafted=[0] * longest, accepted=[0] * longest)
     threshold, rate = policy.threshold, policy.target_acceptance
-    index = None
-    if policy.lookup:
-        index = NgramIndex(input_ids[0].tolist(), max_n=policy.lookup_max_ngram, min_n=policy.lookup_min_ngram)
+    index = _lookup_index(policy, input_ids)
     new: list[int] = []
     with torch.no_grad():
         token = _prefill(programs, cache, input_ids, sampling, generator, streamer, stats)
@@ -327,9 +332,7 @@ def tree_generate(
     stats = GenerationStats(prompt_tokens=input_ids.shape[1])
     stats.rank_hits = [[0] * table.k for _ in range(RANK_DEPTHS)]
     stats.rank_tries = [0] * RANK_DEPTHS
-    index = None
-    if policy.lookup:
-        index = NgramIndex(input_ids[0].tolist(), max_n=policy.lookup_max_ngram, min_n=policy.lookup_min_ngram)
+    index = _lookup_index(policy, input_ids)
     new: list[int] = []
     with torch.no_grad():
         token = _prefill(programs, cache, input_ids, sampling, generator, streamer, stats)
