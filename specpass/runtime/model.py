@@ -148,16 +148,16 @@ class CompiledLM:
             stop_strings = [stop_strings]
         stop = StopChecker(max_new_tokens, eos, stop_strings or [], tokenizer)
         common = dict(sampling=sampling, stop=stop, streamer=streamer, generator=generator)
-        if self.speculative and speculate is not False and self.plan.tree_budget:
+        if not self.speculative or speculate is False:
+            out, self.last_stats = generate(self.programs, self.cache, input_ids, **common)
+        elif self.plan.tree_budget:
             out, self.last_stats = tree_generate(
                 self.programs, self.cache, input_ids, policy=self.plan.policy(), table=self.recycled, **common
             )
-        elif self.speculative and speculate is not False:
+        else:
             out, self.last_stats = speculative_generate(
                 self.programs, self.cache, input_ids, policy=self.plan.policy(), **common
             )
-        else:
-            out, self.last_stats = generate(self.programs, self.cache, input_ids, **common)
         return out
 
     def _check_ids(self, input_ids) -> torch.Tensor:
