@@ -374,7 +374,10 @@ def calibrate_compiled(
         except SpecPassError as e:
             measurements["trees_refused"] = str(e)
         else:
-            accept, table = _recycled_acceptance(text, ranked, settings.recycled_k)
+            # Replayed on the text of the prompts that are not timed: a table that had seen the timed prompts'
+            # own continuations would propose them verbatim and flatter every tree.
+            untimed = len(text.input_ids) - len(timed_ids)
+            accept, table = _recycled_acceptance(text, ranked, settings.recycled_k, untimed)
             sm.recycled.next.update(table)  # time trees with a table as warm as a running model's
             measurements["recycled_acceptance"] = [[round(a, 4) for a in row] for row in accept]
             # Budgets in increasing order until one is slower than the best so far: a bigger tree accepts more
@@ -432,18 +435,18 @@ def calibrate_compiled(
 
 
 def _recycled_acceptance(
-    text: _Text, ranked: torch.Tensor, k: int, depths: int = 6
+    text: _Text, ranked: torch.Tensor, k: int, sequences: int, depths: int = 6
 ) -> tuple[list[list[float]], dict[int, list[int]]]:
     """Token Recycling's acceptance per depth and rank, replayed on the calibration text: walking each greedy
     continuation in order, the table holds every earlier position's top-k, and at each position a tree rooted
     there would find the true token d + 1 ahead at some rank of the table's row for the token d ahead.
     As at run time, only generated positions (not the prompt) fill the table, and it carries over prompts.
-    Returns the acceptance and the table at the end."""
+    Replays the first ``sequences`` sequences; returns the acceptance and the table at the end."""
     top = ranked[text.target_logits.topk(k, dim=-1).indices].tolist()
     table: dict[int, list[int]] = {}
     hits, tries = [[0] * k for _ in range(depths)], [0] * depths
     offset = 0
-    for seq in text.input_ids:
+    for seq in text.input_ids[:sequences]:
         ids = seq[0].tolist()
         for i in range(len(ids) - 1):
             if text.generated[offset + i]:
@@ -458,7 +461,7 @@ def _recycled_acceptance(
 
 
 def _tokens_per_s(sm, plan, timed_ids, settings) -> float:
-    previous = sm.plan
+    previous, table = sm.plan, dict(sm.recycled.next)
     sm.plan = plan
     try:
         room = [min(settings.timed_tokens, sm.max_cache_len - ids.shape[1]) for ids in timed_ids]
@@ -469,7 +472,9 @@ def _tokens_per_s(sm, plan, timed_ids, settings) -> float:
             tokens += sm.last_stats.new_tokens
             seconds += sm.last_stats.total_s
     finally:
-        sm.plan = previous
+        # Every candidate starts from the same recycled-token table: one that had generated the timed prompts
+        # before would hand the next candidate their continuations verbatim.
+        sm.plan, sm.recycled.next = previous, table
     return tokens / seconds
 
 
