@@ -10,6 +10,8 @@ An engine is a zip archive (stored, not compressed) of:
   tensor;
 - ``programs/<name>.pt2``: one AOTInductor package per program (prefill, decode/verify, draft), compiled
   without their constants;
+- ``recycled.safetensors``: Token Recycling's adjacency table as it was when the engine was written (warmed by
+  calibration and any generation before), so that a loaded engine drafts trees from a warm table;
 - ``tokenizer/``: the tokenizer's files, read back with the ``tokenizers`` library.
 
 Writing goes to a temporary file in the destination's directory and is renamed into place, so an
@@ -42,6 +44,7 @@ FORMAT = "specpass-engine"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
+RECYCLED = "recycled.safetensors"
 _CHUNK = 1 << 20
 
 
@@ -89,6 +92,8 @@ def write_engine(sm, path: str | os.PathLike[str], *, tokenizer=None) -> dict:
         else:
             seen_storage[ptr] = key
     payloads = {WEIGHTS: save({k: t.detach().contiguous().cpu() for k, t in stored.items()})}
+    if sm.recycled.next:
+        payloads[RECYCLED] = save(sm.recycled.state_dict())
     for name, program in sm.programs.items():
         payloads[programs[name]["package"]] = program.package
     if tokenizer is not None:
@@ -116,6 +121,9 @@ def write_engine(sm, path: str | os.PathLike[str], *, tokenizer=None) -> dict:
         "cache": _spec_to_json(sm.spec),
         "plan": json.loads(sm.plan.to_json()) if sm.plan is not None else None,
         "programs": programs,
+        # the verify graph that passes/tree_verify.py proved can take a draft tree (None: no tree was checked)
+        "tree_verify": sm.summaries.get("verify"),
+        "recycled_tokens": len(sm.recycled.next),
         "weight_bytes": sum(t.numel() * t.element_size() for t in stored.values()),
         "payloads": {name: hashlib.sha256(data).hexdigest() for name, data in payloads.items()},
     }
@@ -256,6 +264,8 @@ def load_engine(path: str | os.PathLike[str]) -> Engine:
     tokenizer_files = {name.removeprefix("tokenizer/"): b for name, b in data.items() if name.startswith("tokenizer/")}
     plan = SpecPlan.from_json(json.dumps(manifest["plan"])) if manifest["plan"] else None
     engine = Engine(programs, manifest, tokenizer_files, plan)
+    if RECYCLED in data:
+        engine.recycled.load_state_dict(load(data[RECYCLED]))
     engine.load_s = time.perf_counter() - t0
     log.info("loaded engine %s in %.2fs", path, engine.load_s)
     return engine

@@ -210,6 +210,12 @@ def run_inspect(args: argparse.Namespace) -> int:
         print(f"              passes: {', '.join(passes) or 'none'}")
         top = sorted(s.get("ops", {}).items(), key=lambda kv: -kv[1])[: args.ops]
         print(f"              ops: {', '.join(f'{op} x{n}' for op, n in top)}")
+    checked = m.get("tree_verify")  # engines written before draft trees lack these two
+    if checked:
+        passes = ", ".join(h["pass"] for h in checked.get("passes", []))
+        print(f"trees       decode verifies draft trees (checked by: {passes})")
+    if m.get("recycled_tokens"):
+        print(f"recycled    {m['recycled_tokens']} tokens in the recycled-token table")
     return 0
 
 

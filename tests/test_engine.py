@@ -14,13 +14,23 @@ from test_bench import tiny_chat_model
 
 import specpass
 from specpass.cli import main
-from specpass.engine import MANIFEST, WEIGHTS, load_engine, read_manifest, write_engine
+from specpass.engine import MANIFEST, RECYCLED, WEIGHTS, load_engine, read_manifest, write_engine
 from specpass.errors import SpecPassError
 from specpass.models import chat_ids
 from specpass.tune.plan import SpecPlan
 
-#: lookup first, then an early-exit draft program: the engine holds prefill, decode and draft
-PLAN = SpecPlan(speculate=True, lookup=2, exit_layer=0, max_draft=2, threshold=0.0, adaptive=False)
+#: draft trees: lookup first, then an early-exit draft program's chain, then recycled tokens; the engine
+#: holds prefill, decode (which verifies the trees) and draft
+PLAN = SpecPlan(
+    speculate=True,
+    lookup=2,
+    exit_layer=0,
+    max_draft=2,
+    threshold=0.0,
+    adaptive=False,
+    tree_budget=4,
+    tree_template=[[0, 0], [0, 1], [1, 0]],
+)
 PROMPT = "hello there"
 
 
@@ -53,7 +63,9 @@ def test_engine_reproduces_the_model(compiled):
     assert torch.equal(engine.chat_ids(PROMPT), ids)  # the chat template, rendered without transformers
     out = engine.generate(ids, max_new_tokens=24, do_sample=False)
     assert torch.equal(out, _hf(model, ids, 24))
-    assert engine.speculative and engine.plan.lookup == PLAN.lookup and engine.plan.exit_layer == PLAN.exit_layer
+    assert engine.speculative and engine.plan == PLAN
+    assert engine.last_stats.tree_nodes > engine.last_stats.steps  # it verified trees, not single tokens
+    assert "tree_verify" in [h["pass"] for h in manifest["tree_verify"]["passes"]]
     assert engine.decode(out[0, ids.shape[1] :]) == tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
@@ -69,6 +81,35 @@ def test_engine_stores_the_weights_once(compiled):
     assert all(size < stored for size in packages) or weight_bytes < 1e6  # tiny weights: the .so code dominates
     bindings = [set(p["constants"].values()) for p in manifest["programs"].values()]
     assert len(set.union(*bindings)) < sum(len(b) for b in bindings)  # programs share stored tensors
+
+
+def _as_spec_model(model, engine):
+    """What write_engine reads of a SpecModel, from a loaded engine's AOTInductor programs (no recompile)."""
+    return types.SimpleNamespace(
+        model=model,
+        programs=engine.programs,
+        backend="inductor",
+        summaries={},
+        generation_config=model.generation_config,
+        vocab_size=engine.vocab_size,
+        spec=engine.spec,
+        plan=engine.plan,
+        recycled=engine.recycled,
+    )
+
+
+def test_engine_keeps_the_recycled_token_table(compiled, tmp_path):
+    """A table warmed before the engine was written drafts from the start after loading (Token Recycling)."""
+    model, tok, path, manifest = compiled
+    assert manifest["recycled_tokens"] == 0 and RECYCLED not in manifest["payloads"]
+    engine = load_engine(path)
+    engine.generate(chat_ids(tok, PROMPT), max_new_tokens=16, do_sample=False)
+    warm = write_engine(_as_spec_model(model, engine), tmp_path / "warm.specpass")
+    assert warm["recycled_tokens"] == len(engine.recycled.next) > 0
+    loaded = load_engine(tmp_path / "warm.specpass")
+    assert loaded.recycled.next == engine.recycled.next
+    ids = chat_ids(tok, "tell me more")
+    assert torch.equal(loaded.generate(ids, max_new_tokens=16, do_sample=False), _hf(model, ids, 16))
 
 
 def test_run_cli_needs_no_transformers_modeling_code(compiled):
@@ -114,7 +155,14 @@ def test_inspect_cli(compiled, capsys):
     _, _, path, manifest = compiled
     assert main(["inspect", str(path)]) == 0
     out = capsys.readouterr().out
-    for text in ("program     draft", "insert_early_exit", "input_ids: i64[1, ", "context lookup", "stored once"):
+    for text in (
+        "program     draft",
+        "insert_early_exit",
+        "input_ids: i64[1, ",
+        "context lookup",
+        "stored once",
+        "checked by: fold_gqa_heads, tree_verify",
+    ):
         assert text in out
     assert main(["inspect", str(path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == manifest
@@ -216,17 +264,7 @@ def test_bad_engine_files_are_refused_clearly(compiled, tmp_path, capsys, case):
 def test_an_interrupted_write_leaves_nothing(compiled, tmp_path, monkeypatch):
     model, tok, path, _ = compiled
     engine = load_engine(path)
-    # What write_engine reads of a SpecModel, from the loaded engine's AOTInductor programs (no recompile).
-    sm = types.SimpleNamespace(
-        model=model,
-        programs=engine.programs,
-        backend="inductor",
-        summaries={},
-        generation_config=model.generation_config,
-        vocab_size=engine.vocab_size,
-        spec=engine.spec,
-        plan=engine.plan,
-    )
+    sm = _as_spec_model(model, engine)
     real = zipfile.ZipFile.writestr
     calls = []
 

@@ -197,6 +197,22 @@ def test_adjacency_table_grows_a_template_and_records_ranks():
     assert tries == [1, 1, 1] and hits == [[0, 1], [0, 0], [0, 0]]
 
 
+def test_adjacency_table_state_round_trip():
+    table = AdjacencyTable(k=4)
+    table.update([3, 7], torch.tensor([[0.0, 1, 2, 3, 4, 5], [5.0, 4, 3, 2, 1, 0]]))
+    table.next[9] = [2, 1]  # calibration replays rows of fewer candidates
+    state = table.state_dict()
+    assert state["next"].shape == (3, 4)
+    other = AdjacencyTable(k=4)
+    other.load_state_dict(state)
+    assert other.next == table.next == {3: [5, 4, 3, 2], 7: [0, 1, 2, 3], 9: [2, 1]}
+    with pytest.raises(SpecPassError, match="tokens"):
+        other.load_state_dict({"tokens": state["tokens"], "next": state["next"][:2]})
+    small = AdjacencyTable(k=8)  # a vocabulary smaller than k
+    small.update([0], torch.zeros(1, 3))
+    assert len(small.next[0]) == 3
+
+
 def test_lookup_proposes_several_branches():
     index = NgramIndex([1, 2, 3, 9, 1, 2, 4, 5, 2, 6], max_n=2, min_n=1, keep=2)
     index.extend([1, 2])

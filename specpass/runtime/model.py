@@ -64,7 +64,7 @@ class CompiledLM:
         self.last_stats: GenerationStats | None = None
         self.plan = None  # a SpecPlan: speculative decoding when it says so and its drafts are ready
         # Token Recycling's table outlives a generate() call: later prompts start with a warm one.
-        self.recycled = AdjacencyTable()
+        self.recycled = AdjacencyTable(k=min(8, vocab_size))
 
     @property
     def speculative(self) -> bool:

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
+from specpass.errors import SpecPassError
 from specpass.runtime.tree import DraftTree
 
 #: a tree template: node i > 0 is (parent node, rank among the parent's candidates); node 0 is the root
@@ -29,9 +30,30 @@ class AdjacencyTable:
 
     def update(self, tokens: Sequence[int], logits: torch.Tensor) -> None:
         """Record the top-k of ``logits[i]`` (the target's scores after ``tokens[i]``) for every row."""
-        top = logits.topk(self.k, dim=-1).indices.tolist()
+        top = logits.topk(min(self.k, logits.shape[-1]), dim=-1).indices.tolist()
         for t, row in zip(tokens, top, strict=True):
             self.next[int(t)] = row
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The table as tensors (what an engine file stores): ``tokens`` (n,) and their rows ``next`` (n, k),
+        padded with -1 where a row holds fewer than k candidates."""
+        tokens = sorted(self.next)
+        rows = torch.full((len(tokens), self.k), -1, dtype=torch.long)
+        for i, t in enumerate(tokens):
+            row = self.next[t][: self.k]
+            rows[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        return {"tokens": torch.tensor(tokens, dtype=torch.long), "next": rows}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Replace the table with one from ``state_dict``."""
+        tokens, rows = state["tokens"], state["next"]
+        if tokens.dim() != 1 or rows.dim() != 2 or rows.shape[0] != tokens.shape[0]:
+            raise SpecPassError(
+                f"a recycled-token table needs tokens (n,) and next (n, k); got {tuple(tokens.shape)} and {tuple(rows.shape)}"
+            )
+        self.next = {
+            t: [c for c in row if c >= 0][: self.k] for t, row in zip(tokens.tolist(), rows.tolist(), strict=True)
+        }
 
     def grow(self, tree: DraftTree, template: Template) -> None:
         """Add the template's nodes under ``tree``'s root, as far as the tree's limits allow.
