@@ -12,11 +12,9 @@ from __future__ import annotations
 import argparse
 
 import torch
+from _sweep import compiled_default_model
+from _sweep import run as run_plan
 
-import specpass
-from specpass.bench import load_questions, resolve_prompts, stratified_sample
-from specpass.models import chat_ids, default_model
-from specpass.runtime.generate import RANK_DEPTHS
 from specpass.tune.plan import SpecPlan
 from specpass.tune.tree_shape import best_tree
 
@@ -28,26 +26,10 @@ def main() -> None:
     parser.add_argument("--budgets", default="2,3,4,6,8")
     parser.add_argument("--lookup", type=int, default=2)
     args = parser.parse_args()
-    model, tokenizer = default_model()
-    questions = stratified_sample(load_questions(resolve_prompts(None)), args.num_prompts)
-    prompts = [chat_ids(tokenizer, q["turns"][0]) for q in questions]
-    sm = specpass.optimize(model, speculate=False, max_cache_len=1024)
+    sm, prompts = compiled_default_model(args.num_prompts)
 
     def run(plan):
-        """outputs, tokens/s, tau, tokens fed to the verifier per step, recycled-token (hits, tries)."""
-        sm.plan = plan
-        sm.recycled.next.clear()  # each setting starts cold: a table from an earlier run holds these very outputs
-        outs, tokens, seconds, steps, nodes = [], 0, 0.0, 0, 0
-        hits, tries = torch.zeros(RANK_DEPTHS, sm.recycled.k), torch.zeros(RANK_DEPTHS)
-        for ids in prompts:
-            outs.append(sm.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False))
-            s = sm.last_stats
-            tokens, seconds, steps = tokens + s.new_tokens, seconds + s.total_s, steps + s.steps
-            nodes += s.tree_nodes or s.steps + sum(s.drafted)  # a chain step verifies its root + drafts
-            if s.rank_tries:
-                hits += torch.tensor(s.rank_hits, dtype=torch.float)
-                tries += torch.tensor(s.rank_tries, dtype=torch.float)
-        return outs, tokens / seconds, tokens / steps, nodes / max(steps, 1), (hits, tries)
+        return run_plan(sm, prompts, plan, args.max_new_tokens)
 
     run(None)  # warm-up
     plain, plain_tps, _, _, _ = run(None)
