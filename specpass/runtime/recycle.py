@@ -38,11 +38,11 @@ class AdjacencyTable:
         """The table as tensors (what an engine file stores): ``tokens`` (n,) and their rows ``next`` (n, k),
         padded with -1 where a row holds fewer than k candidates."""
         tokens = sorted(self.next)
-        rows = torch.full((len(tokens), self.k), -1, dtype=torch.long)
-        for i, t in enumerate(tokens):
-            row = self.next[t][: self.k]
-            rows[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        return {"tokens": torch.tensor(tokens, dtype=torch.long), "next": rows}
+        rows = [(self.next[t] + [-1] * self.k)[: self.k] for t in tokens]
+        return {
+            "tokens": torch.tensor(tokens, dtype=torch.long),
+            "next": torch.tensor(rows, dtype=torch.long).reshape(len(tokens), self.k),
+        }
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Replace the table with one from ``state_dict``."""
