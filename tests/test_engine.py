@@ -19,8 +19,8 @@ from specpass.errors import SpecPassError
 from specpass.models import chat_ids
 from specpass.tune.plan import SpecPlan
 
-#: draft trees: lookup first, then an early-exit draft program's chain, then recycled tokens; the engine
-#: holds prefill, decode (which verifies the trees) and draft
+#: draft trees: lookup first, then an early-exit draft program's EAGLE-2 tree (top-2 per level), then
+#: recycled tokens; the engine holds prefill, decode (which verifies the trees) and draft
 PLAN = SpecPlan(
     speculate=True,
     lookup=2,
@@ -28,8 +28,9 @@ PLAN = SpecPlan(
     max_draft=2,
     threshold=0.0,
     adaptive=False,
-    tree_budget=4,
+    tree_budget=6,
     tree_template=[[0, 0], [0, 1], [1, 0]],
+    draft_topk=2,
 )
 PROMPT = "hello there"
 
@@ -110,6 +111,24 @@ def test_engine_keeps_the_recycled_token_table(compiled, tmp_path):
     assert loaded.recycled.next == engine.recycled.next
     ids = chat_ids(tok, "tell me more")
     assert torch.equal(loaded.generate(ids, max_new_tokens=16, do_sample=False), _hf(model, ids, 16))
+
+
+def test_engine_runs_dynamic_exit_plans(tmp_path):
+    """DEL's programs (a draft per exit, the verify with each exit's tokens) and its costs travel in the engine."""
+    model, tok = tiny_chat_model()
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    plan = SpecPlan(speculate=True, del_exits=[0], max_draft=3, threshold=0.0, adaptive=False)
+    plan.save(tmp_path / "plan.json")
+    path = tmp_path / "del.specpass"
+    args = [str(tmp_path / "model"), "-o", str(path), "--plan", str(tmp_path / "plan.json"), "--max-cache-len", "64"]
+    assert main(["compile", *args]) == 0
+    assert sorted(read_manifest(path)["programs"]) == ["decode", "draft_exit0", "prefill", "verify_exits"]
+    engine = load_engine(path)
+    assert engine.speculative and len(engine.plan.del_costs) == 1
+    ids = chat_ids(tok, PROMPT)
+    assert torch.equal(engine.generate(ids, max_new_tokens=24, do_sample=False), _hf(model, ids, 24))
+    assert engine.last_stats.steps < 24  # tokens were drafted and accepted, not only plain steps
 
 
 def test_run_cli_needs_no_transformers_modeling_code(compiled):

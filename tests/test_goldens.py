@@ -24,8 +24,9 @@ PASS_STAGES = [(program, i + 1) for program, passes in PIPELINES.items() for i i
 
 
 def golden_draft_config(vocab: int) -> DraftConfig:
-    """One draft using every draft pass on a 2-layer model: exit after layer 0, skip its MLP, keep 16 tokens."""
-    return DraftConfig(exit_layer=0, skip_mlp=(0,), vocab_ids=torch.arange(0, vocab, vocab // 16))
+    """One draft using every draft pass on a 2-layer model: exit after layer 0, skip its MLP, keep 16 tokens;
+    DEL's verify program returns exit 0's tokens over the same 16."""
+    return DraftConfig(exit_layer=0, skip_mlp=(0,), vocab_ids=torch.arange(0, vocab, vocab // 16), exits=(0,))
 
 
 @pytest.mark.parametrize("arch", ARCHS)

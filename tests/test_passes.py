@@ -22,6 +22,7 @@ from specpass.passes import (
     PassResult,
     clone_graph_module,
     draft_pipeline,
+    exit_predictions,
     fold_gqa_heads,
     insert_early_exit,
     last_token_logits,
@@ -437,6 +438,58 @@ def test_prune_lm_head_errors_name_what_is_wrong(tiny):
     for ids, message in [(None, "no token ids"), (torch.tensor([1, 1]), "distinct"), (torch.tensor([999]), "distinct")]:
         with pytest.raises(SpecPassError, match=message):
             run_passes(t.cg.gm, (prune_lm_head,), t.cg.structure, DraftConfig(vocab_ids=ids))
+
+
+# --------------------------------------------------------------------------------------------------------
+# exit_predictions
+# --------------------------------------------------------------------------------------------------------
+ARGMAX = torch.ops.aten.argmax.default
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
+def test_exit_predictions_op_counts(tiny, arch):
+    """One copy of the final norm and head per exit, then an argmax; pruned rows add an index_select per
+    head operand and an index back to token ids."""
+    t = tiny(arch)
+    tail = collections.Counter(n.target for n in _head_nodes(t))
+    gm = run_passes(t.cg.gm, (exit_predictions,), t.cg.structure, DraftConfig(exits=(0,)))
+    assert op_counts(gm) - op_counts(t.cg.gm) == tail + collections.Counter({ARGMAX: 1})
+    assert op_counts(t.cg.gm) - op_counts(gm) == collections.Counter()
+    cfg = DraftConfig(exits=(0,), vocab_ids=torch.tensor([3, 5, 8]))
+    pruned = run_passes(t.cg.gm, (exit_predictions,), t.cg.structure, cfg)
+    operands = 1 + (t.model.get_output_embeddings().bias is not None)
+    extra = collections.Counter({ARGMAX: 1, INDEX_SELECT: operands, torch.ops.aten.index.Tensor: 1})
+    assert op_counts(pruned) - op_counts(t.cg.gm) == tail + extra
+
+
+def _head_nodes(t) -> list[torch.fx.Node]:
+    from specpass.passes.exit_predictions import _head_tail
+
+    return _head_tail(t.cg.gm, t.cg.structure)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
+def test_exit_predictions_match_the_early_exit_draft(tiny, arch):
+    """Exit k's tokens are the argmax of the early-exit draft at k, and the logits are decode's, bit for bit."""
+    t = tiny(arch)
+    ids = _ids(t)
+    decode = run_passes(t.cg.gm, PIPELINES["decode"], t.cg.structure)
+    for vocab_ids in (None, torch.randperm(t.vocab, generator=torch.Generator().manual_seed(4))[:20]):
+        cfg = DraftConfig(exits=(0,), vocab_ids=vocab_ids)
+        gm = run_passes(t.cg.gm, PIPELINES["verify_exits"], t.cg.structure, cfg)
+        logits, tokens = run_program(gm, t.cg.spec, ids)[0]
+        assert torch.equal(logits, run_program(decode, t.cg.spec, ids)[0])
+        draft, _ = draft_logits(t, DraftConfig(exit_layer=0, vocab_ids=vocab_ids), ids)
+        assert tokens.dtype == torch.long and torch.equal(tokens, draft.argmax(-1))
+        assert not torch.equal(tokens, logits.argmax(-1)), "exit 0 should disagree with the target somewhere"
+
+
+def test_exit_predictions_errors_name_what_is_wrong(tiny):
+    t = tiny("llama")
+    with pytest.raises(SpecPassError, match="no exit layers"):
+        run_passes(t.cg.gm, (exit_predictions,), t.cg.structure, DraftConfig())
+    with pytest.raises(SpecPassError, match=r"exits \[1\] must be distinct layers in \[0, 0\]"):
+        run_passes(t.cg.gm, (exit_predictions,), t.cg.structure, DraftConfig(exits=(1,)))
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])

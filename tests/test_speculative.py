@@ -37,6 +37,24 @@ PLANS = {
         tree_budget=7,
         tree_template=[[0, 0], [0, 1], [1, 0]],
     ),
+    # EAGLE-2 dynamic trees from the draft program: an early exit's top-2 per level, recycled tokens after;
+    # skipped layers with a pruned head, top-3 per level, three levels
+    "tree_eagle2": SpecPlan(
+        speculate=True, exit_layer=0, max_draft=3, threshold=0.0, tree_budget=8, draft_topk=2, tree_template=[[0, 0]]
+    ),
+    "tree_eagle2_pruned": SpecPlan(
+        speculate=True,
+        skip_layers=[1],
+        vocab_ids=list(range(0, 64, 2)),
+        max_draft=3,
+        threshold=0.0,
+        tree_budget=10,
+        draft_topk=3,
+    ),
+    # DEL: the exit chosen each round (one candidate in a 2-layer model; tests/test_dynamic_exit.py has more),
+    # cheap enough by the given cost to draft at once; and with a pruned head and costs from parameter counts
+    "del": SpecPlan(speculate=True, del_exits=[0], del_costs=[0.1], max_draft=3, threshold=0.0, adaptive=False),
+    "del_pruned": SpecPlan(speculate=True, del_exits=[0], vocab_ids=list(range(0, 64, 2)), max_draft=2),
 }
 
 
@@ -147,14 +165,16 @@ def _second_token_counts(sm, ids, n, cfg) -> torch.Tensor:
     return counts
 
 
-@pytest.fixture(scope="module", params=["exit", "lookup"])
+@pytest.fixture(scope="module", params=["exit", "del", "lookup"])
 def sampling_setup(request):
-    """An 8-token model; the second token is drafted by an early exit, or by context lookup (a one-hot q:
-    the prompt holds every token followed by another, so the first sampled token always matches)."""
+    """An 8-token model; the second token is drafted by an early exit (fixed, or DEL's choice, cheap enough to
+    draft at the first step), or by context lookup (a one-hot q: the prompt holds every token followed by
+    another, so the first sampled token always matches)."""
     model = sampling_model()
-    if request.param == "exit":
+    if request.param in ("exit", "del"):
+        exit_fields = {"exit_layer": 0} if request.param == "exit" else {"del_exits": [0], "del_costs": [0.1]}
         plan = SpecPlan(
-            speculate=True, exit_layer=0, vocab_ids=[0, 1, 2, 3, 5], max_draft=1, threshold=0.0, adaptive=False
+            speculate=True, vocab_ids=[0, 1, 2, 3, 5], max_draft=1, threshold=0.0, adaptive=False, **exit_fields
         )
         ids = torch.tensor([[1, 2, 3]])
     else:

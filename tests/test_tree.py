@@ -119,6 +119,60 @@ def test_tree_masks_by_depth_and_window():
     assert window[1] == [s in (3, 4, 5) for s in range(12)]
 
 
+class _BigramDraft:
+    """A draft program whose next-token law depends on the last token only; it records every call."""
+
+    def __init__(self, table: dict[int, dict[int, float]], vocab: int):
+        self.probs = torch.full((vocab, vocab), 1e-12)
+        for token, row in table.items():
+            for nxt, p in row.items():
+                self.probs[token, nxt] = p
+        self.calls = []
+
+    def __call__(self, ids, positions, slots, mask, *kv):
+        self.calls.append((ids[0].tolist(), positions[0].tolist(), slots.tolist(), (mask[0, 0] == 0).tolist()))
+        return self.probs[ids].log()
+
+
+#: root 0 -> {1: .5, 2: .3}; 1 -> {4: .6, 5: .4}; 2 -> {4: .9, 5: .1}; 4 -> {0: .7, 1: .2}
+BIGRAMS = {0: {1: 0.5, 2: 0.3, 3: 0.2}, 1: {4: 0.6, 5: 0.4}, 2: {4: 0.9, 5: 0.1}, 4: {0: 0.7, 1: 0.2, 3: 0.1}}
+
+
+def test_eagle2_tree_expands_the_most_confident_and_reranks():
+    cache = KVCache(CacheSpec(1, 1, 2, 16, torch.float32, (FULL,), None))
+    cache.commit(3)
+    draft = _BigramDraft(BIGRAMS, vocab=6)
+    tree = DraftTree(0, budget=6, max_depth=8)
+    policy = generate_module.DraftPolicy(draft_topk=2, threshold=0.0)
+    generate_module._draft_tree(draft, cache, tree, 3, policy)
+    # Level 1 runs the root; level 2 its top-2 children 1, 2; level 3 the two most confident grandchildren,
+    # 1->4 (.30) and 2->4 (.27), not 1->5 (.20). Each node sits at slot 3 + its scratch index, at position
+    # 3 + depth, and sees the prefix and its own ancestors: 2->4 (slot 7) sees the root and 2 (slots 3, 5).
+    assert [c[:3] for c in draft.calls] == [
+        ([0], [3], [3]),
+        ([1, 2], [4, 4], [4, 5]),
+        ([4, 4], [5, 5], [6, 7]),
+    ]
+    assert draft.calls[2][3][1] == [s < 3 or s in (3, 5, 7) for s in range(len(draft.calls[2][3][1]))]
+    # Rerank to the budget's 5 nodes: 1 (.5), 2 (.3), 1->4 (.3), 2->4 (.27), 1->4->0 (.21); 1->5 (.2) loses.
+    paths = [[tree.tokens[n] for n in tree.path_to(node)] for node in range(1, len(tree))]
+    assert paths == [[1], [2], [1, 4], [2, 4], [1, 4, 0]]
+    assert cache.length == 3  # drafting commits nothing
+
+
+def test_eagle2_tree_stops_below_the_threshold_and_k1_is_a_chain():
+    cache = KVCache(CacheSpec(1, 1, 2, 16, torch.float32, (FULL,), None))
+    draft = _BigramDraft(BIGRAMS, vocab=6)
+    tree = DraftTree(0, budget=8, max_depth=8)
+    generate_module._draft_tree(draft, cache, tree, 3, generate_module.DraftPolicy(draft_topk=2, threshold=0.35))
+    assert len(draft.calls) == 2  # level 2's best path (.30) is below 0.35: no third level
+    assert sorted(tree.tokens[1:]) == [1, 2, 4, 4, 5, 5]
+    draft.calls.clear()
+    tree = DraftTree(0, budget=8, max_depth=8)
+    generate_module._draft_tree(draft, cache, tree, 3, generate_module.DraftPolicy(draft_topk=1, threshold=0.0))
+    assert [c[0] for c in draft.calls] == [[0], [1], [4]] and tree.tokens == [0, 1, 4, 0]
+
+
 def test_greedy_tree_acceptance_walks_the_argmax():
     tree = DraftTree(0, budget=8, max_depth=4)
     tree.add_path([1, 2, 3])
@@ -249,16 +303,30 @@ def test_tree_plan_round_trips_and_describes_itself(tmp_path):
     again = SpecPlan.load(tmp_path / "p.json")
     assert again == plan and again.policy().tree_template == ((0, 0), (0, 1))
     assert "trees of up to 8 nodes" in again.describe() and again.drafts
+    eagle = SpecPlan(speculate=True, exit_layer=1, max_draft=3, tree_budget=8, draft_topk=2)
+    assert eagle.tree_draft and eagle.policy().draft_topk == 2
+    assert "EAGLE-2 draft trees of depth 3 and top-2" in eagle.describe()
+    assert eagle.draft_key() != SpecPlan(speculate=True, exit_layer=1).draft_key()  # a chain draft: one token
+    with pytest.raises(SpecPassError, match="draft_topk must be an int >= 1"):
+        SpecPlan(speculate=True, exit_layer=0, tree_budget=4, draft_topk=0).check(build_tiny_model("llama"))
 
 
 # --------------------------------------------------------------------------------------------------------
 # Sampling through trees
 # --------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tree_sampling():
-    """An 8-token model whose trees draft the top-3 recycled tokens at the root and one below the first."""
+#: an 8-token model's trees: the top-3 recycled tokens at the root and one below the first; or EAGLE-2's
+#: dynamic tree from an early exit after layer 0, top-5 per level (three sampled tokens leave room for one
+#: level below the root, and five siblings give the chain-mask control below its power)
+SAMPLING_PLANS = {
+    "recycled": SpecPlan(speculate=True, tree_budget=5, tree_template=[[0, 0], [0, 1], [0, 2], [1, 0]]),
+    "eagle2": SpecPlan(speculate=True, exit_layer=0, max_draft=2, threshold=0.0, tree_budget=6, draft_topk=5),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(SAMPLING_PLANS))
+def tree_sampling(request):
     model = sampling_model()
-    plan = SpecPlan(speculate=True, tree_budget=5, tree_template=[[0, 0], [0, 1], [0, 2], [1, 0]])
+    plan = SAMPLING_PLANS[request.param]
     sm = specpass.optimize(model, speculate=True, plan=plan, backend="eager", max_cache_len=16, progress=False)
     cfg = SamplingConfig(True, temperature=0.9, top_k=7, top_p=0.97)
     return model, sm, torch.tensor([[1, 2, 3]]), cfg

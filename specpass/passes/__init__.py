@@ -4,6 +4,7 @@ The order below is the only place passes are sequenced.
 """
 
 from specpass.passes.draft_config import DraftConfig
+from specpass.passes.exit_predictions import exit_predictions
 from specpass.passes.fold_gqa_heads import fold_gqa_heads
 from specpass.passes.insert_early_exit import insert_early_exit
 from specpass.passes.last_token_logits import last_token_logits
@@ -15,12 +16,13 @@ from specpass.passes.tree_verify import tree_verify
 #: programs -> the passes that derive them from the captured graph, in order. ``decode`` computes the
 #: unchanged target model for every query position: one token in plain decoding, the verified chain in
 #: speculative decoding. ``verify`` is decode's graph proven able to score a draft tree in one pass (it
-#: rewrites nothing, so the lowered decode program serves it). ``draft`` passes take a DraftConfig (see
-#: draft_pipeline).
+#: rewrites nothing, so the lowered decode program serves it). ``verify_exits`` is decode that also returns
+#: each DEL exit's token. ``draft`` and ``verify_exits`` passes take a DraftConfig (see draft_pipeline).
 PIPELINES = {
     "prefill": (fold_gqa_heads, last_token_logits),
     "decode": (fold_gqa_heads,),
     "verify": (fold_gqa_heads, tree_verify),
+    "verify_exits": (fold_gqa_heads, exit_predictions),
     "draft": (fold_gqa_heads, insert_early_exit, skip_layers, prune_lm_head),
 }
 
@@ -43,6 +45,7 @@ __all__ = [
     "PassResult",
     "clone_graph_module",
     "draft_pipeline",
+    "exit_predictions",
     "fold_gqa_heads",
     "insert_early_exit",
     "last_token_logits",

@@ -18,3 +18,4 @@ class DraftConfig:
     exit_layer: int | None = None  # exit after this layer (LayerSkip, Kangaroo)
     adapter: nn.Module | None = None  # trained exit adapter applied to the exit hidden state (Kangaroo)
     vocab_ids: torch.Tensor | None = None  # draft head rows, sorted token ids (FR-Spec, VocabTrim)
+    exits: tuple[int, ...] = ()  # DEL: the exit layers whose tokens the verify program also returns

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from specpass.errors import SpecPassError
+from specpass.runtime.dynamic_exit import VERIFY_EXITS, ExitChooser, draft_program_name
 from specpass.runtime.kv_cache import KVCache
 from specpass.runtime.lookup import NgramIndex
 from specpass.runtime.recycle import AdjacencyTable
@@ -42,6 +43,7 @@ class GenerationStats:
     drafted: list[int] = dataclasses.field(default_factory=list)  # drafted[i]: steps that drafted position i
     accepted: list[int] = dataclasses.field(default_factory=list)  # accepted[i]: steps that accepted it
     tree_nodes: int = 0  # tree mode: nodes verified, roots included
+    exit_rounds: dict[int, int] = dataclasses.field(default_factory=dict)  # DEL: drafting rounds per exit layer
     # tree mode: verified tokens per depth, and those the recycled-token table held, by rank
     rank_hits: list[list[int]] = dataclasses.field(default_factory=list)
     rank_tries: list[int] = dataclasses.field(default_factory=list)
@@ -114,15 +116,16 @@ def _run(program: Program, cache: KVCache, ids: torch.Tensor, offset: int = 0) -
     return program(ids, slots[None, :], slots, *masks, *cache.tensors)
 
 
-def _run_tree(program: Program, cache: KVCache, tree: DraftTree) -> torch.Tensor:
-    """Run every node of ``tree`` at the slots after the committed prefix (node i at slot length + i)."""
+def _run_tree(program: Program, cache: KVCache, tree: DraftTree, first: int = 0) -> torch.Tensor:
+    """Run the nodes first.. of ``tree`` at the slots after the committed prefix (node i at slot length + i);
+    the nodes before ``first`` must already hold their K/V there."""
     n = len(tree)
-    slots = cache.reserve(n)
+    slots = cache.reserve(n)[first:]
     width = attention_width(cache.length + n, cache.capacity)
     depth = torch.tensor(tree.depth, device=cache.device)
-    masks = cache.tree_masks(tree.ancestors(), depth, width)
-    ids = torch.tensor([tree.tokens], device=cache.device)
-    return program(ids, (cache.length + depth)[None], slots, *masks, *cache.tensors)
+    masks = cache.tree_masks(tree.ancestors(), depth, width, first)
+    ids = torch.tensor([tree.tokens[first:]], device=cache.device)
+    return program(ids, (cache.length + depth[first:])[None], slots, *masks, *cache.tensors)
 
 
 def _step(program: Program, cache: KVCache, ids: torch.Tensor) -> torch.Tensor:
@@ -201,6 +204,9 @@ class DraftPolicy:
     The threshold follows the observed acceptance: a smoothed acceptance rate below ``target_acceptance``
     raises it by ``step`` (draft less), above lowers it (draft more). A context n-gram match, when lookup is
     on, drafts instead of the draft program: it costs nothing to propose.
+
+    In tree mode (``tree_budget`` > 0) the draft program grows EAGLE-2 trees (``_draft_tree``): ``max_draft``
+    is their depth and the threshold bounds a path's confidence (the product of its draft probabilities).
     """
 
     max_draft: int = 4
@@ -220,6 +226,13 @@ class DraftPolicy:
     lookup_branches: int = 1
     #: tree mode: the template (parent, rank) walked in the recycled-token table (runtime/recycle.py)
     tree_template: tuple[tuple[int, int], ...] = ()
+    #: tree mode: EAGLE-2's k, the draft program's children per expanded node and nodes expanded per level
+    #: (1: a greedy chain)
+    draft_topk: int = 1
+    #: DEL (runtime/dynamic_exit.py): the candidate exit layers, each with its draft program, and a draft
+    #: token's cost at each relative to a verify pass; the exit and length are then chosen every round
+    exits: tuple[int, ...] = ()
+    exit_costs: tuple[float, ...] = ()
 
 
 def _lookup_index(policy: DraftPolicy, input_ids: torch.Tensor) -> NgramIndex | None:
@@ -241,8 +254,11 @@ def speculative_generate(
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, GenerationStats]:
     """Lossless speculative generation: ``prefill``, then drafts (context lookup, else the ``draft`` program
-    when there is one) verified by the ``decode`` program."""
-    longest = max(policy.lookup, policy.max_draft if "draft" in programs else 0)
+    when there is one, or under DEL the exit chosen this round) verified by the ``decode`` program (under DEL,
+    ``verify_exits``: the same logits and each candidate exit's tokens)."""
+    chooser = ExitChooser(policy.exits, policy.exit_costs, policy.max_draft) if policy.exits else None
+    drafts = "draft" in programs or chooser is not None
+    longest = max(policy.lookup, policy.max_draft if drafts else 0)
     stats = GenerationStats(prompt_tokens=input_ids.shape[1], drafted=[0] * longest, accepted=[0] * longest)
     threshold, rate = policy.threshold, policy.target_acceptance
     index = _lookup_index(policy, input_ids)
@@ -256,17 +272,23 @@ def speculative_generate(
             if index is not None:
                 index.extend(pending)
 
-            # Draft: a context match if there is one, else up to max_draft draft-program tokens, fewer when
-            # the draft is unsure; never past the request's end.
+            # Draft: a context match if there is one, else up to max_draft draft-program tokens (DEL: the
+            # chosen exit's program and length), fewer when the draft is unsure; never past the request's end.
             t0 = time.perf_counter()
             room = stop.max_new_tokens - len(new) - 1
             draft_ids, draft_probs = [], []
             if index is not None:
                 draft_ids = index.propose(min(policy.lookup, room))
-            budget = 0 if draft_ids or "draft" not in programs else min(policy.max_draft, room)
+            draft, budget = programs.get("draft"), policy.max_draft
+            if chooser is not None and not draft_ids:
+                exit_layer, budget = chooser.choose()
+                draft = programs[draft_program_name(exit_layer)]
+                if budget:
+                    stats.exit_rounds[exit_layer] = stats.exit_rounds.get(exit_layer, 0) + 1
+            budget = 0 if draft_ids or draft is None else min(budget, room)
             current = torch.tensor([[last]], device=input_ids.device)
             for i in range(budget):
-                row = _run(programs["draft"], cache, current, offset=i)[0, -1]
+                row = _run(draft, cache, current, offset=i)[0, -1]
                 probs = probabilities(row, sampling) if sampling.do_sample else row.softmax(-1)
                 d = torch.multinomial(probs, 1, generator=generator) if sampling.do_sample else probs.argmax()[None]
                 draft_ids.append(int(d))
@@ -279,17 +301,21 @@ def speculative_generate(
 
             # Verify the last token and every draft token in one target pass; commit what it accepts.
             ids = torch.tensor([[last, *draft_ids]], device=input_ids.device)
-            target = _run(programs["decode"], cache, ids)[0]
-            draft = ids[0, 1:]
+            if chooser is None:
+                target = _run(programs["decode"], cache, ids)[0]
+            else:  # the same logits, and each candidate exit's token at every row
+                target, *shadows = _run(programs[VERIFY_EXITS], cache, ids)
+                target = target[0]
+            proposed = ids[0, 1:]
             if sampling.do_sample:
                 p = probabilities(target, sampling)
                 if draft_probs:
                     q = torch.stack(draft_probs)
                 else:  # a lookup draft is deterministic: q is one-hot at each proposed token
-                    q = torch.nn.functional.one_hot(draft, p.shape[-1]).to(p.dtype)
-                n, bonus = sample_accept(draft, q, p, generator)
+                    q = torch.nn.functional.one_hot(proposed, p.shape[-1]).to(p.dtype)
+                n, bonus = sample_accept(proposed, q, p, generator)
             else:
-                n, bonus = greedy_accept(draft, target)
+                n, bonus = greedy_accept(proposed, target)
             cache.commit(1 + n)
             stats.verify_s += time.perf_counter() - t1
             stats.steps += 1
@@ -297,6 +323,8 @@ def speculative_generate(
                 stats.drafted[i] += 1
                 stats.accepted[i] += i < n
             pending = [*draft_ids[:n], bonus]
+            if chooser is not None:  # rows 0..n are verified: pending[i] is the target's token after row i
+                chooser.update({k: s[0, : n + 1].tolist() for k, s in zip(policy.exits, shadows, strict=True)}, pending)
 
             if policy.adaptive and draft_probs:
                 rate = policy.smoothing * rate + (1 - policy.smoothing) * n / len(draft_ids)
@@ -350,7 +378,7 @@ def tree_generate(
             for chain in found:
                 tree.add_path(chain)
             if not found and "draft" in programs:
-                tree.add_path(_draft_chain(programs["draft"], cache, new[-1], min(policy.max_draft, room), policy))
+                _draft_tree(programs["draft"], cache, tree, min(policy.max_draft, room), policy)
             table.grow(tree, policy.tree_template)
             t1 = time.perf_counter()
             stats.draft_s += t1 - t0
@@ -376,16 +404,55 @@ def tree_generate(
     return _finish(input_ids, new, stats, streamer)
 
 
-def _draft_chain(program: Program, cache: KVCache, last: int, budget: int, policy: DraftPolicy) -> list[int]:
-    """The draft program's greedy chain after ``last``: a tree's children must not depend on the target's
-    sample (runtime/tree.py), so the draft proposes its argmax even when generation samples."""
-    chain: list[int] = []
-    current = torch.tensor([[last]], device=cache.device)
-    for i in range(budget):
-        probs = _run(program, cache, current, offset=i)[0, -1].softmax(-1)
-        top = probs.argmax()
-        chain.append(int(top))
-        if float(probs[top]) < policy.threshold:
+def _draft_tree(program: Program, cache: KVCache, tree: DraftTree, levels: int, policy: DraftPolicy) -> None:
+    """Grow ``tree`` (its root alone) with EAGLE-2's dynamic draft tree (Li et al., 2024) from the draft program.
+
+    Each level runs the draft once over the ``k = policy.draft_topk`` most confident nodes of the level before
+    (the root first) and gives each its top-k tokens as children; a node's confidence is the product of the
+    draft's probabilities along its path, EAGLE-2's estimate of its acceptance. Expansion stops after
+    ``levels`` levels or once no node of the new level is at least ``policy.threshold`` confident. Then the
+    most confident candidates fill the tree's budget (reranking): a child is never more confident than its
+    parent, so they form a tree. k = 1 is a greedy chain.
+
+    The draft's K/V goes to scratch slots after the committed prefix, which the verify pass overwrites or
+    leaves beyond the accepted path. Children are the draft's argmax top-k, never samples: a tree must not
+    depend on the target's randomness (runtime/tree.py), and the draft's never does.
+    """
+    k = policy.draft_topk
+    # The nodes the draft has run on, node i at slot length + i; a tree so its masks say what each one sees.
+    scratch = DraftTree(tree.tokens[0], budget=cache.capacity - cache.length, max_depth=levels)
+    parents, tokens, scores = [], [], []  # the candidates; parent -1 is the root
+    node_of = {-1: 0}  # expanded candidate -> its scratch node
+    frontier = [-1]  # the candidates this level expands, the newest nodes of scratch
+    for level in range(levels):
+        probs = _run_tree(program, cache, scratch, first=len(scratch) - len(frontier))[0].softmax(-1)
+        top = probs.topk(min(k, probs.shape[-1]), dim=-1)
+        born = len(scores)
+        for cand, p_row, t_row in zip(frontier, top.values.tolist(), top.indices.tolist(), strict=True):
+            for p, t in zip(p_row, t_row, strict=True):
+                parents.append(cand)
+                tokens.append(t)
+                scores.append((1.0 if cand < 0 else scores[cand]) * p)
+        best = sorted(range(born, len(scores)), key=lambda c: -scores[c])[:k]
+        if level + 1 == levels or scores[best[0]] < policy.threshold:
             break
-        current = top[None, None]
-    return chain
+        frontier = []
+        for c in best:
+            node = scratch.add(node_of[parents[c]], tokens[c])
+            if node is not None:
+                node_of[c] = node
+                frontier.append(c)
+        if not frontier:
+            break
+
+    # Rerank: the most confident candidates, ties to the older (a parent before its children), placed in
+    # creation order so that every parent is in the tree before its children.
+    room = tree.budget - len(tree)
+    ranked = sorted((c for c in range(len(scores)) if scores[c] > 0), key=lambda c: (-scores[c], c))
+    chosen = sorted(ranked[:room])
+    placed = {-1: 0}
+    for c in chosen:
+        if parents[c] in placed:
+            node = tree.add(placed[parents[c]], tokens[c])
+            if node is not None:
+                placed[c] = node

@@ -95,9 +95,12 @@ class KVCache:
         positions = start + torch.arange(q, device=self.device)[:, None]  # slot == position of each query
         return self._masks(keys <= positions, positions, keys)
 
-    def tree_masks(self, ancestors: torch.Tensor, depth: torch.Tensor, width: int | None = None) -> list[torch.Tensor]:
-        """Additive masks (1, 1, T, width) for T tree nodes at slots length..length+T-1 (see runtime/tree.py):
-        node i sees the committed prefix and the nodes j with ``ancestors[i, j]``.
+    def tree_masks(
+        self, ancestors: torch.Tensor, depth: torch.Tensor, width: int | None = None, first: int = 0
+    ) -> list[torch.Tensor]:
+        """Additive masks (1, 1, T - first, width) for the nodes first..T-1 of a T-node tree at slots
+        length..length+T-1 (see runtime/tree.py): node i sees the committed prefix and the nodes j with
+        ``ancestors[i, j]``. ``first`` > 0 runs only the newest nodes, whose ancestors already hold K/V.
 
         ``depth``: (T,) each node's depth; the position of node i is length + depth[i], which is what a
         sliding window is measured in.
@@ -111,7 +114,7 @@ class KVCache:
         allowed[:, self.length : self.length + n] = ancestors.to(self.device)
         key_positions = keys.clone()
         key_positions[0, self.length : self.length + n] = self.length + depth.to(self.device)
-        return self._masks(allowed, self.length + depth.to(self.device)[:, None], key_positions)
+        return self._masks(allowed[first:], self.length + depth.to(self.device)[first:, None], key_positions)
 
     def _masks(self, allowed: torch.Tensor, positions: torch.Tensor, key_positions: torch.Tensor) -> list[torch.Tensor]:
         """One additive mask per attention kind from the (q, width) visibility; a sliding window also hides

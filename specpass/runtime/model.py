@@ -70,7 +70,7 @@ class CompiledLM:
     def speculative(self) -> bool:
         if self.plan is None or not self.plan.speculate:
             return False
-        if self.plan.has_draft and "draft" not in self.programs:
+        if any(name not in self.programs for name in self.plan.program_names()):
             return False
         return self.plan.drafts
 

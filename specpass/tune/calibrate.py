@@ -10,7 +10,10 @@
 5. Each candidate's expected tokens per verify step comes from its agreement runs on held-out text; its
    cost from measured program times (verify at 1..k+1 tokens, the head at full and pruned size). The best
    few are compiled and *timed generating*, against plain compiled decoding; the plan keeps the fastest,
-   and says "no speculation" when plain decoding wins.
+   and says "no speculation" when plain decoding wins. Context lookup and draft trees (Sequoia templates over
+   recycled tokens; a draft program's greedy chain or EAGLE-2 tree inside them) are timed the same way.
+6. DEL: from the per-layer agreement of step 3 and the parameters each exit reads, the exits where DEL's
+   rate is best; a DEL plan over them is timed only if that rate promises to beat plain decoding.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from tqdm.auto import tqdm
 
 from specpass.errors import SpecPassError
 from specpass.models import chat_ids
+from specpass.runtime.dynamic_exit import ExitChooser
 from specpass.tune.adapter import ExitAdapter
 from specpass.tune.plan import SpecPlan
 from specpass.tune.tree_shape import best_tree
@@ -79,6 +83,7 @@ class CalibrationSettings:
     tree_budgets: tuple[int, ...] = (2, 3, 4, 6, 8, 16)  # draft-tree sizes (nodes per verify, root included)
     recycled_k: int = 4  # recycled-token candidates per token considered for tree templates
     min_gain: float = 0.05  # a draft must beat plain decoding by this much: timing noise is a few percent
+    del_exits: int = 3  # DEL's candidate exits, where the held-out agreement of plain exits says one may pay
 
 
 @dataclasses.dataclass
@@ -416,10 +421,21 @@ def calibrate_compiled(
         if plan.exit_layer is not None:
             plan.set_adapter(adapters[plan.exit_layer])
         build_draft_programs(sm, plan)
-        for adaptive in (False, True):
-            plan.adaptive = adaptive
-            plan.threshold = 0.3 if adaptive else 0.0
-            consider(plan, {**desc, "max_draft": gamma, "adaptive": adaptive, **front})
+        if plan.tree_draft:  # a greedy chain inside the tree, or EAGLE-2's dynamic tree (top-2 per level)
+            variants = [{"draft_topk": k, "threshold": 0.3} for k in (1, 2)]
+        else:  # fixed-length chains, or Draft&Verify's adaptive exit
+            variants = [{"adaptive": a, "threshold": 0.3 if a else 0.0} for a in (False, True)]
+        for variant in variants:
+            plan = dataclasses.replace(plan, **variant)
+            consider(plan, {**desc, "max_draft": gamma, **variant, **front})
+
+    # DEL: plain early exits, the exit and length chosen each round from online agreement. Timed only when the
+    # held-out agreement says some exit pays for its draft tokens and for the heads DEL's verify pass adds:
+    # true of models trained for early exit (LayerSkip), rarely of others.
+    del_plan = _del_candidate(sm, measurements, settings, lookup)
+    if del_plan is not None:
+        build_draft_programs(sm, del_plan)
+        consider(del_plan, {"del_exits": del_plan.del_exits, **lookup})
     measurements["calibration_s"] = time.perf_counter() - t_start
     if best_plan is None:
         plan = dataclasses.replace(fastest_draft, speculate=False) if fastest_draft else SpecPlan(speculate=False)
@@ -432,6 +448,30 @@ def calibrate_compiled(
     plan.measurements = measurements
     log.info("calibration chose: %s; %s", plan.describe(), plan.reason)
     return plan
+
+
+def _del_candidate(sm, measurements: dict, settings: CalibrationSettings, lookup: dict) -> SpecPlan | None:
+    """A DEL plan over the exits whose held-out agreement (``agreement_no_adapter``) promises the most tokens
+    per unit of compute, if that promise beats plain decoding by ``min_gain``; else None (and why, in
+    ``measurements["del_estimate"]``)."""
+    from specpass.optimize import del_costs, del_param_costs
+
+    agreement = measurements["agreement_no_adapter"]
+    layers = sorted(agreement)
+    drafts, _ = del_param_costs(sm.captured, layers)
+    chooser = ExitChooser(layers, drafts, settings.max_draft)
+    chooser.alpha = dict(agreement)
+    gains = {k: max(chooser.rate(k, g) for g in range(1, settings.max_draft + 1)) for k in layers}
+    exits = sorted(sorted(layers, key=gains.get, reverse=True)[: settings.del_exits])
+    plan = SpecPlan(speculate=True, del_exits=exits, max_draft=settings.max_draft, threshold=0.3, **lookup)
+    plan.del_costs = del_costs(sm.captured, plan)
+    # The best round DEL expects, per plain pass: its verify pass reads the extra heads every round.
+    chooser = ExitChooser(exits, plan.del_costs, settings.max_draft)
+    chooser.alpha = {k: agreement[k] for k in exits}
+    _, verify = del_param_costs(sm.captured, exits)
+    estimate = max(chooser.rate(k, g) for k in exits for g in range(settings.max_draft + 1)) / verify
+    measurements["del_estimate"] = {"exits": exits, "tokens_per_plain_pass": round(estimate, 3)}
+    return plan if estimate > 1 + settings.min_gain else None
 
 
 def _recycled_acceptance(

@@ -16,6 +16,7 @@ from torch import nn
 
 from specpass.errors import SpecPassError
 from specpass.passes import DraftConfig
+from specpass.runtime.dynamic_exit import VERIFY_EXITS, draft_program_name
 from specpass.runtime.generate import DraftPolicy
 from specpass.tune.adapter import ExitAdapter
 
@@ -24,8 +25,8 @@ PLAN_VERSION = 3  # 2: context lookup fields; 3: draft trees
 
 @dataclasses.dataclass
 class SpecPlan:
-    """The drafts (context lookup; a draft program: early exit / skipped layers / pruned head), their
-    draft-length policy, and why they were chosen.
+    """The drafts (context lookup; a draft program: early exit / skipped layers / pruned head, or DEL's early
+    exits chosen each round; draft trees), their draft-length policy, and why they were chosen.
 
     ``speculate=False`` means calibration measured no draft faster than plain compiled decoding.
     """
@@ -47,6 +48,9 @@ class SpecPlan:
     tree_budget: int = 0  # draft trees of this many nodes (root included) per verify; 0: chains
     lookup_branches: int = 1  # tree mode: continuations lookup adds
     tree_template: list[list[int]] = dataclasses.field(default_factory=list)  # recycled tokens: (parent, rank)
+    draft_topk: int = 1  # tree mode: EAGLE-2's k for the draft program's dynamic trees (1: a greedy chain)
+    del_exits: list[int] = dataclasses.field(default_factory=list)  # DEL: candidate exit layers (chains)
+    del_costs: list[float] = dataclasses.field(default_factory=list)  # DEL: a draft token's cost per exit
     model_hash: str = ""
     reason: str = ""
     measurements: dict = dataclasses.field(default_factory=dict)
@@ -61,11 +65,33 @@ class SpecPlan:
     @property
     def has_draft(self) -> bool:
         """Whether there is a draft program (lookup needs none)."""
-        return bool(self.exit_layer is not None or self.skip_layers or self.skip_attention or self.skip_mlp)
+        return bool(
+            self.exit_layer is not None or self.skip_layers or self.skip_attention or self.skip_mlp or self.del_exits
+        )
+
+    def program_names(self) -> list[str]:
+        """The programs the plan's drafts need besides prefill and decode."""
+        if self.del_exits:
+            return [VERIFY_EXITS, *(draft_program_name(k) for k in self.del_exits)]
+        return ["draft"] if self.has_draft else []
+
+    @property
+    def tree_draft(self) -> bool:
+        """Whether the draft program grows trees: it then runs a level of several nodes per pass."""
+        return self.has_draft and self.tree_budget > 0
 
     def draft_key(self) -> str:
         """What identifies the draft program (the policy fields do not change it)."""
-        fields = (self.exit_layer, self.skip_layers, self.skip_attention, self.skip_mlp, self.vocab_ids, self.adapter)
+        fields = (
+            self.exit_layer,
+            self.skip_layers,
+            self.skip_attention,
+            self.skip_mlp,
+            self.vocab_ids,
+            self.adapter,
+            self.tree_draft,
+            self.del_exits,
+        )
         return hashlib.blake2b(json.dumps(fields).encode(), digest_size=16).hexdigest()
 
     def draft_config(self, device=None) -> DraftConfig:
@@ -90,6 +116,9 @@ class SpecPlan:
             tree_budget=self.tree_budget,
             lookup_branches=self.lookup_branches,
             tree_template=tuple((int(p), int(r)) for p, r in self.tree_template),
+            draft_topk=self.draft_topk,
+            exits=tuple(int(k) for k in self.del_exits),
+            exit_costs=tuple(float(c) for c in self.del_costs),
         )
 
     def exit_adapter(self, device=None) -> ExitAdapter | None:
@@ -115,11 +144,15 @@ class SpecPlan:
             )
         if self.exit_layer is not None:
             parts.append(f"exit after layer {self.exit_layer}" + (" + adapter" if self.adapter else ""))
+        if self.del_exits:
+            parts.append(f"DEL: exit after layer {' / '.join(map(str, self.del_exits))}, chosen each round")
         if self.skip_layers:
             parts.append(f"skip {len(self.skip_layers)} layers")
         if self.vocab_ids is not None:
             parts.append(f"head pruned to {len(self.vocab_ids)} tokens")
-        if self.has_draft:
+        if self.tree_draft and self.draft_topk > 1:
+            parts.append(f"EAGLE-2 draft trees of depth {self.max_draft} and top-{self.draft_topk}")
+        elif self.has_draft:
             parts.append(f"up to {self.max_draft} draft tokens")
         if self.tree_budget:
             recycled = f", {len(self.tree_template)} recycled-token nodes" if self.tree_template else ""
@@ -168,12 +201,25 @@ class SpecPlan:
         layers = [*self.skip_layers, *self.skip_attention, *self.skip_mlp]
         if self.exit_layer is not None:
             layers.append(self.exit_layer)
+        layers += self.del_exits
         if any(not 0 <= i < n_layers for i in layers):
             raise SpecPassError(
                 f"this SpecPlan names layers beyond the model's {n_layers}: it was made for another model"
             )
         if self.vocab_ids is not None and max(self.vocab_ids, default=0) >= vocab:
             raise SpecPassError(f"this SpecPlan's draft vocabulary exceeds the model's {vocab} tokens")
+        others = self.exit_layer is not None or self.adapter or self.skip_layers or self.skip_attention or self.skip_mlp
+        if self.del_exits and (others or self.tree_budget):
+            raise SpecPassError(
+                "a DEL plan (del_exits) drafts chains from plain early exits: leave exit_layer, adapter, skip_layers, "
+                "skip_attention, skip_mlp and tree_budget unset"
+            )
+        if self.del_exits and (max(self.del_exits) >= n_layers - 1 or len(set(self.del_exits)) < len(self.del_exits)):
+            raise SpecPassError(f"del_exits must be distinct layers in [0, {n_layers - 2}], got {self.del_exits}")
+        if self.del_costs and len(self.del_costs) != len(self.del_exits):
+            raise SpecPassError(f"del_costs has {len(self.del_costs)} entries for {len(self.del_exits)} del_exits")
+        if isinstance(self.draft_topk, bool) or not isinstance(self.draft_topk, int) or self.draft_topk < 1:
+            raise SpecPassError(f"SpecPlan.draft_topk must be an int >= 1, got {self.draft_topk!r}")
         hidden = model.get_input_embeddings().weight.shape[1]
         if self.adapter is not None and self.adapter["hidden"] != hidden:
             raise SpecPassError(
