@@ -7,8 +7,8 @@ at the exit k that maximises DEL's tokens per unit of compute,
 
     E[tokens] / cost = (1 - alpha_k ** (gamma + 1)) / (1 - alpha_k) / (gamma * c_k + 1),
 
-where c_k is a draft token's cost at exit k relative to a verify pass (the parameters it reads: decoding one
-sequence is bound by memory bandwidth). Gamma 0 is a plain step, chosen when no draft pays; its verify pass
+where c_k is a draft token's cost at exit k relative to DEL's verify pass (the parameters each reads: decoding
+one sequence is bound by memory bandwidth; optimize.del_costs). Gamma 0 is a plain step, chosen when no draft pays; its verify pass
 still updates every estimate, so drafting resumes when the context gets easier.
 """
 
@@ -51,5 +51,5 @@ class ExitChooser:
     def update(self, shadows: dict[int, Sequence[int]], verified: Sequence[int]) -> None:
         """``verified[i]``: the target's token after verify row i; ``shadows[k][i]``: exit k's token there."""
         for k in self.exits:
-            for drafted, target in zip(shadows[k], verified, strict=False):
+            for drafted, target in zip(shadows[k], verified, strict=True):
                 self.alpha[k] += self.decay * (float(drafted == target) - self.alpha[k])
