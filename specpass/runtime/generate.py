@@ -283,9 +283,9 @@ def speculative_generate(
             if chooser is not None and not draft_ids:
                 exit_layer, budget = chooser.choose()
                 draft = programs[draft_program_name(exit_layer)]
-                if budget:
-                    stats.exit_rounds[exit_layer] = stats.exit_rounds.get(exit_layer, 0) + 1
             budget = 0 if draft_ids or draft is None else min(budget, room)
+            if chooser is not None and budget:  # after the clamp: at the request's end an exit may draft nothing
+                stats.exit_rounds[exit_layer] = stats.exit_rounds.get(exit_layer, 0) + 1
             current = torch.tensor([[last]], device=input_ids.device)
             for i in range(budget):
                 row = _run(draft, cache, current, offset=i)[0, -1]
