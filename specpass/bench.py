@@ -22,6 +22,7 @@ import datetime
 import importlib
 import json
 import logging
+import math
 import os
 import platform
 import shlex
@@ -38,7 +39,11 @@ from specpass.lower import BACKENDS
 log = logging.getLogger("specpass.bench")
 
 REFERENCE = "hf_eager"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 NEAR_TIE = 1e-3  # HF's top-2 logits closer than this: either token is a correct greedy choice up to rounding
+#: bf16 / fp16 models: HF's top-2 logits fewer than this many units in the last place (of the model's dtype, at
+#: the top logit) apart also tie; bf16 rounds a logit near 4 to steps of 0.03, so a reordered sum moves it a step
+NEAR_TIE_ULPS = 2
 _DEFAULT_PROMPTS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "spec_bench" / "dev.jsonl"
 # Untimed warm-up prompts, of different lengths so that a compiled prefill meets two shapes before timing.
 _WARM_UP_MESSAGES = (
@@ -63,6 +68,9 @@ class BenchConfig:
     max_new_tokens: int
     max_cache_len: int
     backend: str = "inductor"  # specpass's lowering backend
+    device: torch.device = torch.device("cpu")
+    plan: object = None  # a SpecPlan for the specpass methods (None: the cached or calibrated one)
+    methods: tuple[str, ...] = ()  # the methods of the run
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
     #: what methods of one run share: "spec_model", the one specpass.optimize() that specpass and
@@ -315,7 +323,15 @@ def _specpass_runner(model, tokenizer, cfg: BenchConfig, *, speculate: bool | No
 
     spec_model = cfg.shared.get("spec_model")
     if spec_model is None:
-        spec_model = specpass.optimize(model, tokenizer=tokenizer, backend=cfg.backend, max_cache_len=cfg.max_cache_len)
+        spec_model = specpass.optimize(
+            model,
+            # specpass_plain alone needs no plan: no calibration
+            speculate="auto" if "specpass" in cfg.methods else False,
+            tokenizer=tokenizer,
+            plan=cfg.plan,
+            backend=cfg.backend,
+            max_cache_len=cfg.max_cache_len,
+        )
         log.info("specpass.optimize(backend=%s) took %.1f s", cfg.backend, spec_model.compile_s)
         cfg.shared["spec_model"] = spec_model
 
@@ -424,12 +440,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--threads", type=int, default=2, metavar="N", help="torch.set_num_threads (default: %(default)s)"
     )
     parser.add_argument(
+        "--device", default="cpu", help="where every method runs: cpu, cuda or cuda:N (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=sorted(DTYPES),
+        help="the model's dtype for every method (default: as loaded, float32 for the bundled model)",
+    )
+    parser.add_argument(
         "--max-cache-len",
         type=int,
         default=None,
         metavar="N",
         help="KV cache size of the static-cache methods, the same for every prompt "
         "(default: longest prompt + max new tokens, rounded up to 64)",
+    )
+    parser.add_argument(
+        "--plan",
+        default=None,
+        metavar="PATH",
+        help="a SpecPlan JSON file for specpass (default: the cached plan, calibrating the model if there is none)",
     )
     parser.add_argument("--json", default=None, metavar="PATH", help="write the full results as JSON")
     parser.add_argument(
@@ -452,6 +483,7 @@ def run_bench(args: argparse.Namespace, *, model=None, tokenizer=None, methods: 
         raise SpecPassError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.threads < 1:
         raise SpecPassError(f"--threads must be >= 1, got {args.threads}")
+    device = bench_device(args.device)
     prompts_path = resolve_prompts(args.prompts)
     questions = stratified_sample(load_questions(prompts_path), args.num_prompts)
     torch.set_num_threads(args.threads)
@@ -462,12 +494,12 @@ def run_bench(args: argparse.Namespace, *, model=None, tokenizer=None, methods: 
         model, tokenizer = models.load(args.model)
     elif tokenizer is None:
         raise SpecPassError("run_bench: a model was given without its tokenizer")
-    model.eval()
+    model = model.to(device=device, dtype=DTYPES[args.dtype] if args.dtype else None).eval()
 
     if not getattr(tokenizer, "chat_template", None):
         log.warning("the tokenizer has no chat template; using the raw question text as the prompt")
-    prompts = [chat_ids(tokenizer, q["turns"][0]) for q in questions]
-    warm_ups = [chat_ids(tokenizer, m) for m in _WARM_UP_MESSAGES]
+    prompts = [chat_ids(tokenizer, q["turns"][0]).to(device) for q in questions]
+    warm_ups = [chat_ids(tokenizer, m).to(device) for m in _WARM_UP_MESSAGES]
     longest = max(p.shape[1] for p in prompts + warm_ups)
     max_cache_len = args.max_cache_len or _default_cache_len(model, longest + args.max_new_tokens)
     if longest + args.max_new_tokens > max_cache_len:
@@ -480,6 +512,9 @@ def run_bench(args: argparse.Namespace, *, model=None, tokenizer=None, methods: 
         max_new_tokens=args.max_new_tokens,
         max_cache_len=max_cache_len,
         backend=args.backend,
+        device=device,
+        plan=_load_plan(args.plan),
+        methods=tuple(names),
         eos_token_id=gen.eos_token_id if gen.eos_token_id is not None else tokenizer.eos_token_id,
         pad_token_id=gen.pad_token_id if gen.pad_token_id is not None else tokenizer.pad_token_id,
     )
@@ -519,8 +554,10 @@ def run_bench(args: argparse.Namespace, *, model=None, tokenizer=None, methods: 
             for name in names[shift:] + names[:shift]:
                 bar.set_postfix_str(f"{q['category']} {name}")
                 graphs = _graphs_compiled()
+                _synchronize(device)
                 t0 = time.perf_counter()
                 out = runners[name].generate(ids)
+                _synchronize(device)  # a method may return before its last kernels have run
                 seconds = time.perf_counter() - t0
                 compiled = _graphs_compiled() - graphs
                 if compiled:
@@ -536,6 +573,32 @@ def run_bench(args: argparse.Namespace, *, model=None, tokenizer=None, methods: 
     if args.markdown:
         _write(args.markdown, report["markdown"])
     return report["json"]["exit_code"]
+
+
+def bench_device(spec: str) -> torch.device:
+    """``--device``, checked: a CUDA device needs a GPU that torch sees."""
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError) as e:
+        raise SpecPassError(f"--device {spec!r} is not a device: use cpu, cuda or cuda:N") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SpecPassError(f"--device {spec}: torch {torch.__version__} sees no CUDA GPU here; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise SpecPassError(f"--device {spec}: specpass runs on cpu or cuda")
+    return device
+
+
+def _load_plan(path: str | None):
+    if path is None:
+        return None
+    from specpass.tune.plan import SpecPlan
+
+    return SpecPlan.load(path)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _parse_methods(spec: str, registry: dict[str, Method]) -> list[str]:
@@ -647,13 +710,21 @@ def _first_difference(a: list[int], b: list[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
-def _top2_gap(model, prefix: torch.Tensor) -> float:
-    """HF eager's margin between its two best next-token logits after ``prefix``."""
+def near_tie_threshold(top: float, dtype: torch.dtype) -> float:
+    """The top-2 logit gap under which HF's greedy choice counts as a near-tie: ``NEAR_TIE``, or in a
+    half-precision model ``NEAR_TIE_ULPS`` units in the last place of its dtype at the top logit ``top``."""
+    info = torch.finfo(dtype)
+    ulp = info.eps * 2.0 ** math.floor(math.log2(max(abs(top), info.tiny)))
+    return max(NEAR_TIE, NEAR_TIE_ULPS * ulp)
+
+
+def _top2_gap(model, prefix: torch.Tensor) -> tuple[float, float]:
+    """HF eager's margin between its two best next-token logits after ``prefix``, and the near-tie threshold."""
     device = next(model.parameters()).device
     with torch.no_grad():
-        logits = model(input_ids=prefix.to(device)).logits[0, -1].float()
-    top = torch.topk(logits, 2).values
-    return float(top[0] - top[1])
+        logits = model(input_ids=prefix.to(device)).logits[0, -1]
+    top = torch.topk(logits.float(), 2).values
+    return float(top[0] - top[1]), near_tie_threshold(float(top[0]), logits.dtype)
 
 
 def compare_outputs(model, ids: torch.Tensor, ref: torch.Tensor, out: torch.Tensor) -> dict | None:
@@ -674,9 +745,9 @@ def compare_outputs(model, ids: torch.Tensor, ref: torch.Tensor, out: torch.Tens
     if d["hf_token"] is None or d["method_token"] is None:
         d["reason"] = "stopped at a different length"
         return d
-    gap = _top2_gap(model, ref[:, :at])
-    d["hf_top2_gap"] = gap
-    d["near_tie"] = gap < NEAR_TIE
+    gap, threshold = _top2_gap(model, ref[:, :at])
+    d["hf_top2_gap"], d["near_tie_threshold"] = gap, threshold
+    d["near_tie"] = gap < threshold
     d["reason"] = "near-tie" if d["near_tie"] else "different token"
     return d
 
@@ -759,7 +830,7 @@ def _report(args, results: _Results, questions, prompts, model, tokenizer, cfg: 
             },
         }
     failed = any(not m["near_tie"] for m in mismatches)
-    machine = machine_info(args.threads)
+    machine = machine_info(args.threads, cfg.device)
     command = _command_line(args, cfg, prompts_path)
     data = {
         "command": command,
@@ -772,8 +843,11 @@ def _report(args, results: _Results, questions, prompts, model, tokenizer, cfg: 
             "methods": names,
             "backend": cfg.backend,
             "threads": args.threads,
+            "device": str(cfg.device),
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
             "max_cache_len": cfg.max_cache_len,
             "near_tie": NEAR_TIE,
+            "near_tie_ulps": NEAR_TIE_ULPS,
         },
         "summary": summary,
         "skipped": dict(results.skipped),
@@ -849,6 +923,8 @@ def _mismatch_lines(mismatches, tokenizer) -> list[str]:
     for m in sorted(mismatches, key=lambda m: m["near_tie"]):
         what = "near-tie (tolerated)" if m["near_tie"] else "MISMATCH"
         gap = "" if m["hf_top2_gap"] is None else f", HF top-2 logit gap {m['hf_top2_gap']:.2e}"
+        if m["hf_top2_gap"] is not None:
+            gap += f" (near-tie below {m['near_tie_threshold']:.2e})"
         lines.append(
             f"{what}: {m['method']} on question {m['question_id']} ({m['category']}): first difference at "
             f"new token {m['position']}: hf_eager {tok(m['hf_token'])}, {m['method']} "
@@ -867,10 +943,11 @@ def _markdown(data, tables: str, notes: list[str]) -> str:
         "```",
         "",
         f"- CPU: {mach['cpu']} ({mach['logical_cpus']} logical CPUs), {mach['threads']} torch threads",
+        *([f"- GPU: {mach['gpu']}, device {c['device']}"] if mach.get("gpu") else []),
         f"- torch {mach['torch']}, transformers {mach['transformers']}, specpass {mach['specpass']}, "
         f"Python {mach['python']}",
         f"- greedy, batch 1, methods alternating per prompt in one process; max_cache_len {c['max_cache_len']}; "
-        f"specpass backend {c['backend']}",
+        f"specpass backend {c['backend']}; {c['dtype']} on {c['device']}",
         "- tokens/s: all new tokens over all timed seconds; tau: mean tokens per verify step, where a method "
         "reports it; setup: method setup (specpass: its compilation; hf_early_exit: its choice of k); "
         "warm-up: untimed first generations (hf_static_compile compiles here)",
@@ -889,7 +966,7 @@ def _model_label(name: str) -> str:
     return DEFAULT_MODEL_NAME if name == "default" else name
 
 
-def machine_info(threads: int) -> dict:
+def machine_info(threads: int, device: torch.device | None = None) -> dict:
     import transformers
 
     import specpass
@@ -913,6 +990,7 @@ def machine_info(threads: int) -> dict:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "gpu": torch.cuda.get_device_name(device) if device is not None and device.type == "cuda" else None,
     }
 
 
@@ -932,6 +1010,10 @@ def _command_line(args, cfg: BenchConfig, prompts_path: Path) -> str:
         cfg.backend,
         "--threads",
         str(args.threads),
+        "--device",
+        str(cfg.device),
+        *(["--dtype", args.dtype] if args.dtype else []),
+        *(["--plan", args.plan] if args.plan else []),
         "--max-cache-len",
         str(cfg.max_cache_len),
     ]

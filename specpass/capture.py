@@ -597,10 +597,19 @@ def program_dynamic_shapes(spec: CacheSpec, *, dynamic_q: bool, rewritten: bool 
         q = Dim.AUTO(min=1, max=spec.max_cache_len)
     else:
         q = Dim("q", min=1, max=spec.max_cache_len) if dynamic_q else None
-    width = Dim("width", min=2, max=spec.max_cache_len)
+    # AUTO, not a named Dim: torch <= 2.12 cannot simplify guards on the width such as
+    # min(16 * width, 32 * width) == 16 * width, which hold for every width, and a named Dim demands that proof
+    # ("Constraints violated (width)"); capture() checks that the width stayed symbolic.
+    width = Dim.AUTO(min=2, max=spec.max_cache_len)
     per_query = (lambda dim: {dim: q}) if dynamic_q else (lambda dim: None)
     masks = [{2: q, 3: width} if dynamic_q else {3: width} for _ in spec.mask_kinds]
     return (per_query(1), per_query(1), per_query(0), *masks, *[None] * (2 * spec.num_layers))
+
+
+def export_program(module: nn.Module, args: tuple, dynamic_shapes) -> torch.export.ExportedProgram:
+    """``torch.export.export`` as every specpass program is exported: capture, and the lowerings' re-export."""
+    with torch.no_grad():
+        return torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
 
 
 def capture(model: nn.Module, *, max_cache_len: int = 1024) -> CapturedGraph:
@@ -632,8 +641,7 @@ def capture(model: nn.Module, *, max_cache_len: int = 1024) -> CapturedGraph:
     # The wrapper's varargs (*masks, *kv) form one pytree entry of its signature.
     dynamic = (*flat[:3], flat[3:])
     try:
-        with torch.no_grad():
-            exported = torch.export.export(wrapper, args, dynamic_shapes=dynamic, strict=False)
+        exported = export_program(wrapper, args, dynamic)
     except SpecPassError:
         raise
     except Exception as e:  # noqa: BLE001 - surface any tracing failure as a capture error with its cause
@@ -643,6 +651,13 @@ def capture(model: nn.Module, *, max_cache_len: int = 1024) -> CapturedGraph:
     structure = analyze(gm, wrapper, len(kinds))
     if len(structure.kv) != 2 * spec.num_layers:
         raise SpecPassError(f"captured graph has {len(structure.kv)} KV inputs, expected {2 * spec.num_layers}")
+    width = structure.masks[0].meta["val"].shape[-1]
+    if not isinstance(width, torch.SymInt):
+        # The runtime attends to as few slots as a sequence needs; a width fixed at export would fail there.
+        raise SpecPassError(
+            f"{type(model).__name__}: torch.export fixed the attention mask width at {width} instead of keeping it "
+            "dynamic; the model's attention specialises on the key length"
+        )
     _validate(gm, model, spec, structure)
     log.info("captured %s: %d layers, %d graph nodes", type(model).__name__, spec.num_layers, len(exported.graph.nodes))
     return CapturedGraph(exported, gm, structure, spec, getattr(config, "model_type", "?"))

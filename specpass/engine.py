@@ -111,6 +111,8 @@ def write_engine(sm, path: str | os.PathLike[str], *, tokenizer=None) -> dict:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "specpass": __version__},
         "backend": "aoti",
+        # where the packages run: a CUDA package holds GPU kernels (absent: an engine written before, CPU)
+        "device": sm.cache.device.type,
         "model": {
             "class": type(sm.model).__name__,
             "name_or_path": getattr(sm.model.config, "_name_or_path", ""),
@@ -248,12 +250,18 @@ def load_engine(path: str | os.PathLike[str]) -> Engine:
         _check_torch(manifest, path)
         # every checksum before anything is used
         data = {name: _read_checked(z, name, manifest, path) for name in manifest["payloads"]}
-    weights = load(data.pop(WEIGHTS))
+    device = torch.device(manifest.get("device", "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SpecPassError(
+            f"{path} was compiled for a CUDA GPU and torch {torch.__version__} sees none here; run it on a GPU "
+            "machine, or compile the engine again on this one"
+        )
+    weights = {key: t.to(device) for key, t in load(data.pop(WEIGHTS)).items()}
     programs = {}
     for name, info in manifest["programs"].items():
         constants = {fqn: weights[key] for fqn, key in info["constants"].items()}
         try:
-            programs[name] = load_aoti_program(data.pop(info["package"]), constants, name)
+            programs[name] = load_aoti_program(data.pop(info["package"]), constants, name, device)
         except SpecPassError:
             raise
         except Exception as e:  # noqa: BLE001 - a package this torch cannot load: say so, not a C++ trace
@@ -263,7 +271,7 @@ def load_engine(path: str | os.PathLike[str]) -> Engine:
             ) from e
     tokenizer_files = {name.removeprefix("tokenizer/"): b for name, b in data.items() if name.startswith("tokenizer/")}
     plan = SpecPlan.from_json(json.dumps(manifest["plan"])) if manifest["plan"] else None
-    engine = Engine(programs, manifest, tokenizer_files, plan)
+    engine = Engine(programs, manifest, tokenizer_files, plan, device)
     if RECYCLED in data:
         engine.recycled.load_state_dict(load(data[RECYCLED]))
     engine.load_s = time.perf_counter() - t0
@@ -276,13 +284,13 @@ class Engine(CompiledLM):
 
     _larger_cache = "compile the engine again with a larger --max-cache-len"
 
-    def __init__(self, programs: dict, manifest: dict, tokenizer_files: dict[str, bytes], plan):
+    def __init__(self, programs: dict, manifest: dict, tokenizer_files: dict[str, bytes], plan, device):
         super().__init__(
             programs,
             _spec_from_json(manifest["cache"]),
             vocab_size=manifest["vocab_size"],
             generation_config=types.SimpleNamespace(**manifest["generation_config"]),
-            device=torch.device("cpu"),
+            device=device,
         )
         self.manifest = manifest
         self.plan = plan

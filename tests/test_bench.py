@@ -240,7 +240,7 @@ def test_a_wrong_method_fails_the_run(tiny_chat, prompts_file, tmp_path, capsys)
 
 def test_near_ties_are_tolerated_and_reported(tiny_chat, prompts_file, monkeypatch, capsys):
     model, tok = tiny_chat
-    monkeypatch.setattr(bench, "_top2_gap", lambda model, prefix: 1e-5)
+    monkeypatch.setattr(bench, "_top2_gap", lambda model, prefix: (1e-5, bench.NEAR_TIE))
     args = bench_args(
         "--prompts", str(prompts_file), "--num-prompts", "2", "--max-new-tokens", "4", "--methods", "hf_eager,wrong"
     )
@@ -414,3 +414,42 @@ def test_bench_on_the_default_model(tmp_path):
         assert s["identical"], name
         assert s["new_tokens"] == data["summary"]["hf_eager"]["new_tokens"] > 0
     assert data["summary"]["hf_static_compile"]["graphs_compiled_while_timed"] == 0
+
+
+# --------------------------------------------------------------------------------------------------------
+# Devices, dtypes, plans, near-ties in half precision
+# --------------------------------------------------------------------------------------------------------
+def test_bad_devices_and_plans_are_clear_errors(tiny_chat, prompts_file, tmp_path):
+    with pytest.raises(SpecPassError, match="not a device"):
+        bench.bench_device("warp:0")
+    with pytest.raises(SpecPassError, match="specpass runs on cpu or cuda"):
+        bench.bench_device("meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(SpecPassError, match="sees no CUDA GPU"):
+            bench.bench_device("cuda")
+    model, tok = tiny_chat
+    with pytest.raises(SpecPassError, match="cannot read the SpecPlan"):
+        run_small(model, tok, prompts_file, tmp_path, "hf_eager,specpass", extra=("--plan", str(tmp_path / "no")))
+
+
+def test_bench_runs_a_given_plan_in_bf16(prompts_file, tmp_path):
+    """``--dtype bfloat16 --plan P``: every method in bf16, specpass with that plan (no calibration)."""
+    from specpass.tune.plan import SpecPlan
+
+    model, tok = tiny_chat_model()
+    plan = tmp_path / "plan.json"
+    SpecPlan(speculate=True, lookup=2, max_draft=0).save(plan)
+    extra = ("--dtype", "bfloat16", "--plan", str(plan), "--backend", "eager")
+    rc, data, md = run_small(model, tok, prompts_file, tmp_path, "hf_eager,specpass_plain,specpass", extra=extra)
+    assert rc == 0 and data["config"]["dtype"] == "bfloat16" and data["config"]["device"] == "cpu"
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert "context lookup of up to 2 tokens" in data["summary"]["specpass"]["note"]
+    assert "--dtype bfloat16 --plan" in data["command"] and "bfloat16 on cpu" in md
+
+
+def test_near_tie_threshold_is_two_ulps_in_half_precision():
+    assert bench.near_tie_threshold(20.0, torch.float32) == bench.NEAR_TIE
+    assert bench.near_tie_threshold(3.0, torch.bfloat16) == 2 * 2**-6  # bf16 steps of 2^-6 in [2, 4)
+    assert bench.near_tie_threshold(-20.0, torch.bfloat16) == 2 * 2**-3
+    assert bench.near_tie_threshold(3.0, torch.float16) == max(bench.NEAR_TIE, 2 * 2**-9)
+    assert bench.near_tie_threshold(0.0, torch.bfloat16) == bench.NEAR_TIE

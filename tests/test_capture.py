@@ -33,6 +33,9 @@ _ATTENTION_OPS = (
     torch.ops.aten._softmax.default,
 )
 
+#: the tiny-model tests that check a torch version (`python -m pytest -m compat` runs them on the installed torch)
+pytestmark = pytest.mark.compat
+
 _COMMON = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4)
 _LLAMA_LIKE = dict(_COMMON, intermediate_size=128, num_key_value_heads=2, max_position_embeddings=64)
 

@@ -96,6 +96,7 @@ def _as_spec_model(model, engine):
         spec=engine.spec,
         plan=engine.plan,
         recycled=engine.recycled,
+        cache=engine.cache,
     )
 
 
@@ -248,6 +249,10 @@ def _bad_files(src, tmp):
             _rewrite(src, tmp / "torch.specpass", _set(["versions", "torch"], "1.13.1")),
             "compiled with torch 1.13.1",
         ),
+        "gpu_engine": (
+            _rewrite(src, tmp / "gpu.specpass", _set(["device"], "cuda")),
+            "compiled for a CUDA GPU",
+        ),
         "not_an_engine": (text, "not a specpass engine"),
         "zip_without_manifest": (zip_without_manifest, "not a specpass engine"),
         "missing": (tmp / "nowhere.specpass", "no such engine file"),
@@ -260,6 +265,7 @@ BAD = [
     "checksum",
     "newer_format",
     "other_torch",
+    "gpu_engine",
     "not_an_engine",
     "zip_without_manifest",
     "missing",
@@ -268,6 +274,8 @@ BAD = [
 
 @pytest.mark.parametrize("case", BAD)
 def test_bad_engine_files_are_refused_clearly(compiled, tmp_path, capsys, case):
+    if case == "gpu_engine" and torch.cuda.is_available():
+        pytest.skip("a GPU is here: a manifest that says cuda is not an error on this machine")
     _, _, path, _ = compiled
     bad, message = _bad_files(path, tmp_path)[case]
     with pytest.raises(SpecPassError, match=message):
@@ -275,7 +283,7 @@ def test_bad_engine_files_are_refused_clearly(compiled, tmp_path, capsys, case):
     assert main(["run", str(bad), "--prompt", "hi"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("specpass: error:") and message in err and "Traceback" not in err
-    if case not in ("checksum", "corrupted", "other_torch", "truncated"):  # inspect reads the manifest only
+    if case not in ("checksum", "corrupted", "other_torch", "truncated", "gpu_engine"):  # inspect reads the manifest
         with pytest.raises(SpecPassError, match=message):
             read_manifest(bad)
 
@@ -321,3 +329,14 @@ def test_tensorrt_without_a_gpu_is_a_clear_error(tmp_path, capsys):
         specpass.optimize(model, speculate=False, backend="tensorrt", max_cache_len=32, progress=False)
     assert main(["compile", "default", "-o", str(tmp_path / "x.specpass"), "--backend", "tensorrt"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_constants_off_the_program_device_are_bound_as_copies():
+    """A user-managed constant is read in place by the compiled kernels: one on another device is copied there
+    (a CUDA kernel given a host pointer would crash the process); one already there is bound as it is."""
+    from specpass.lower.inductor import bind_on_device
+
+    t = torch.ones(3)
+    assert bind_on_device(t, torch.device("cpu"), "w") is t
+    moved = bind_on_device(t, torch.device("meta"), "w")  # the one other device a CPU machine has
+    assert moved is not t and moved.device.type == "meta" and moved.shape == t.shape

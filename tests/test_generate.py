@@ -17,6 +17,9 @@ from specpass.runtime.sampling import SamplingConfig, warp
 
 VOCAB = 96
 
+#: the tiny-model tests that check a torch version (`python -m pytest -m compat` runs them on the installed torch)
+pytestmark = pytest.mark.compat
+
 
 def _tiny(arch: str, vocab: int = VOCAB):
     torch.manual_seed(0)

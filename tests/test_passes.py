@@ -33,6 +33,9 @@ from specpass.passes import (
 )
 from specpass.passes.manager import remap
 
+#: the tiny-model tests that check a torch version (`python -m pytest -m compat` runs them on the installed torch)
+pytestmark = pytest.mark.compat
+
 SLICE = torch.ops.aten.slice.Tensor
 LINEAR = torch.ops.aten.linear.default
 INDEX_COPY = torch.ops.aten.index_copy_.default
@@ -130,9 +133,10 @@ def test_last_token_logits_matches_eager(tiny, arch):
     assert last_logits.shape == (1, 1, t.vocab)
     torch.testing.assert_close(last_logits, full_logits[:, -1:], atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(last_logits, hf[:, -1:], atol=1e-5, rtol=1e-5)
-    # The prefill program still writes the whole prompt's K/V (only the head was cut).
+    # The prefill program still writes the whole prompt's K/V (only the head was cut; fold_gqa_heads, also in
+    # the pipeline, may round attention differently by an ulp, as torch 2.11's CPU SDPA does).
     for a, b in zip(full_kv, last_kv, strict=True):
-        assert torch.equal(a, b)
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
 
 def test_last_token_logits_leaves_the_captured_graph_untouched(tiny):
@@ -196,8 +200,8 @@ def test_fold_gqa_heads_matches_eager(tiny, arch):
     torch.testing.assert_close(logits, ref_logits, atol=1e-6, rtol=1e-6)
     with torch.no_grad():
         torch.testing.assert_close(logits, t.model(ids).logits, atol=1e-5, rtol=1e-5)
-    for a, b in zip(ref_kv, kv, strict=True):
-        assert torch.equal(a, b)
+    for a, b in zip(ref_kv, kv, strict=True):  # bit-equal on torch 2.13; 2.11's CPU SDPA rounds one ulp apart
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------------------

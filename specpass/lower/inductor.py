@@ -5,6 +5,10 @@ the compiled graph. For a 135M-parameter model on 2 CPU cores that per-call over
 28 ms decode step; AOTInductor runs the same Inductor kernels from its C++ wrapper (24 ms per step in
 the same measurement, SmolLM2-135M, 150-token context). The programs' KV inputs stay runtime-owned: AOTInductor writes
 them in place, as the exported graph does.
+
+On CUDA the runner is loaded single-threaded, so that runtime/cuda_graphs.py can capture its calls in CUDA
+graphs, and the kernels' cubins are embedded in the shared library: a package whose kernels are separate
+files needs them on disk for as long as the runner lives.
 """
 
 from __future__ import annotations
@@ -16,9 +20,12 @@ import time
 
 import torch
 
+from specpass.capture import export_program
 from specpass.errors import SpecPassError
 
 log = logging.getLogger("specpass.lower")
+
+_HALF = (torch.float16, torch.bfloat16)
 
 
 class AOTIProgram:
@@ -33,41 +40,74 @@ class AOTIProgram:
         return self.runner(*args)
 
 
-def load_aoti_program(package: bytes, constants: dict[str, torch.Tensor], name: str) -> AOTIProgram:
-    """Load a compiled package and bind its constants without copying them."""
+def load_aoti_program(
+    package: bytes, constants: dict[str, torch.Tensor], name: str, device: torch.device | str = "cpu"
+) -> AOTIProgram:
+    """Load a compiled package for ``device`` and bind its constants, without copying those already there."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    if cuda and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     with tempfile.TemporaryDirectory(prefix="specpass-") as tmp:
         path = os.path.join(tmp, f"{name}.pt2")
         with open(path, "wb") as f:
             f.write(package)
-        # The package is loaded into memory right away, so the file can go with the directory.
-        runner = torch._inductor.aoti_load_package(path)
+        # The package is loaded into memory right away (kernels included, see the module docstring), so the
+        # file can go with the directory.
+        runner = torch._inductor.aoti_load_package(
+            path, run_single_threaded=cuda, device_index=device.index if cuda else -1
+        )
     needed = runner.get_constant_fqns()
     missing = [fqn for fqn in needed if fqn not in constants]
     if missing:
         raise SpecPassError(f"program '{name}': compiled model needs constants that were not given: {missing[:5]}")
-    bound = {fqn: constants[fqn] for fqn in needed}
+    bound = {fqn: bind_on_device(constants[fqn], device, f"program '{name}': constant {fqn}") for fqn in needed}
     runner.load_constants(bound, check_full_update=True, user_managed=True)
     return AOTIProgram(runner, package, bound)
+
+
+def bind_on_device(t: torch.Tensor, device: torch.device, what: str) -> torch.Tensor:
+    """``t`` if it lies on ``device``, else a copy there: a user-managed constant is read in place by the
+    compiled kernels, and a CUDA kernel given a host pointer crashes the process instead of raising."""
+    if t.device == device:
+        return t
+    log.debug("%s is on %s, not %s: bound as a copy", what, t.device, device)
+    return t.to(device)
+
+
+def inductor_configs(device: torch.device, dtype: torch.dtype) -> dict:
+    """AOTInductor settings for a program on ``device`` whose activations are ``dtype``."""
+    configs = {
+        # Weights stay out of the compiled library: every program binds the model's own parameters
+        # (user_managed: no copy), so N programs cost one set of weights, not N + 1, in memory and on disk.
+        "aot_inductor.package_constants_in_so": False,
+    }
+    if dtype in _HALF:
+        # Round every op's result to bf16/fp16 as eager PyTorch does; fused in fp32 the logits drift from HF
+        # generate's by an ulp, which flips the frequent near-ties of half precision.
+        configs["emulate_precision_casts"] = True
+    if device.type == "cuda":
+        configs["aot_inductor.embed_kernel_binary"] = True
+    return configs
 
 
 def lower_inductor(gm: torch.fx.GraphModule, example_args: tuple, dynamic_shapes: tuple, name: str) -> AOTIProgram:
     """Re-export the rewritten program and compile it with AOTInductor; returns the loaded program."""
     t0 = time.perf_counter()
     try:
-        with torch.no_grad():
-            exported = torch.export.export(gm, example_args, dynamic_shapes=dynamic_shapes, strict=False)
+        exported = export_program(gm, example_args, dynamic_shapes)
     except Exception as e:  # noqa: BLE001 - a rewritten graph that cannot be exported again is our bug
         raise SpecPassError(f"program '{name}' could not be re-exported for Inductor: {type(e).__name__}: {e}") from e
+    # The KV cache (the last input) sets device and dtype: ids, positions and slots are integers.
+    device, dtype = example_args[-1].device, example_args[-1].dtype
     with tempfile.TemporaryDirectory(prefix="specpass-") as tmp:
-        # Weights stay out of the compiled library: every program binds the model's own parameters
-        # (user_managed: no copy), so N programs cost one set of weights, not N + 1, in memory and on disk.
         path = torch._inductor.aoti_compile_and_package(
             exported,
             package_path=os.path.join(tmp, f"{name}.pt2"),
-            inductor_configs={"aot_inductor.package_constants_in_so": False},
+            inductor_configs=inductor_configs(device, dtype),
         )
         with open(path, "rb") as f:
             package = f.read()
-    program = load_aoti_program(package, {**exported.state_dict, **exported.constants}, name)
+    program = load_aoti_program(package, {**exported.state_dict, **exported.constants}, name, device)
     log.info("compiled program %s with AOTInductor in %.1fs", name, time.perf_counter() - t0)
     return program

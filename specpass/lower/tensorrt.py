@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from specpass.capture import export_program
 from specpass.errors import SpecPassError
 
 log = logging.getLogger("specpass.lower")
@@ -41,8 +42,8 @@ def lower_tensorrt(gm: torch.fx.GraphModule, example_args: tuple, dynamic_shapes
         raise SpecPassError("backend 'tensorrt' needs the model on a CUDA device: model.to('cuda') first")
     t0 = time.perf_counter()
     try:
+        exported = export_program(gm, example_args, dynamic_shapes)
         with torch.no_grad():
-            exported = torch.export.export(gm, example_args, dynamic_shapes=dynamic_shapes, strict=False)
             compiled = trt.dynamo.compile(exported, arg_inputs=list(example_args), min_block_size=1)
     except SpecPassError:
         raise

@@ -286,16 +286,8 @@ def speculative_generate(
             budget = 0 if draft_ids or draft is None else min(budget, room)
             if chooser is not None and budget:  # after the clamp: at the request's end an exit may draft nothing
                 stats.exit_rounds[exit_layer] = stats.exit_rounds.get(exit_layer, 0) + 1
-            current = torch.tensor([[last]], device=input_ids.device)
-            for i in range(budget):
-                row = _run(draft, cache, current, offset=i)[0, -1]
-                probs = probabilities(row, sampling) if sampling.do_sample else row.softmax(-1)
-                d = torch.multinomial(probs, 1, generator=generator) if sampling.do_sample else probs.argmax()[None]
-                draft_ids.append(int(d))
-                draft_probs.append(probs)
-                if float(probs.max()) < threshold:
-                    break
-                current = d[None]
+            if budget:
+                draft_ids, draft_probs = _draft_chain(draft, cache, last, budget, threshold, sampling, generator)
             t1 = time.perf_counter()
             stats.draft_s += t1 - t0
 
@@ -306,8 +298,8 @@ def speculative_generate(
             else:  # the same logits, and each candidate exit's token at every row
                 target, *shadows = _run(programs[VERIFY_EXITS], cache, ids)
                 target = target[0]
-            proposed = ids[0, 1:]
             if sampling.do_sample:
+                proposed = ids[0, 1:]
                 p = probabilities(target, sampling)
                 if draft_probs:
                     q = torch.stack(draft_probs)
@@ -315,7 +307,7 @@ def speculative_generate(
                     q = torch.nn.functional.one_hot(proposed, p.shape[-1]).to(p.dtype)
                 n, bonus = sample_accept(proposed, q, p, generator)
             else:
-                n, bonus = greedy_accept(proposed, target)
+                n, bonus = greedy_accept(draft_ids, target)
             cache.commit(1 + n)
             stats.verify_s += time.perf_counter() - t1
             stats.steps += 1
@@ -334,6 +326,50 @@ def speculative_generate(
     return _finish(input_ids, new, stats, streamer)
 
 
+def _draft_chain(
+    program: Program, cache: KVCache, last: int, budget: int, threshold: float, sampling, generator
+) -> tuple[list[int], list[torch.Tensor]]:
+    """Up to ``budget`` draft tokens after ``last`` from ``program``, ending with the first whose probability is
+    under ``threshold`` (Draft&Verify's adaptive draft exiting); (their ids, the draft's distributions).
+
+    On a GPU the draft tokens stay on the device and are read back once, after the loop: stopping at the
+    threshold would need a host sync per token, which stalls the queue of kernels, so the whole budget is
+    drafted and cut afterwards at the same token (greedy drafts depend only on the tokens before them). On a
+    CPU, or when sampling (a draft sampled past the cut would consume the generator), each token is checked
+    as it comes and drafting stops there.
+    """
+    deferred = defer_draft_sync(cache.device) and not sampling.do_sample
+    current = torch.tensor([[last]], device=cache.device)
+    tokens, probs_list, confidence = [], [], []
+    for i in range(budget):
+        row = _run(program, cache, current, offset=i)[0, -1]
+        probs = probabilities(row, sampling) if sampling.do_sample else row.softmax(-1)
+        d = torch.multinomial(probs, 1, generator=generator) if sampling.do_sample else probs.argmax()[None]
+        tokens.append(d)
+        probs_list.append(probs)
+        if deferred:
+            confidence.append(probs.max())
+        elif float(probs.max()) < threshold:
+            break
+        current = d[None]
+    ids = torch.cat(tokens).tolist()
+    if deferred:
+        unsure = (torch.stack(confidence) < threshold).tolist()
+        n = unsure.index(True) + 1 if True in unsure else len(ids)
+        ids, probs_list = ids[:n], probs_list[:n]
+    return ids, probs_list
+
+
+def defer_draft_sync(device: torch.device) -> bool:
+    """Whether a draft chain on ``device`` is read back once after drafting rather than token by token."""
+    return device.type == "cuda"
+
+
+def tree_bucket(nodes: int, budget: int) -> int:
+    """The node count a tree of ``nodes`` is padded to: the next power of two, at most ``budget``."""
+    return min(budget, 1 << (nodes - 1).bit_length())
+
+
 #: the depths of tree acceptance per rank that GenerationStats counts
 RANK_DEPTHS = 8
 
@@ -349,8 +385,13 @@ def tree_generate(
     table: AdjacencyTable,
     streamer=None,
     generator: torch.Generator | None = None,
+    pad_vocab: int = 0,
 ) -> tuple[torch.Tensor, GenerationStats]:
     """Lossless speculative generation with draft trees (runtime/tree.py) verified by ``decode`` in one pass.
+
+    ``pad_vocab`` > 0: fill every tree up to a power of two of nodes (``tree_bucket``) with token ids below it,
+    so that CUDA graphs need one graph per bucket rather than one per node count; fillers are candidates like
+    any other.
 
     Each step's tree fuses, in this order of priority, the context lookup's continuations, the draft
     program's greedy chain (when there is one and lookup found nothing) and the recycled-token template
@@ -380,6 +421,8 @@ def tree_generate(
             if not found and "draft" in programs:
                 _draft_tree(programs["draft"], cache, tree, min(policy.max_draft, room), policy)
             table.grow(tree, policy.tree_template)
+            if pad_vocab:
+                tree.pad(tree_bucket(len(tree), tree.budget), pad_vocab)
             t1 = time.perf_counter()
             stats.draft_s += t1 - t0
 

@@ -8,6 +8,7 @@ import torch
 
 from specpass.capture import CacheSpec
 from specpass.errors import SpecPassError
+from specpass.runtime.cuda_graphs import GraphedProgram, graph_pool
 from specpass.runtime.generate import GenerationStats, StopChecker, generate, speculative_generate, tree_generate
 from specpass.runtime.kv_cache import KVCache
 from specpass.runtime.recycle import AdjacencyTable
@@ -50,6 +51,9 @@ class CompiledLM:
 
     ``programs``: ``prefill``, ``decode`` (any number of tokens: plain decoding and verification) and,
     with a plan that has one, ``draft``. ``generation_config``: anything with HF's attribute names.
+
+    ``cuda_graphs``: every program but prefill is replayed from CUDA graphs (runtime/cuda_graphs.py); on by
+    default on a CUDA device. Set on a CPU model, the same static-buffer bookkeeping runs without graphs.
     """
 
     #: what to do when a request does not fit the cache
@@ -65,6 +69,25 @@ class CompiledLM:
         self.plan = None  # a SpecPlan: speculative decoding when it says so and its drafts are ready
         # Token Recycling's table outlives a generate() call: later prompts start with a warm one.
         self.recycled = AdjacencyTable(k=min(8, vocab_size))
+        self.cuda_graphs = self.cache.device.type == "cuda"
+        self._graphed: dict[str, GraphedProgram] = {}
+        self._graph_pool = graph_pool(self.cache.device)
+
+    def runnable_programs(self) -> dict:
+        """The programs as the decode loops call them: replayed from CUDA graphs where ``cuda_graphs`` is set."""
+        if not self.cuda_graphs:
+            return self.programs
+        out = {}
+        for name, program in self.programs.items():
+            if name == "prefill":  # any prompt length: not worth a graph per length
+                out[name] = program
+                continue
+            graphed = self._graphed.get(name)
+            if graphed is None or graphed.program is not program:  # a rebuilt draft program gets new graphs
+                graphed = GraphedProgram(program, 3 + len(self.spec.mask_kinds), pool=self._graph_pool)
+                self._graphed[name] = graphed
+            out[name] = graphed
+        return out
 
     @property
     def speculative(self) -> bool:
@@ -148,17 +171,25 @@ class CompiledLM:
             stop_strings = [stop_strings]
         stop = StopChecker(max_new_tokens, eos, stop_strings or [], tokenizer)
         common = dict(sampling=sampling, stop=stop, streamer=streamer, generator=generator)
+        programs = self.runnable_programs()
+        device, input_ids = input_ids.device, input_ids.to(self.cache.device)
         if not self.speculative or speculate is False:
-            out, self.last_stats = generate(self.programs, self.cache, input_ids, **common)
+            out, self.last_stats = generate(programs, self.cache, input_ids, **common)
         elif self.plan.tree_budget:
             out, self.last_stats = tree_generate(
-                self.programs, self.cache, input_ids, policy=self.plan.policy(), table=self.recycled, **common
+                programs,
+                self.cache,
+                input_ids,
+                policy=self.plan.policy(),
+                table=self.recycled,
+                pad_vocab=self.vocab_size if self.cuda_graphs else 0,
+                **common,
             )
         else:
             out, self.last_stats = speculative_generate(
-                self.programs, self.cache, input_ids, policy=self.plan.policy(), **common
+                programs, self.cache, input_ids, policy=self.plan.policy(), **common
             )
-        return out
+        return out.to(device)
 
     def _check_ids(self, input_ids) -> torch.Tensor:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.long, torch.int):

@@ -62,6 +62,15 @@ class DraftTree:
             if parent is None:
                 return
 
+    def pad(self, size: int, vocab: int) -> None:
+        """Grow to ``size`` nodes (as far as the limits allow) with children of the root holding the lowest
+        token ids below ``vocab`` not yet among them: a graph-friendly node count. Verification treats them like
+        any other node, so one that happens to be the target's token is accepted, losslessly."""
+        token = 0
+        while len(self) < size and self.limit > 0 and token < vocab:
+            self.add(0, token)
+            token += 1
+
     @property
     def max_depth(self) -> int:
         return max(self.depth)
@@ -95,12 +104,12 @@ def accept_tree(
     """
     path: list[int] = []
     node = 0
+    choice = None if sampling.do_sample else logits.argmax(dim=-1).tolist()  # greedy: one host sync
     while True:
-        row = logits[node]
-        if sampling.do_sample:
-            y = int(torch.multinomial(probabilities(row, sampling), 1, generator=generator))
+        if choice is None:
+            y = int(torch.multinomial(probabilities(logits[node], sampling), 1, generator=generator))
         else:
-            y = int(row.argmax())
+            y = choice[node]
         nxt = tree.child(node, y)
         if nxt is None:
             return path, y

@@ -11,20 +11,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 
-def greedy_accept(draft: torch.Tensor, target_logits: torch.Tensor) -> tuple[int, int]:
+def greedy_accept(draft: Sequence[int], target_logits: torch.Tensor) -> tuple[int, int]:
     """(number of draft tokens accepted, the token to emit after them).
 
-    ``draft``: (k,) ids; ``target_logits``: (k + 1, V), row i scoring the position of draft token i (the last
-    row follows the whole draft).
+    ``draft``: k ids; ``target_logits``: (k + 1, V), row i scoring the position of draft token i (the last
+    row follows the whole draft). Reads the target's choices back once: a verify step's one host sync.
     """
-    choice = target_logits.argmax(dim=-1)
-    k = draft.shape[0]
-    mismatch = (draft != choice[:k]).nonzero()
-    n = int(mismatch[0]) if mismatch.numel() else k
-    return n, int(choice[n])
+    choice = target_logits.argmax(dim=-1).tolist()
+    draft = draft.tolist() if isinstance(draft, torch.Tensor) else list(draft)
+    n = next((i for i, (d, c) in enumerate(zip(draft, choice, strict=False)) if d != c), len(draft))
+    return n, choice[n]
 
 
 def sample_accept(

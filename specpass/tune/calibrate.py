@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import statistics
@@ -194,11 +195,16 @@ def _runs(agree: torch.Tensor, valid: torch.Tensor, cap: int) -> torch.Tensor:
 
 
 def _train_adapter(h, target_logits, norm, head_rows, settings, progress, desc) -> tuple[ExitAdapter, float]:
-    """Distil the final distribution (over the ranked head rows) into an exit adapter; returns it and seconds."""
+    """Distil the final distribution (over the ranked head rows) into an exit adapter; returns it and seconds.
+
+    Trains in float32 whatever the model's dtype (``norm`` and ``head_rows`` float32 too): AdamW's small
+    updates vanish in bf16. The draft program casts the adapter to the model's dtype (SpecPlan.draft_config).
+    """
     torch.manual_seed(0)
+    h = h.float()
     adapter = ExitAdapter(h.shape[1], settings.adapter_rank).to(h.device)
     opt = torch.optim.AdamW(adapter.parameters(), lr=2e-3, weight_decay=0.0)
-    target = target_logits.log_softmax(-1)
+    target = target_logits.float().log_softmax(-1)
     t0 = time.perf_counter()
     n = h.shape[0]
     batch = 256
@@ -219,12 +225,16 @@ def _train_adapter(h, target_logits, norm, head_rows, settings, progress, desc) 
     return adapter.eval().requires_grad_(False), time.perf_counter() - t0
 
 
-def _time(fn, repeat: int = 7) -> float:
+def _time(fn, repeat: int = 7, device: torch.device | None = None) -> float:
+    """Median seconds of ``fn()``; on a GPU until its kernels have run, not until they are queued."""
+    sync = torch.cuda.synchronize if device is not None and device.type == "cuda" else lambda: None
     fn()
     times = []
     for _ in range(repeat):
+        sync()
         t0 = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -236,17 +246,19 @@ def _measure_costs(sm, context: int, max_q: int) -> dict:
     cache = sm.cache
     device = cache.device
     costs = {"verify": {}}
+    decode = sm.runnable_programs()["decode"]
     context = min(context, sm.max_cache_len - max_q - 1)
     with torch.no_grad():
         cache.reset()
         cache.commit(context)  # stale slots are fine for timing
         for q in range(1, max_q + 1):
             ids = torch.zeros((1, q), dtype=torch.long, device=device)
-            costs["verify"][q] = _time(lambda ids=ids: _run(sm.programs["decode"], cache, ids))
+            # as generate() calls it: from CUDA graphs where the model replays them
+            costs["verify"][q] = _time(lambda ids=ids: _run(decode, cache, ids), device=device)
         cache.reset()
     head = sm.model.get_output_embeddings().weight
     x = torch.randn(1, head.shape[1], device=head.device, dtype=head.dtype)
-    costs["head"] = {head.shape[0]: _time(lambda: nn.functional.linear(x, head), 20)}
+    costs["head"] = {head.shape[0]: _time(lambda: nn.functional.linear(x, head), 20, device=device)}
     return costs
 
 
@@ -273,7 +285,9 @@ def calibrate_compiled(
     text, ranked = _collect(sm, prompt_ids, settings, progress)
     norm, head = _final_norm_and_head(model, structure)
     sizes = sorted({min(n, vocab) for n in settings.vocab_sizes})
-    head_rows = head.weight[ranked[: text.target_logits.shape[1]]]
+    # The adapters train and are scored in float32 (_train_adapter), on float32 copies of norm and head rows.
+    norm32 = copy.deepcopy(norm).float()
+    head_rows = head.weight[ranked[: text.target_logits.shape[1]]].float()
     train, held = ~text.held_out, text.held_out
     valid = text.generated & held
     measurements: dict = {"positions": int(text.target.shape[0]), "held_out_positions": int(valid.sum())}
@@ -294,7 +308,7 @@ def calibrate_compiled(
         adapter, seconds = _train_adapter(
             text.hidden[k][train],
             text.target_logits[train],
-            norm,
+            norm32,
             head_rows,
             settings,
             progress,
@@ -302,7 +316,7 @@ def calibrate_compiled(
         )
         adapters[k], train_s[k] = adapter, seconds
         with torch.no_grad():
-            logits = nn.functional.linear(norm(adapter(text.hidden[k])), head_rows)
+            logits = nn.functional.linear(norm32(adapter(text.hidden[k].float())), head_rows)
         for n in sizes:
             choice = ranked[logits[:, :n].argmax(-1)]
             candidates.append(({"exit_layer": k, "vocab": n, "active_layers": k + 1}, choice == text.target))

@@ -94,13 +94,14 @@ class SpecPlan:
         )
         return hashlib.blake2b(json.dumps(fields).encode(), digest_size=16).hexdigest()
 
-    def draft_config(self, device=None) -> DraftConfig:
+    def draft_config(self, device=None, dtype=None) -> DraftConfig:
+        """The draft passes' configuration, the exit adapter on ``device`` in the model's ``dtype``."""
         return DraftConfig(
             skip_layers=tuple(self.skip_layers),
             skip_attention=tuple(self.skip_attention),
             skip_mlp=tuple(self.skip_mlp),
             exit_layer=self.exit_layer,
-            adapter=self.exit_adapter(device),
+            adapter=self.exit_adapter(device, dtype),
             vocab_ids=None if self.vocab_ids is None else torch.tensor(self.vocab_ids, device=device),
         )
 
@@ -121,13 +122,13 @@ class SpecPlan:
             exit_costs=tuple(float(c) for c in self.del_costs),
         )
 
-    def exit_adapter(self, device=None) -> ExitAdapter | None:
+    def exit_adapter(self, device=None, dtype=None) -> ExitAdapter | None:
         if self.adapter is None:
             return None
         module = ExitAdapter(self.adapter["hidden"], self.adapter["rank"])
         state = {name: _decode(t) for name, t in self.adapter["tensors"].items()}
         module.load_state_dict(state)
-        return module.to(device).eval().requires_grad_(False)
+        return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
     def set_adapter(self, module: ExitAdapter) -> None:
         tensors = {name: _encode(t) for name, t in module.state_dict().items()}
@@ -192,7 +193,11 @@ class SpecPlan:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> SpecPlan:
-        return cls.from_json(Path(path).read_text())
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise SpecPassError(f"cannot read the SpecPlan {path}: {e.strerror or e}") from e
+        return cls.from_json(text)
 
     def check(self, model: nn.Module) -> None:
         """Refuse a plan made for a different model (layer or vocabulary counts that cannot fit)."""
