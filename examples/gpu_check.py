@@ -7,7 +7,8 @@
    generate tests that check the installed torch.
 2. The default model (SmolLM2-135M-Instruct, fp32), ``--num-prompts`` Spec-Bench dev prompts x
    ``--max-new-tokens``, greedy: hf_eager, hf_static_compile (static cache + torch.compile, CUDA graphs on a
-   GPU), hf_prompt_lookup, specpass_plain, specpass (``--plan``, or the cached or calibrated plan).
+   GPU), hf_prompt_lookup, specpass_plain, specpass with ``--plan`` (default: examples/plans/smollm2-gpu.json, a
+   16-node lookup and recycled-token tree; ``--plan auto``: the cached plan, calibrating on the GPU if none).
 3. A random-init Llama-3.2-1B-shaped model in bf16 (``--llama-layers`` of its 16 layers), the same prompts
    through the default model's tokenizer: hf_eager, hf_static_compile, specpass_plain.
 
@@ -30,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -42,6 +44,7 @@ from specpass import bench  # noqa: E402 - the repository, not an installed copy
 BASELINE = "hf_static_compile"
 DEFAULT_METHODS = "hf_eager,hf_static_compile,hf_prompt_lookup,specpass_plain,specpass"
 LLAMA_METHODS = "hf_eager,hf_static_compile,specpass_plain"
+GPU_PLAN = ROOT / "examples" / "plans" / "smollm2-gpu.json"
 #: Llama-3.2-1B's shape (random weights: its checkpoint is not on PyPI)
 LLAMA_1B = dict(
     vocab_size=128256,
@@ -62,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda", help="cuda, cuda:N, or cpu for a dry run (default: %(default)s)")
     parser.add_argument("--num-prompts", type=int, default=8, metavar="N", help="(default: %(default)s)")
     parser.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="(default: %(default)s)")
-    parser.add_argument("--plan", default=None, metavar="PATH", help="SpecPlan for specpass (default: calibrate)")
+    parser.add_argument(
+        "--plan", default=str(GPU_PLAN), metavar="PATH", help="SpecPlan for specpass, or auto (default: %(default)s)"
+    )
     parser.add_argument("--threads", type=int, default=min(16, os.cpu_count() or 1), metavar="N")
     parser.add_argument("--skip-tests", action="store_true", help="benchmarks only")
     parser.add_argument("--tests-timeout", type=float, default=240, metavar="S", help="(default: %(default)s)")
@@ -84,16 +89,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.llama_layers:
         runs.append((f"random Llama-3.2-1B shape ({args.llama_layers} layers) bf16", "llama", LLAMA_METHODS))
     for label, which, methods in runs:
-        model = tokenizer = None
-        if which == "llama":
-            model, tokenizer = random_llama(args.llama_layers, device)
-        data = run_bench(args, methods, model, tokenizer, plan=args.plan if which == "default" else None)
+        plan = args.plan if which == "default" and args.plan != "auto" else None
+        try:
+            model, tokenizer = random_llama(args.llama_layers, device) if which == "llama" else (None, None)
+            data = run_bench(args, methods, model, tokenizer, plan=plan)
+        except Exception as e:  # noqa: BLE001 - one failed benchmark still leaves a table of the rest
+            traceback.print_exc()
+            first = (str(e).splitlines() or [""])[0][:160]
+            rows.append([label, f"FAILED: {type(e).__name__}: {first}", "", "", "", ""])
+            failed = True
+            continue
+        finally:
+            model = None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         details[label] = data
         failed |= data["exit_code"] != 0
         rows += bench_rows(label, data)
-        del model
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
 
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none (CPU dry run)"
     head = (

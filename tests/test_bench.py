@@ -370,10 +370,12 @@ def test_specpass_methods_share_one_optimize_and_read_tau(monkeypatch):
         return FakeSpecModel()
 
     monkeypatch.setattr(specpass, "optimize", fake_optimize)
-    cfg = bench.BenchConfig(max_new_tokens=4, max_cache_len=64, backend="eager")
+    methods = ("specpass_plain", "specpass")
+    cfg = bench.BenchConfig(max_new_tokens=4, max_cache_len=64, backend="eager", methods=methods)
     plain = bench.METHODS["specpass_plain"].setup(None, "tok", cfg)
     default = bench.METHODS["specpass"].setup(None, "tok", cfg)
-    assert calls == [{"tokenizer": "tok", "backend": "eager", "max_cache_len": 64}]  # one compile for both
+    # one compile for both, with the plan that specpass needs
+    assert calls == [{"speculate": "auto", "tokenizer": "tok", "plan": None, "backend": "eager", "max_cache_len": 64}]
     assert default.tau() is None  # no generation yet
     default.generate(torch.zeros(1, 3, dtype=torch.long))
     assert default.tau() == 1.75
@@ -383,6 +385,9 @@ def test_specpass_methods_share_one_optimize_and_read_tau(monkeypatch):
     fresh = bench.METHODS["specpass"].setup(None, None, bench.BenchConfig(max_new_tokens=4, max_cache_len=64))
     fresh.generate(torch.zeros(1, 3, dtype=torch.long))
     assert fresh.tau() is None and len(calls) == 2  # a new run compiles again
+    # specpass_plain alone: no plan, so no calibration
+    bench.METHODS["specpass_plain"].setup(None, "tok", bench.BenchConfig(4, 64, "eager", methods=("specpass_plain",)))
+    assert calls[-1]["speculate"] is False
 
 
 def test_reference_is_added_when_missing(tiny_chat, prompts_file):
