@@ -16,7 +16,7 @@ import torch
 from _sweep import compiled_default_model
 from _sweep import run as run_plan
 
-from specpass.optimize import build_draft_programs, check_tree_verify, del_costs
+from specpass.programs import build_draft_programs, check_tree_verify, del_costs
 from specpass.tune.plan import SpecPlan
 
 #: (name, draft fields): an early exit at mid depth; every third layer of the upper part skipped

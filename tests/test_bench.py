@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import tiny_llama
 
+import specpass
 from specpass import bench
 from specpass.errors import SpecPassError
 from specpass.models import chat_ids
@@ -163,8 +166,15 @@ def test_missing_or_bad_prompt_files_are_clear_errors(tmp_path):
         bench.load_questions(bad)
 
 
+def test_default_prompts_ship_with_the_package_and_their_license():
+    path = bench.resolve_prompts(None)
+    assert path.is_relative_to(Path(specpass.__file__).parent)  # no file outside the package
+    assert len(bench.load_questions(path)) == 240
+    assert "Apache License" in (path.parent / "LICENSE").read_text()
+
+
 def test_default_prompts_missing_is_a_clear_error(monkeypatch, tmp_path):
-    monkeypatch.setattr(bench, "_DEFAULT_PROMPTS", tmp_path / "dev.jsonl")
+    monkeypatch.setattr(bench.runner, "_DEFAULT_PROMPTS", tmp_path / "dev.jsonl")
     with pytest.raises(SpecPassError, match="pass --prompts PATH"):
         bench.resolve_prompts(None)
 
@@ -240,7 +250,7 @@ def test_a_wrong_method_fails_the_run(tiny_chat, prompts_file, tmp_path, capsys)
 
 def test_near_ties_are_tolerated_and_reported(tiny_chat, prompts_file, monkeypatch, capsys):
     model, tok = tiny_chat
-    monkeypatch.setattr(bench, "_top2_gap", lambda model, prefix: (1e-5, bench.NEAR_TIE))
+    monkeypatch.setattr(bench.compare, "_top2_gap", lambda model, prefix: (1e-5, bench.NEAR_TIE))
     args = bench_args(
         "--prompts", str(prompts_file), "--num-prompts", "2", "--max-new-tokens", "4", "--methods", "hf_eager,wrong"
     )
@@ -275,9 +285,30 @@ def test_early_exit_candidates_are_fractions_of_the_layers():
     assert bench.early_exit_candidates(2) == [1]
 
 
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
 def test_hf_assisted_methods_match_hf_eager(tiny_chat, prompts_file, tmp_path, capsys):
     model, tok = tiny_chat
-    rc, data, md = run_small(model, tok, prompts_file, tmp_path, "hf_eager,hf_prompt_lookup,hf_early_exit")
+    hf_log, seen = logging.getLogger("transformers"), _Records()
+    hf_log.addHandler(seen)
+    logging.Logger.warning_once.cache_clear()  # HF says each warning once per process
+    try:
+        rc, data, md = run_small(model, tok, prompts_file, tmp_path, "hf_eager,hf_prompt_lookup,hf_early_exit")
+        assert not [m for m in seen.messages if "generation_config` together" in m]  # HF's own call, silenced
+        ids = torch.tensor([[1, 2, 3]])
+        logging.Logger.warning_once.cache_clear()
+        with torch.no_grad():  # the same HF call outside the bench: the notice the bench keeps out of its output
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, assistant_early_exit=1)
+        assert [m for m in seen.messages if "generation_config` together" in m]
+    finally:
+        hf_log.removeHandler(seen)
     assert rc == 0 and data["mismatches"] == [] and data["skipped"] == {}
     for name in ("hf_prompt_lookup", "hf_early_exit"):
         s = data["summary"][name]
@@ -392,7 +423,7 @@ def test_specpass_methods_share_one_optimize_and_read_tau(monkeypatch):
 
 def test_reference_is_added_when_missing(tiny_chat, prompts_file):
     args = bench_args("--methods", "wrong")
-    assert bench._parse_methods(args.methods, {**bench.METHODS, "wrong": WRONG}) == ["hf_eager", "wrong"]
+    assert bench.runner._parse_methods(args.methods, {**bench.METHODS, "wrong": WRONG}) == ["hf_eager", "wrong"]
 
 
 def test_too_small_cache_is_a_usage_error(tiny_chat, prompts_file):

@@ -378,7 +378,7 @@ def test_unsupported_layer_types_are_refused():
         specpass.capture(model, max_cache_len=16)
 
 
-@pytest.mark.parametrize("bad", [0, 1, -4, 2.5, "16", None, True, 65])
+@pytest.mark.parametrize("bad", [0, 1, -4, 2.5, "16", True, 65])  # None: the default (test_defaults.py)
 def test_bad_max_cache_len(bad):
     model = _build(ARCHS["llama"])  # max_position_embeddings=64
     with pytest.raises(SpecPassError, match="max_cache_len"):

@@ -182,10 +182,12 @@ def test_inspect_cli(compiled, capsys):
         "context lookup",
         "stored once",
         "checked by: fold_gqa_heads, tree_verify",
+        "signed      no",
+        "native code",
     ):
         assert text in out
     assert main(["inspect", str(path), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out) == manifest
+    assert json.loads(capsys.readouterr().out) == {**manifest, "signed_by": None}
 
 
 # ---- bad engine files ------------------------------------------------------------------------------------
@@ -340,3 +342,96 @@ def test_constants_off_the_program_device_are_bound_as_copies():
     assert bind_on_device(t, torch.device("cpu"), "w") is t
     moved = bind_on_device(t, torch.device("meta"), "w")  # the one other device a CPU machine has
     assert moved is not t and moved.device.type == "meta" and moved.shape == t.shape
+
+
+# ---- signed engines --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def signed(compiled, tmp_path_factory):
+    """Two key pairs from ``specpass keygen``, and the tiny model's engine compiled with ``--sign`` by the first."""
+    _, _, unsigned, _ = compiled
+    tmp = tmp_path_factory.mktemp("signed")
+    assert main(["keygen", str(tmp / "ours")]) == 0
+    assert main(["keygen", str(tmp / "theirs"), "--json"]) == 0
+    assert oct((tmp / "ours").stat().st_mode & 0o777) == "0o600"
+    path = tmp / "signed.specpass"
+    model_dir = unsigned.parent / "model"
+    plan = unsigned.parent / "plan.json"
+    rc = main(
+        [
+            "compile",
+            str(model_dir),
+            "-o",
+            str(path),
+            "--plan",
+            str(plan),
+            "--max-cache-len",
+            "64",
+            "--sign",
+            str(tmp / "ours"),
+        ]
+    )
+    assert rc == 0
+    return path, tmp / "ours.pub", tmp / "theirs.pub"
+
+
+def _refused_before_any_payload(monkeypatch, argv, capsys, message):
+    """``specpass run argv`` exits 2 with one clear line, having read no payload and loaded no program."""
+    import specpass.engine as engine_module
+
+    def touched(*args, **kwargs):
+        raise AssertionError("a payload was read before the signature was checked")
+
+    monkeypatch.setattr(engine_module, "_read_checked", touched)
+    monkeypatch.setattr("specpass.lower.inductor.load_aoti_program", touched)
+    assert main(["run", *map(str, argv), "--prompt", "hi", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("specpass: error:") and message in err and err.strip().count("\n") == 0, err
+
+
+def test_a_signed_engine_runs_under_trust_and_says_who_signed_it(signed, compiled, capsys):
+    path, ours, _ = signed
+    assert main(["run", str(path), "--trust", str(ours), "--prompt", PROMPT, "--max-new-tokens", "6", "--json"]) == 0
+    signed_out = json.loads(capsys.readouterr().out)["token_ids"]
+    assert main(["run", str(compiled[2]), "--prompt", PROMPT, "--max-new-tokens", "6", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["token_ids"] == signed_out
+    engine = load_engine(path, trust=[ours])
+    from specpass.signing import fingerprint, load_public_key
+
+    assert engine.signer == fingerprint(load_public_key(ours))
+    assert main(["inspect", str(path)]) == 0
+    assert f"signed      by {engine.signer}" in capsys.readouterr().out
+
+
+def test_a_tampered_signed_engine_is_refused(signed, tmp_path, capsys, monkeypatch):
+    path, ours, _ = signed
+    # a consistent forgery: a program's bytes changed and the manifest's checksum updated to match
+    package = "programs/decode.pt2"
+    with zipfile.ZipFile(path) as z:
+        forged = _flip_middle_byte(z.read(package))
+    digest = __import__("hashlib").sha256(forged).hexdigest()
+    bad = _rewrite(path, tmp_path / "forged.specpass", _set(["payloads", package], digest), (package, lambda _: forged))
+    _refused_before_any_payload(monkeypatch, [bad, "--trust", ours], capsys, "does not match the manifest")
+
+
+def test_an_engine_signed_by_a_foreign_key_is_refused(signed, capsys, monkeypatch):
+    path, _, theirs = signed
+    _refused_before_any_payload(monkeypatch, [path, "--trust", theirs], capsys, "which is not a trusted key")
+
+
+def test_an_unsigned_engine_is_refused_under_trust(signed, compiled, capsys, monkeypatch):
+    _, ours, _ = signed
+    _refused_before_any_payload(monkeypatch, [compiled[2], "--trust", ours], capsys, "is not signed")
+
+
+def test_bad_keys_are_clear_errors(signed, tmp_path, capsys):
+    path, ours, _ = signed
+    assert main(["keygen", str(ours.with_suffix(""))]) == 2  # never overwrites a key
+    assert "exists" in capsys.readouterr().err
+    assert main(["run", str(path), "--trust", str(tmp_path / "none.pub"), "--prompt", "hi"]) == 2
+    assert "cannot read the trusted key" in capsys.readouterr().err
+    (tmp_path / "junk.pub").write_text("not a key")
+    assert main(["run", str(path), "--trust", str(tmp_path / "junk.pub"), "--prompt", "hi"]) == 2
+    assert "is not a public key" in capsys.readouterr().err
+    assert main(["compile", "default", "-o", str(tmp_path / "x.specpass"), "--sign", str(ours)]) == 2
+    assert "is not an unencrypted private key" in capsys.readouterr().err
+    assert not (tmp_path / "x.specpass").exists()

@@ -130,10 +130,26 @@ def test_cache_location(tmp_path, monkeypatch):
     assert models._default_model_dir(tmp_path / "arg") == tmp_path / "arg" / "models" / name
 
 
-@pytest.mark.parametrize("name", [None, "default", "smollm2", "SmolLM2-135M-Instruct"])
-def test_load_aliases_mean_the_default_model(name, monkeypatch):
-    monkeypatch.setattr(models, "default_model", lambda *, dtype: ("model", dtype))
-    assert models.load(name, dtype=torch.float16) == ("model", torch.float16)
+@pytest.mark.parametrize(
+    "name, bundled",
+    [
+        (None, models.DEFAULT_MODEL_NAME),
+        ("default", models.DEFAULT_MODEL_NAME),
+        ("smollm2", models.DEFAULT_MODEL_NAME),
+        ("SmolLM2-135M-Instruct", models.DEFAULT_MODEL_NAME),
+        ("gemma-3-270m", models.GEMMA3_NAME),
+        ("Gemma3-270M", models.GEMMA3_NAME),
+    ],
+)
+def test_load_takes_the_bundled_names(name, bundled, monkeypatch):
+    monkeypatch.setattr(models, "bundled_model", lambda name, *, dtype: (models._bundled(name).name, dtype))
+    assert models.load(name, dtype=torch.float16) == (bundled, torch.float16)
+
+
+def test_available_lists_the_bundled_models_default_first():
+    assert models.available() == [models.DEFAULT_MODEL_NAME, models.GEMMA3_NAME]
+    with pytest.raises(SpecPassError, match="not a bundled model; choose one of SmolLM2-135M-Instruct, gemma-3-270m"):
+        models.bundled_model("gpt-5")
 
 
 def test_load_missing_path():
@@ -196,7 +212,7 @@ def test_local_wheel_converts_without_pip(tmp_path, monkeypatch):
         archive.writestr(models._GGUF_MEMBER, b"a stand-in GGUF")
     seen = []
 
-    def convert(gguf_path, *, progress):  # the real conversion is the slow tests' job
+    def convert(gguf_path, bundle, *, progress):  # the real conversion is the slow tests' job
         seen.append(gguf_path.read_bytes())
         from conftest import tiny_llama
         from tokenizers import Tokenizer

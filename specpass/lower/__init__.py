@@ -13,13 +13,21 @@ BACKENDS = ("inductor", "eager", "tensorrt")
 
 
 def lower(
-    gm: torch.fx.GraphModule, backend: str, *, name: str, example_args: tuple, dynamic_shapes: tuple
+    gm: torch.fx.GraphModule,
+    backend: str,
+    *,
+    name: str,
+    example_args: tuple,
+    dynamic_shapes: tuple,
+    pipeline: tuple = (),
 ) -> Callable[..., torch.Tensor]:
-    """One program -> a callable with the same signature (``dynamic_shapes`` as for torch.export)."""
+    """One program -> a callable with the same signature (``dynamic_shapes`` as for torch.export).
+
+    ``pipeline``: the passes that rewrote ``gm`` (part of the program cache's key)."""
     if backend == "eager":
         return gm
     if backend == "inductor":
-        return lower_inductor(gm, example_args, dynamic_shapes, name)
+        return lower_inductor(gm, example_args, dynamic_shapes, name, pipeline)
     if backend == "tensorrt":
         from specpass.lower.tensorrt import lower_tensorrt
 

@@ -20,8 +20,9 @@ import time
 
 import torch
 
-from specpass.capture import export_program
+from specpass.capture import export_program, quiet_compile
 from specpass.errors import SpecPassError
+from specpass.lower import program_cache
 
 log = logging.getLogger("specpass.lower")
 
@@ -91,23 +92,45 @@ def inductor_configs(device: torch.device, dtype: torch.dtype) -> dict:
     return configs
 
 
-def lower_inductor(gm: torch.fx.GraphModule, example_args: tuple, dynamic_shapes: tuple, name: str) -> AOTIProgram:
-    """Re-export the rewritten program and compile it with AOTInductor; returns the loaded program."""
+def lower_inductor(
+    gm: torch.fx.GraphModule, example_args: tuple, dynamic_shapes: tuple, name: str, pipeline: tuple = ()
+) -> AOTIProgram:
+    """Re-export the rewritten program and compile it with AOTInductor, or load it from the program cache
+    (lower/program_cache.py); returns the loaded program."""
     t0 = time.perf_counter()
+    # The KV cache (the last input) sets device and dtype: ids, positions and slots are integers.
+    device, dtype = example_args[-1].device, example_args[-1].dtype
+    configs = inductor_configs(device, dtype)
+    key = None
+    if program_cache.enabled():
+        constants = program_cache.constants_of(gm)
+        key = program_cache.program_key(gm, example_args, dynamic_shapes, configs, pipeline, constants)
+        package = program_cache.load(key)
+        if package is not None:
+            try:
+                program = load_aoti_program(package, constants, name, device)
+            except Exception as e:  # noqa: BLE001 - any entry that does not load is compiled again
+                program_cache.discard(key, f"did not load ({type(e).__name__}: {str(e)[:200]})")
+            else:
+                log.info("loaded program %s from the program cache in %.1fs", name, time.perf_counter() - t0)
+                return program
     try:
         exported = export_program(gm, example_args, dynamic_shapes)
     except Exception as e:  # noqa: BLE001 - a rewritten graph that cannot be exported again is our bug
         raise SpecPassError(f"program '{name}' could not be re-exported for Inductor: {type(e).__name__}: {e}") from e
-    # The KV cache (the last input) sets device and dtype: ids, positions and slots are integers.
-    device, dtype = example_args[-1].device, example_args[-1].dtype
-    with tempfile.TemporaryDirectory(prefix="specpass-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="specpass-") as tmp, quiet_compile():
         path = torch._inductor.aoti_compile_and_package(
-            exported,
-            package_path=os.path.join(tmp, f"{name}.pt2"),
-            inductor_configs=inductor_configs(device, dtype),
+            exported, package_path=os.path.join(tmp, f"{name}.pt2"), inductor_configs=configs
         )
         with open(path, "rb") as f:
             package = f.read()
     program = load_aoti_program(package, {**exported.state_dict, **exported.constants}, name, device)
     log.info("compiled program %s with AOTInductor in %.1fs", name, time.perf_counter() - t0)
+    if key is not None:
+        # An entry is only worth keeping if a later process can bind it from the graph's own tensors.
+        unbound = set(program.runner.get_constant_fqns()) - set(constants)
+        if unbound:
+            log.debug("program %s not cached: constants %s are not attributes of its graph", name, sorted(unbound)[:5])
+        else:
+            program_cache.store(key, package, name)
     return program

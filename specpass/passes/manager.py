@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from specpass.capture import quiet_compile
 from specpass.errors import SpecPassError
 
 log = logging.getLogger("specpass.passes")
@@ -31,12 +32,14 @@ def clone_graph_module(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, 
     Also returns the old -> new node map, so that annotations of gm (a Structure) can follow the copy.
     """
     graph = torch.fx.Graph(owning_module=gm, tracer_cls=gm.graph._tracer_cls)
-    graph._codegen = copy.deepcopy(gm.graph._codegen)
+    with quiet_compile():  # copying the codegen's treespecs trips torch's own pytree deprecation warning
+        graph._codegen = copy.deepcopy(gm.graph._codegen)
     node_map: dict[torch.fx.Node, torch.fx.Node] = {}
     out = graph.graph_copy(gm.graph, node_map, return_output_node=True)
     graph.output(out[0] if isinstance(out, tuple) else out)
     new = torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
-    new.meta = copy.deepcopy(getattr(gm, "meta", {}))
+    with quiet_compile():
+        new.meta = copy.deepcopy(getattr(gm, "meta", {}))
     return new, node_map
 
 

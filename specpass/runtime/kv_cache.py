@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from specpass.capture import SLIDING, CacheSpec
+from specpass.cache_spec import SLIDING, CacheSpec
 from specpass.errors import SpecPassError
 
 

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from specpass.capture import CacheSpec
+from specpass.cache_spec import CacheSpec
 from specpass.errors import SpecPassError
 from specpass.runtime.cuda_graphs import GraphedProgram, graph_pool
 from specpass.runtime.generate import GenerationStats, StopChecker, generate, speculative_generate, tree_generate

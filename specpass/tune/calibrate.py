@@ -31,9 +31,10 @@ from tqdm.auto import tqdm
 
 from specpass.errors import SpecPassError
 from specpass.models import chat_ids
+from specpass.programs import build_draft_programs, check_tree_verify, compile_plain, del_costs, del_param_costs
 from specpass.runtime.dynamic_exit import ExitChooser
 from specpass.tune.adapter import ExitAdapter
-from specpass.tune.plan import SpecPlan
+from specpass.tune.plan import SpecPlan, model_hash
 from specpass.tune.tree_shape import best_tree
 
 log = logging.getLogger("specpass.tune")
@@ -271,7 +272,6 @@ def calibrate_compiled(
     sm, prompts=None, *, tokenizer=None, settings: CalibrationSettings | None = None, progress: bool = True
 ) -> SpecPlan:
     """Calibrate with an already-compiled plain SpecModel (``optimize(model, speculate=False)``)."""
-    from specpass.optimize import build_draft_programs, check_tree_verify
 
     settings = settings or CalibrationSettings()
     t_start = time.perf_counter()
@@ -468,7 +468,6 @@ def _del_candidate(sm, measurements: dict, settings: CalibrationSettings, lookup
     """A DEL plan over the exits whose held-out agreement (``agreement_no_adapter``) promises the most tokens
     per unit of compute, if that promise beats plain decoding by ``min_gain``; else None (and why, in
     ``measurements["del_estimate"]``)."""
-    from specpass.optimize import del_costs, del_param_costs
 
     agreement = measurements["agreement_no_adapter"]
     layers = sorted(agreement)
@@ -556,7 +555,7 @@ def calibrate(
     *,
     tokenizer=None,
     backend: str = "inductor",
-    max_cache_len: int = 1024,
+    max_cache_len: int | None = None,
     settings: CalibrationSettings | None = None,
     progress: bool = True,
 ) -> SpecPlan:
@@ -564,10 +563,7 @@ def calibrate(
 
     ``prompts``: texts (with ``tokenizer``) or token-id lists; default: a built-in set of 24 prompts.
     """
-    from specpass.optimize import optimize
-    from specpass.tune.plan import model_hash
-
-    sm = optimize(model, speculate=False, backend=backend, max_cache_len=max_cache_len, progress=progress)
+    sm = compile_plain(model, backend=backend, max_cache_len=max_cache_len, progress=progress)
     plan = calibrate_compiled(sm, prompts, tokenizer=tokenizer, settings=settings, progress=progress)
     plan.model_hash = model_hash(model)
     return plan

@@ -8,12 +8,12 @@ import hashlib
 import json
 import os
 import platform
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from specpass.cache import cache_root, write_atomic
 from specpass.errors import SpecPassError
 from specpass.passes import DraftConfig
 from specpass.runtime.dynamic_exit import VERIFY_EXITS, draft_program_name
@@ -180,16 +180,7 @@ class SpecPlan:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write atomically: a reader sees the old file or the new one, never half of one."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".plan-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(self.to_json())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(Path(path), self.to_json().encode())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> SpecPlan:
@@ -261,8 +252,6 @@ def model_hash(model: nn.Module) -> str:
 
 
 def plan_cache_dir() -> Path:
-    from specpass.models import cache_root
-
     return cache_root() / "plans"
 
 

@@ -1,0 +1,333 @@
+"""``specpass bench``'s command line and loop: prompts, setup, warm-up, the timed generations, the comparison
+with HF eager's tokens."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from specpass.bench.compare import Results
+from specpass.bench.methods import (
+    DEFAULT_METHODS,
+    METHODS,
+    REFERENCE,
+    WARM_UP_MESSAGES,
+    BenchConfig,
+    Method,
+    MethodUnavailable,
+    Runner,
+)
+from specpass.bench.report import report, write
+from specpass.errors import SpecPassError
+from specpass.lower import BACKENDS
+
+log = logging.getLogger("specpass.bench")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: Spec-Bench's dev split, shipped in the package (Apache-2.0; LICENSE and README beside it)
+_DEFAULT_PROMPTS = Path(__file__).resolve().parent.parent / "data" / "spec_bench" / "dev.jsonl"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Benchmark specpass against Hugging Face baselines on Spec-Bench prompts: greedy, batch 1, methods "
+        "alternating per prompt in one process. Reports tokens/s, the ratio to HF eager, compile and warm-up "
+        "time, and whether every method's output equals HF eager's. Exit code 1 if one does not "
+        "(beyond near-ties of HF's own logits)."
+    )
+    parser.add_argument(
+        "--model",
+        default="default",
+        help="'default' (SmolLM2-135M-Instruct), a local model "
+        "directory, or a Hugging Face Hub id (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--prompts",
+        default=None,
+        metavar="PATH",
+        help="Spec-Bench question file (JSONL: question_id, category, turns); default: the dev split shipped "
+        "with specpass (specpass/data/spec_bench/dev.jsonl)",
+    )
+    parser.add_argument(
+        "--num-prompts",
+        type=int,
+        default=12,
+        metavar="N",
+        help="questions to run, sampled round-robin over categories (default: %(default)s)",
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="(default: %(default)s)")
+    parser.add_argument(
+        "--methods",
+        default=",".join(DEFAULT_METHODS),
+        help=f"comma-separated, from: {', '.join(METHODS)} (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--backend",
+        default="inductor",
+        choices=BACKENDS,
+        help="specpass lowering backend (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=2, metavar="N", help="torch.set_num_threads (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--device", default="cpu", help="where every method runs: cpu, cuda or cuda:N (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=sorted(DTYPES),
+        help="the model's dtype for every method (default: as loaded, float32 for the bundled model)",
+    )
+    parser.add_argument(
+        "--max-cache-len",
+        type=int,
+        default=None,
+        metavar="N",
+        help="KV cache size of the static-cache methods, the same for every prompt "
+        "(default: longest prompt + max new tokens, rounded up to 64)",
+    )
+    parser.add_argument(
+        "--plan",
+        default=None,
+        metavar="PATH",
+        help="a SpecPlan JSON file for specpass (default: the cached plan, calibrating the model if there is none)",
+    )
+    parser.add_argument("--json", default=None, metavar="PATH", help="write the full results as JSON")
+    parser.add_argument(
+        "--markdown",
+        default=None,
+        metavar="PATH",
+        help="write the tables, command and machine as a Markdown section (for docs/benchmarks.md)",
+    )
+
+
+def run_bench(args: argparse.Namespace, *, model=None, tokenizer=None, methods: dict[str, Method] | None = None) -> int:
+    """Run the benchmark that ``args`` describe; ``model``/``tokenizer``/``methods`` may be injected (tests)."""
+    from specpass.models import chat_ids
+
+    registry = METHODS if methods is None else methods
+    names = _parse_methods(args.methods, registry)
+    if args.num_prompts < 1:
+        raise SpecPassError(f"--num-prompts must be >= 1, got {args.num_prompts}")
+    if args.max_new_tokens < 1:
+        raise SpecPassError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.threads < 1:
+        raise SpecPassError(f"--threads must be >= 1, got {args.threads}")
+    device = bench_device(args.device)
+    prompts_path = resolve_prompts(args.prompts)
+    questions = stratified_sample(load_questions(prompts_path), args.num_prompts)
+    torch.set_num_threads(args.threads)
+
+    if model is None:
+        from specpass import models
+
+        model, tokenizer = models.load(args.model)
+    elif tokenizer is None:
+        raise SpecPassError("run_bench: a model was given without its tokenizer")
+    model = model.to(device=device, dtype=DTYPES[args.dtype] if args.dtype else None).eval()
+
+    if not getattr(tokenizer, "chat_template", None):
+        log.warning("the tokenizer has no chat template; using the raw question text as the prompt")
+    prompts = [chat_ids(tokenizer, q["turns"][0]).to(device) for q in questions]
+    warm_ups = [chat_ids(tokenizer, m).to(device) for m in WARM_UP_MESSAGES]
+    longest = max(p.shape[1] for p in prompts + warm_ups)
+    max_cache_len = args.max_cache_len or _default_cache_len(model, longest + args.max_new_tokens)
+    if longest + args.max_new_tokens > max_cache_len:
+        raise SpecPassError(
+            f"--max-cache-len {max_cache_len} is too small: the longest prompt has {longest} tokens, plus "
+            f"--max-new-tokens {args.max_new_tokens}; pass at least {longest + args.max_new_tokens}"
+        )
+    gen = model.generation_config
+    cfg = BenchConfig(
+        max_new_tokens=args.max_new_tokens,
+        max_cache_len=max_cache_len,
+        backend=args.backend,
+        device=device,
+        plan=_load_plan(args.plan),
+        methods=tuple(names),
+        eos_token_id=gen.eos_token_id if gen.eos_token_id is not None else tokenizer.eos_token_id,
+        pad_token_id=gen.pad_token_id if gen.pad_token_id is not None else tokenizer.pad_token_id,
+    )
+    log.info("%d prompts (%s), %d methods, max_cache_len %d", len(prompts), prompts_path, len(names), max_cache_len)
+
+    runners: dict[str, Runner] = {}
+    setup_s: dict[str, float] = {}
+    skipped: dict[str, str] = {}
+    for name in names:
+        log.info("setting up %s", name)
+        t0 = time.perf_counter()
+        try:
+            runners[name] = registry[name].setup(model, tokenizer, cfg)
+        except MethodUnavailable as e:
+            if name == REFERENCE:
+                raise
+            log.warning("skipping %s: %s", name, e)
+            skipped[name] = str(e)
+            continue
+        setup_s[name] = time.perf_counter() - t0
+    names = [n for n in names if n not in skipped]
+    results = Results(names)
+    results.skipped = skipped
+    results.setup_s.update(setup_s)
+    results.notes = {n: runners[n].note for n in names if runners[n].note}
+    for name in names:
+        runner = runners[name]
+        t0 = time.perf_counter()
+        for i in range(runner.warm_up_runs):
+            runner.generate(warm_ups[i % len(warm_ups)])
+        results.warm_up_s[name] = time.perf_counter() - t0
+        log.info("%s: setup %.1f s, warm-up %.1f s", name, results.setup_s[name], results.warm_up_s[name])
+
+    with tqdm(total=len(prompts) * len(names), desc="bench", unit="gen", leave=False) as bar:
+        for i, (q, ids) in enumerate(zip(questions, prompts, strict=True)):
+            shift = i % len(names)
+            for name in names[shift:] + names[:shift]:
+                bar.set_postfix_str(f"{q['category']} {name}")
+                graphs = _graphs_compiled()
+                _synchronize(device)
+                t0 = time.perf_counter()
+                out = runners[name].generate(ids)
+                _synchronize(device)  # a method may return before its last kernels have run
+                seconds = time.perf_counter() - t0
+                compiled = _graphs_compiled() - graphs
+                if compiled:
+                    log.warning("%s compiled %d graph(s) during timed prompt %s", name, compiled, q["question_id"])
+                tau = runners[name].tau() if runners[name].tau is not None else None
+                results.record(i, name, out, seconds, compiled, tau)
+                bar.update()
+
+    data = report(args, results, questions, prompts, model, tokenizer, cfg, prompts_path)
+    print(data["text"])
+    if args.json:
+        write(args.json, json.dumps(data["json"], indent=2) + "\n")
+    if args.markdown:
+        write(args.markdown, data["markdown"])
+    return data["json"]["exit_code"]
+
+
+def bench_device(spec: str) -> torch.device:
+    """``--device``, checked: a CUDA device needs a GPU that torch sees."""
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError) as e:
+        raise SpecPassError(f"--device {spec!r} is not a device: use cpu, cuda or cuda:N") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SpecPassError(f"--device {spec}: torch {torch.__version__} sees no CUDA GPU here; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise SpecPassError(f"--device {spec}: specpass runs on cpu or cuda")
+    return device
+
+
+def _load_plan(path: str | None):
+    if path is None:
+        return None
+    from specpass.tune.plan import SpecPlan
+
+    return SpecPlan.load(path)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _parse_methods(spec: str, registry: dict[str, Method]) -> list[str]:
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    unknown = [n for n in names if n not in registry]
+    if unknown:
+        raise SpecPassError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(registry)}")
+    if len(set(names)) != len(names):
+        raise SpecPassError(f"--methods lists a method twice: {spec}")
+    if REFERENCE not in names:
+        log.warning("adding %s: it is the reference every method is compared with", REFERENCE)
+        names.insert(0, REFERENCE)
+    return names
+
+
+# --------------------------------------------------------------------------------------------------------
+# Prompts
+# --------------------------------------------------------------------------------------------------------
+def resolve_prompts(path: str | os.PathLike[str] | None) -> Path:
+    """``--prompts``, or the Spec-Bench dev split shipped with specpass."""
+    if path is None:
+        if not _DEFAULT_PROMPTS.is_file():
+            raise SpecPassError(
+                f"Spec-Bench prompts not found at {_DEFAULT_PROMPTS}: this specpass installation is incomplete "
+                "(reinstall it), or pass --prompts PATH, a Spec-Bench question.jsonl"
+            )
+        return _DEFAULT_PROMPTS
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise SpecPassError(f"--prompts {path}: no such file")
+    return p
+
+
+def load_questions(path: Path) -> list[dict]:
+    """Spec-Bench questions: one JSON object a line with question_id, category and a non-empty turns list."""
+    questions = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                q = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SpecPassError(f"{path}:{n}: not JSON: {e}") from e
+            if not (
+                isinstance(q, dict)
+                and "question_id" in q
+                and isinstance(q.get("category"), str)
+                and isinstance(q.get("turns"), list)
+                and q["turns"]
+                and isinstance(q["turns"][0], str)
+            ):
+                raise SpecPassError(f"{path}:{n}: expected a question_id, a category and a list of turns")
+            questions.append(q)
+    if not questions:
+        raise SpecPassError(f"{path} holds no questions")
+    return questions
+
+
+def stratified_sample(questions: Sequence[dict], n: int) -> list[dict]:
+    """The first n of a round-robin over categories (in order of first appearance), questions in file order."""
+    by_category: dict[str, list[dict]] = {}
+    for q in questions:
+        by_category.setdefault(q["category"], []).append(q)
+    if n > len(questions):
+        log.warning("only %d questions available; running all of them", len(questions))
+    sample: list[dict] = []
+    depth = 0
+    while len(sample) < min(n, len(questions)):
+        for qs in by_category.values():
+            if depth < len(qs) and len(sample) < n:
+                sample.append(qs[depth])
+        depth += 1
+    return sample
+
+
+def _graphs_compiled() -> int:
+    """How many graphs torch.compile has produced so far in this process (to catch compiles during timing)."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:  # pragma: no cover
+        return 0
+    return int(counters["stats"]["unique_graphs"])
+
+
+def _default_cache_len(model, needed: int) -> int:
+    """``needed`` rounded up to a multiple of 64, but not past the model's position limit."""
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    rounded = -(-needed // 64) * 64
+    return min(rounded, limit) if limit and limit >= needed else rounded

@@ -1,0 +1,152 @@
+"""The compiled programs of a SpecModel: plain decoding (prefill, decode) and the draft programs of a plan.
+
+What ``optimize()`` and calibration both build, in a module of their own so that neither imports the other.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from torch import nn
+from tqdm.auto import tqdm
+
+from specpass.capture import CapturedGraph, capture, example_inputs, program_dynamic_shapes
+from specpass.errors import SpecPassError
+from specpass.graph_text import summary
+from specpass.lower import lower
+from specpass.passes import PIPELINES, DraftConfig, draft_pipeline, run_passes
+from specpass.runtime.dynamic_exit import VERIFY_EXITS, draft_program_name
+from specpass.runtime.model import CompiledLM
+
+log = logging.getLogger("specpass")
+
+
+class SpecModel(CompiledLM):
+    """A compiled HF causal LM. ``generate`` returns what ``model.generate`` would, faster."""
+
+    def __init__(self, model: nn.Module, captured: CapturedGraph, programs: dict, backend: str, compile_s: float):
+        super().__init__(
+            programs,
+            captured.spec,
+            vocab_size=model.get_output_embeddings().weight.shape[0],
+            generation_config=getattr(model, "generation_config", None),
+            device=next(model.parameters()).device,
+        )
+        self.model = model
+        self.config = model.config
+        self.captured = captured
+        self.backend = backend
+        self.compile_s = compile_s
+        self._draft_key = None
+        self.summaries: dict[str, dict] = {}  # program -> graph_text.summary of its rewritten graph
+
+
+def compile_plain(
+    model: nn.Module, *, backend: str, max_cache_len: int | None, progress: bool, cuda_graphs: bool | None = None
+) -> SpecModel:
+    """Capture ``model`` and lower its plain-decoding programs (prefill, and decode for any number of tokens)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    t0 = time.perf_counter()
+    captured = capture(model, max_cache_len=max_cache_len)
+    device = next(model.parameters()).device
+    if cuda_graphs and device.type != "cuda":
+        raise SpecPassError(f"cuda_graphs=True needs a model on a CUDA device; this one is on {device}")
+    programs, summaries = {}, {}
+    for name in tqdm(("prefill", "decode"), desc=f"specpass: compiling ({backend})", disable=not progress):
+        gm = run_passes(captured.gm, PIPELINES[name], captured.structure)
+        summaries[name] = summary(gm)
+        # decode takes any number of tokens: one in plain decoding, the verified chain in speculation.
+        programs[name] = lower(
+            gm,
+            backend,
+            name=name,
+            example_args=example_inputs(captured.spec, q=2, device=device),
+            dynamic_shapes=program_dynamic_shapes(captured.spec, dynamic_q=True, rewritten=True),
+            pipeline=PIPELINES[name],
+        )
+    sm = SpecModel(model, captured, programs, backend, time.perf_counter() - t0)
+    sm.summaries = summaries
+    if cuda_graphs is not None:
+        sm.cuda_graphs = cuda_graphs
+    return sm
+
+
+def check_tree_verify(sm: SpecModel) -> None:
+    """Raise SpecPassError unless the decode program can verify draft trees (passes/tree_verify.py)."""
+    if "verify" not in sm.summaries:
+        gm = run_passes(sm.captured.gm, PIPELINES["verify"], sm.captured.structure)
+        sm.summaries["verify"] = summary(gm)
+
+
+def build_draft_programs(sm: SpecModel, plan) -> None:
+    """Run the draft passes for ``plan`` and lower the draft program (a one-token step; any number of tokens
+    for draft trees) into ``sm.programs``; a plan without one (lookup only) leaves none there."""
+    key = plan.draft_key() if plan.has_draft else None
+    if sm._draft_key == key:
+        return
+    for name in [n for n in sm.programs if n not in ("prefill", "decode")]:
+        sm.programs.pop(name)
+        sm.summaries.pop(name, None)
+    sm._draft_key = None
+    if not plan.has_draft:
+        return
+    device = next(sm.model.parameters()).device
+    if plan.del_exits:
+        _build_del_programs(sm, plan, device)
+        sm._draft_key = key
+        return
+    # A chain draft runs one token per pass; a tree draft runs a level of nodes. The draft passes leave
+    # attention and positions as they are, so check_tree_verify's proof for decode covers it.
+    cfg = plan.draft_config(device, sm.spec.dtype)
+    _add_program(sm, "draft", draft_pipeline(cfg), cfg, dynamic_q=plan.tree_draft)
+    sm._draft_key = key
+
+
+def _build_del_programs(sm: SpecModel, plan, device) -> None:
+    """DEL (runtime/dynamic_exit.py): one early-exit draft program per candidate exit, a one-token step each,
+    and the verify program that also returns each exit's tokens (passes/exit_predictions.py)."""
+    vocab_ids = plan.draft_config(device).vocab_ids
+    for k in plan.del_exits:
+        cfg = DraftConfig(exit_layer=k, vocab_ids=vocab_ids)
+        _add_program(sm, draft_program_name(k), draft_pipeline(cfg), cfg, dynamic_q=False)
+    cfg = DraftConfig(exits=tuple(plan.del_exits), vocab_ids=vocab_ids)
+    _add_program(sm, VERIFY_EXITS, PIPELINES[VERIFY_EXITS], cfg, dynamic_q=True)
+
+
+def _add_program(sm: SpecModel, name: str, pipeline: tuple, cfg: DraftConfig, *, dynamic_q: bool) -> None:
+    """Run ``pipeline`` on the captured graph and lower the result as ``sm.programs[name]``."""
+    spec, device = sm.captured.spec, next(sm.model.parameters()).device
+    gm = run_passes(sm.captured.gm, pipeline, sm.captured.structure, cfg)
+    sm.summaries[name] = summary(gm)
+    sm.programs[name] = lower(
+        gm,
+        sm.backend,
+        name=name,
+        example_args=example_inputs(spec, q=2 if dynamic_q else 1, device=device),
+        dynamic_shapes=program_dynamic_shapes(spec, dynamic_q=dynamic_q, rewritten=True),
+        pipeline=pipeline,
+    )
+
+
+def del_costs(captured: CapturedGraph, plan) -> list[float]:
+    """A draft token's cost at each of ``plan.del_exits`` relative to DEL's verify pass: the parameters each
+    reads (decoding one sequence is bound by memory bandwidth), over those of the verify pass, which reads the
+    whole model and one more head (or ``plan.vocab_ids``' rows of it) per exit."""
+    drafts, verify = del_param_costs(captured, plan.del_exits, plan.vocab_ids)
+    return [c / verify for c in drafts]
+
+
+def del_param_costs(captured: CapturedGraph, exits, vocab_ids=None) -> tuple[list[float], float]:
+    """(an early-exit draft token's parameters at each exit, DEL's verify pass's), as fractions of a plain pass."""
+    structure = captured.structure
+    per_layer = [
+        sum(p.numel() for p in captured.gm.get_submodule(f"{structure.layers_path}.{i}").parameters())
+        for i in range(len(structure.layers))
+    ]
+    hidden = structure.lm_head.args[0].meta["val"].shape[-1]
+    vocab = structure.lm_head.meta["val"].shape[-1]
+    head = (vocab if vocab_ids is None else len(vocab_ids)) * hidden
+    full = sum(per_layer) + vocab * hidden
+    return [(sum(per_layer[: k + 1]) + head) / full for k in exits], 1 + len(exits) * head / full

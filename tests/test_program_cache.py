@@ -1,0 +1,157 @@
+"""The compiled-program cache (lower/program_cache.py): hits bind the new model's weights, misses on every key
+part, damaged entries recompile with a warning, the switch, and ``specpass cache``."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+from conftest import tiny_llama
+
+import specpass
+from specpass.cli import main
+from specpass.lower import program_cache
+
+N_NEW = 12
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """An empty specpass cache of this test's own (programs and all)."""
+    monkeypatch.setenv("SPECPASS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(program_cache, "program_dir", lambda: tmp_path / "cache" / "programs")
+    return tmp_path / "cache" / "programs"
+
+
+def _hf(model, ids):
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=N_NEW, do_sample=False)
+
+
+def _optimize(model, **kw):
+    return specpass.optimize(model, speculate=False, max_cache_len=32, progress=False, **kw)
+
+
+def _other_weights(seed: int):
+    model = tiny_llama()
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    return model.eval()
+
+
+def _no_compile(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("AOTInductor compiled a program that the cache holds")
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", refuse)
+
+
+def test_a_second_model_of_the_same_graph_loads_its_programs_and_binds_its_own_weights(cache, monkeypatch, caplog):
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    first = _optimize(tiny_llama().eval())
+    assert sorted(p.suffix for p in cache.iterdir()) == [".json", ".json", ".pt2", ".pt2"]  # prefill, decode
+    assert torch.equal(first.generate(ids, max_new_tokens=N_NEW), _hf(first.model, ids))
+
+    other = _other_weights(seed=1)
+    _no_compile(monkeypatch)
+    with caplog.at_level(logging.INFO, logger="specpass.lower"):
+        second = _optimize(other)
+    assert sum("from the program cache" in r.getMessage() for r in caplog.records) == 2
+    want = _hf(other, ids)
+    assert not torch.equal(want, _hf(first.model, ids))  # different weights, different tokens
+    assert torch.equal(second.generate(ids, max_new_tokens=N_NEW), want)
+    assert torch.equal(first.generate(ids, max_new_tokens=N_NEW), _hf(first.model, ids))  # first one unaffected
+
+
+def test_a_damaged_entry_is_compiled_again_with_a_warning(cache, caplog):
+    ids = torch.tensor([[2, 7, 1, 8]])
+    _optimize(tiny_llama().eval())
+    packages = sorted(cache.glob("*.pt2"))
+    packages[0].write_bytes(packages[0].read_bytes()[:1000])  # truncated
+    meta = sorted(cache.glob("*.json"))[1]
+    garbage = b"not a package"
+    packages[1].write_bytes(garbage)  # a consistent sidecar over bytes that do not load
+    record = json.loads(meta.read_text())
+    record["sha256"] = __import__("hashlib").sha256(garbage).hexdigest()
+    meta.write_text(json.dumps(record))
+
+    model = _other_weights(seed=2)
+    with caplog.at_level(logging.WARNING, logger="specpass.lower"):
+        sm = _optimize(model)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == "specpass.lower"]
+    assert len(warnings) == 2 and all("compiling the program again" in w for w in warnings), warnings
+    assert any("damaged" in w for w in warnings) and any("did not load" in w for w in warnings)
+    assert torch.equal(sm.generate(ids, max_new_tokens=N_NEW), _hf(model, ids))
+    for package in cache.glob("*.pt2"):  # rewritten whole
+        assert program_cache.load(package.stem) is not None
+
+
+def test_a_package_without_its_sidecar_is_not_trusted(cache):
+    _optimize(tiny_llama().eval())
+    meta = sorted(cache.glob("*.json"))[0]
+    meta.unlink()  # a writer that died between the package and its sidecar
+    assert program_cache.load(meta.stem) is None
+
+
+def test_the_key_changes_with_what_the_code_depends_on(tiny):
+    from specpass.capture import example_inputs, program_dynamic_shapes
+    from specpass.lower.inductor import inductor_configs
+    from specpass.passes import PIPELINES, run_passes
+
+    cg = tiny("llama").cg
+    gm = run_passes(cg.gm, PIPELINES["decode"], cg.structure)
+
+    def key(gm=gm, spec=cg.spec, pipeline=PIPELINES["decode"], dtype=torch.float32, constants=None):
+        args = example_inputs(spec, q=2)
+        dyn = program_dynamic_shapes(spec, dynamic_q=True, rewritten=True)
+        consts = program_cache.constants_of(gm) if constants is None else constants
+        configs = inductor_configs(torch.device("cpu"), dtype)
+        return program_cache.program_key(gm, args, dyn, configs, pipeline, consts)
+
+    base = key()
+    assert key() == base  # deterministic
+    constants = program_cache.constants_of(gm)
+    assert any(isinstance(t, torch.nn.Parameter) for t in constants.values())
+    weights = {n: (torch.nn.Parameter(t + 1) if isinstance(t, torch.nn.Parameter) else t) for n, t in constants.items()}
+    assert key(constants=weights) == base  # weights are bound at load: not part of the key
+    buffers = [n for n, t in constants.items() if not isinstance(t, torch.nn.Parameter)]
+    assert buffers  # rotary tables
+    changed = {**constants, buffers[0]: constants[buffers[0]] * 2}
+    assert key(constants=changed) != base  # a buffer's values may be folded into the code
+    assert key(spec=__import__("dataclasses").replace(cg.spec, max_cache_len=cg.spec.max_cache_len - 8)) != base
+    assert key(pipeline=PIPELINES["prefill"]) != base
+    assert key(dtype=torch.bfloat16) != base  # other Inductor settings
+    other = run_passes(cg.gm, PIPELINES["prefill"], cg.structure)
+    assert key(gm=other) != base
+
+
+def test_the_switch_turns_it_off(cache, monkeypatch):
+    monkeypatch.setenv(program_cache.ENV_SWITCH, "0")
+    _optimize(tiny_llama().eval())
+    assert not cache.exists() or not any(cache.iterdir())
+
+
+def test_cache_command_reports_and_clears(cache, capsys):
+    _optimize(tiny_llama().eval())
+    (cache.parent / "plans").mkdir()
+    (cache.parent / "plans" / "x.json").write_text("{}")
+    assert main(["cache", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["root"] == str(cache.parent)
+    assert info["kinds"]["programs"]["files"] == 4 and info["kinds"]["programs"]["bytes"] > 10_000
+    assert info["kinds"]["plans"]["files"] == 1 and info["kinds"]["models"]["files"] == 0
+    assert main(["cache"]) == 0
+    assert "programs" in capsys.readouterr().out
+    assert main(["cache", "clear", "--only", "programs"]) == 0
+    assert "freed" in capsys.readouterr().out
+    assert not cache.exists() and (cache.parent / "plans" / "x.json").exists()
+    assert main(["cache", "clear", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["cleared"] == ["models", "plans", "programs"]
+    assert not (cache.parent / "plans").exists()
+    with pytest.raises(SystemExit) as e:
+        main(["cache", "clear", "--only", "weights"])
+    assert e.value.code == 2
