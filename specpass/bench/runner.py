@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default="default",
-        help="'default' (SmolLM2-135M-Instruct), a local model "
+        help="'default' (SmolLM2-135M-Instruct), another bundled model ('gemma-3-270m'), a local model "
         "directory, or a Hugging Face Hub id (default: %(default)s)",
     )
     parser.add_argument(
