@@ -12,6 +12,10 @@
 3. A random-init Llama-3.2-1B-shaped model in bf16 (``--llama-layers`` of its 16 layers), the same prompts
    through the default model's tokenizer: hf_eager, hf_static_compile, specpass_plain.
 
+``--backend eager`` runs specpass's programs uncompiled (still replayed from CUDA graphs): on the H200 of 2026-11-27,
+torch 2.11.0+cu130's AOTInductor crashed loading any CUDA package (docs/benchmarks.md, "GPU"). The table is
+written after every step, so a run cut off by a time limit still leaves what it measured.
+
 Every row: tokens/s, the ratio to hf_static_compile (the baseline a GPU user has), tau, and how many outputs
 equal hf_eager's (near-ties of HF's own top-2 logits tolerated and counted). Exit code 1 if a test fails or an
 output differs beyond a near-tie.
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import subprocess
@@ -69,12 +74,14 @@ def main(argv: list[str] | None = None) -> int:
         "--plan", default=str(GPU_PLAN), metavar="PATH", help="SpecPlan for specpass, or auto (default: %(default)s)"
     )
     parser.add_argument("--threads", type=int, default=min(16, os.cpu_count() or 1), metavar="N")
+    parser.add_argument("--backend", default="inductor", choices=("inductor", "eager"), help="specpass's lowering")
     parser.add_argument("--skip-tests", action="store_true", help="benchmarks only")
     parser.add_argument("--tests-timeout", type=float, default=240, metavar="S", help="(default: %(default)s)")
     parser.add_argument("--llama-layers", type=int, default=16, metavar="N", help="0 skips the 1B model")
     parser.add_argument("--markdown", default=None, metavar="PATH", help="write the table and details")
     parser.add_argument("--json", default=None, metavar="PATH", help="write every result as JSON")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")  # progress on a remote run
     device = bench.bench_device(args.device)
     t0 = time.perf_counter()
 
@@ -84,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(["tests (gpu or compat)", tests["summary"], "", "", "", f"{tests['seconds']:.0f} s"])
         details["tests"] = tests
         failed |= tests["returncode"] != 0
+        write_report(args, device, rows, details, t0)
 
     runs = [("SmolLM2-135M-Instruct fp32", "default", DEFAULT_METHODS)]
     if args.llama_layers:
@@ -106,19 +114,27 @@ def main(argv: list[str] | None = None) -> int:
         details[label] = data
         failed |= data["exit_code"] != 0
         rows += bench_rows(label, data)
+        write_report(args, device, rows, details, t0)
 
+    write_report(args, device, rows, details, t0, final=True)
+    return 1 if failed else 0
+
+
+def write_report(args, device: torch.device, rows: list, details: dict, t0: float, *, final: bool = False) -> None:
+    """Writes the table so far (after every step: a run cut off by a time limit still leaves what it measured)."""
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none (CPU dry run)"
     head = (
         f"specpass GPU check: {gpu}; torch {torch.__version__}; {args.num_prompts} prompts x "
         f"{args.max_new_tokens} new tokens, greedy; {time.perf_counter() - t0:.0f} s"
     )
+    if not final:
+        head += " (incomplete)"
     table = render(rows)
-    print(f"\n{head}\n\n{table}")
+    print(f"\n{head}\n\n{table}", flush=True)
     if args.markdown:
         Path(args.markdown).write_text(f"{head}\n\n```\n{' '.join(['python', *sys.argv])}\n```\n\n{table}\n")
     if args.json:
         Path(args.json).write_text(json.dumps({"head": head, "rows": rows, "details": details}, indent=1) + "\n")
-    return 1 if failed else 0
 
 
 def run_tests(timeout: float) -> dict:
@@ -170,6 +186,7 @@ def run_bench(args, methods: str, model, tokenizer, *, plan: str | None) -> dict
             "--max-new-tokens", str(args.max_new_tokens),
             "--methods", methods,
             "--device", args.device,
+            "--backend", args.backend,
             "--threads", str(args.threads),
             "--json", out,
         ]  # fmt: skip

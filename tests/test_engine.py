@@ -16,6 +16,7 @@ import specpass
 from specpass.cli import main
 from specpass.engine import MANIFEST, RECYCLED, WEIGHTS, load_engine, read_manifest, write_engine
 from specpass.errors import SpecPassError
+from specpass.lower import inductor as inductor_lowering
 from specpass.models import chat_ids
 from specpass.tune.plan import SpecPlan
 
@@ -342,6 +343,37 @@ def test_constants_off_the_program_device_are_bound_as_copies():
     assert bind_on_device(t, torch.device("cpu"), "w") is t
     moved = bind_on_device(t, torch.device("meta"), "w")  # the one other device a CPU machine has
     assert moved is not t and moved.device.type == "meta" and moved.shape == t.shape
+
+
+@pytest.mark.parametrize(
+    "probe, why",
+    [
+        ("import os, signal; os.kill(os.getpid(), signal.SIGSEGV)", "its loader crashed the process (SIGSEGV)"),
+        (inductor_lowering._PROBE, "its loader failed: "),  # the real probe, on a file that is no package
+    ],
+    ids=["crash", "error"],
+)
+def test_a_loader_that_kills_or_fails_in_a_child_is_a_clear_error_once(probe, why, tmp_path, monkeypatch):
+    """On a CUDA device the package is first loaded in a child process (AOTInductor's loader killed the process
+    on an H200): a crash or a failure there is a SpecPassError naming the eager backend, probed once per device."""
+    monkeypatch.setattr(inductor_lowering, "_PROBE", probe)
+    monkeypatch.setattr(inductor_lowering, "_probed", {})
+    path = tmp_path / "p.pt2"
+    path.write_bytes(b"not a package")
+    device = torch.device("cuda", 0)  # never touched in this process: only named to the child
+    with pytest.raises(SpecPassError, match="backend='eager'") as first:
+        inductor_lowering.check_loader(str(path), device)
+    assert why in str(first.value) and "cuda:0" in str(first.value)
+    monkeypatch.setattr(inductor_lowering.subprocess, "run", None)  # a second check must not start a child
+    with pytest.raises(SpecPassError, match=why.replace("(", r"\(").replace(")", r"\)")):
+        inductor_lowering.check_loader(str(path), device)
+
+
+def test_a_loader_that_works_in_a_child_passes(tmp_path, monkeypatch):
+    monkeypatch.setattr(inductor_lowering, "_PROBE", "import sys; assert sys.argv[2] == '0'")
+    monkeypatch.setattr(inductor_lowering, "_probed", {})
+    inductor_lowering.check_loader(str(tmp_path / "p.pt2"), torch.device("cuda", 0))
+    assert inductor_lowering._probed == {"cuda:0": None}
 
 
 # ---- signed engines --------------------------------------------------------------------------------------

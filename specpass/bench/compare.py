@@ -37,6 +37,15 @@ class Results:
             self.runs.append({})
         self.runs[i][name] = Run(out.detach().cpu().reshape(1, -1), seconds, compiled, tau)
 
+    def drop(self, name: str, why: str) -> None:
+        """Removes a method that failed part way, its runs so far included; the report lists it as skipped."""
+        self.names = [n for n in self.names if n != name]
+        for runs in self.runs:
+            runs.pop(name, None)
+        for per_method in (self.setup_s, self.warm_up_s, self.notes):
+            per_method.pop(name, None)
+        self.skipped[name] = why
+
 
 def _first_difference(a: list[int], b: list[int]) -> int | None:
     for i, (x, y) in enumerate(zip(a, b, strict=False)):

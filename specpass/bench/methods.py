@@ -93,6 +93,7 @@ class Method:
     name: str
     description: str
     setup: Callable[..., Runner]  # (model, tokenizer, cfg: BenchConfig) -> Runner
+    own: bool = False  # specpass's: a failure while it runs fails the bench (a peer's is reported and skipped)
 
 
 class _DropHFDeprecation(logging.Filter):
@@ -128,29 +129,41 @@ def _setup_hf_eager(model, tokenizer, cfg: BenchConfig) -> Runner:
 
 
 def _setup_hf_static_compile(model, tokenizer, cfg: BenchConfig) -> Runner:
-    """HF's documented recipe: a static cache and ``model.forward = torch.compile(model.forward)``.
+    """HF's documented recipes for a static cache and torch.compile: on a GPU, ``generate``'s own compile
+    (``cache_implementation="static"``: decoding compiled with ``CompileConfig``'s reduce-overhead mode, CUDA
+    graphs; prefill eager); on a CPU, where ``generate`` does not compile, ``model.forward = torch.compile(...)``.
 
-    The recipe replaces ``forward`` on the model, which would turn the shared model's eager baseline into a
-    compiled one; a shallow copy shares every parameter and submodule but holds its own ``forward`` and
-    generation config. The cache is sized once (``max_cache_len``) for all prompts so that its shape, and with
-    it the compiled graphs, never change. The prefill graph is compiled static for the first prompt length and
-    recompiled with a symbolic length at the second, hence two warm-up runs with different prompt lengths.
+    Why not the forward recipe on a GPU too: in reduce-overhead mode it made HF's eager cache update read a
+    CUDA-graph output that the next replay had overwritten (RuntimeError, torch 2.11 + transformers 5.17 on an
+    H200, 2026-11-27). The recipes replace ``forward`` (or cache a compiled call) on the model, which would turn
+    the shared model's eager baseline into a compiled one; a shallow copy shares every parameter and submodule but
+    holds its own ``forward``, compiled call and generation config. The cache is sized once (``max_cache_len``) for
+    all prompts so that its shape, and with it the compiled graphs, never change. A compiled prefill is static for
+    the first prompt length and recompiled with a symbolic length at the second, hence two warm-up runs with
+    different prompt lengths.
     """
     compiled = copy.copy(model)
     config = copy.deepcopy(model.generation_config)
     config.cache_implementation = "static"
     config.max_cache_len = cfg.max_cache_len
-    config.disable_compile = True  # we compile forward ourselves; generate's auto-compile would wrap it again
+    if next(model.parameters()).device.type == "cuda":
+        from transformers import CompileConfig
+
+        config.disable_compile = False
+        config.compile_config = CompileConfig()
+        note = "generate's own compile (CompileConfig(): reduce-overhead, CUDA graphs)"
+    else:
+        config.disable_compile = True  # we compile forward ourselves; generate's auto-compile would wrap it again
+        compiled.forward = torch.compile(compiled.forward, fullgraph=True)
+        note = ""
     compiled.generation_config = config
-    mode = "reduce-overhead" if next(model.parameters()).device.type == "cuda" else None  # CUDA graphs: GPU only
-    compiled.forward = torch.compile(compiled.forward, mode=mode, fullgraph=True)
     kwargs = cfg.hf_generate_kwargs()
 
     def run(ids: torch.Tensor) -> torch.Tensor:
         with _hf_call():
             return compiled.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
 
-    return Runner(run, warm_up_runs=2)
+    return Runner(run, warm_up_runs=2, note=note)
 
 
 def _setup_hf_prompt_lookup(model, tokenizer, cfg: BenchConfig) -> Runner:
@@ -388,8 +401,9 @@ METHODS: dict[str, Method] = {
             "specpass_plain",
             "specpass.optimize(model).generate(speculate=False): its programs, one token per step",
             _setup_specpass_plain,
+            own=True,
         ),
-        Method("specpass", "specpass.optimize(model) (its default decoding)", _setup_specpass),
+        Method("specpass", "specpass.optimize(model) (its default decoding)", _setup_specpass, own=True),
     )
 }
 DEFAULT_METHODS = tuple(METHODS)  # all of them; peers that are not installed are reported as skipped

@@ -177,28 +177,42 @@ def run_bench(args: argparse.Namespace, *, model=None, tokenizer=None, methods: 
             skipped[name] = str(e)
             continue
         setup_s[name] = time.perf_counter() - t0
+    warm_up_s: dict[str, float] = {}
+    failed_own = False
+    for name in [n for n in names if n not in skipped]:
+        runner = runners[name]
+        t0 = time.perf_counter()
+        try:
+            for i in range(runner.warm_up_runs):
+                runner.generate(warm_ups[i % len(warm_ups)])
+        except Exception as e:  # noqa: BLE001 - a method that fails to run leaves the table of the others
+            skipped[name] = _failure(name, "in warm-up", e)
+            failed_own |= registry[name].own
+            continue
+        warm_up_s[name] = time.perf_counter() - t0
+        log.info("%s: setup %.1f s, warm-up %.1f s", name, setup_s[name], warm_up_s[name])
     names = [n for n in names if n not in skipped]
     results = Results(names)
     results.skipped = skipped
     results.setup_s.update(setup_s)
+    results.warm_up_s.update(warm_up_s)
     results.notes = {n: runners[n].note for n in names if runners[n].note}
-    for name in names:
-        runner = runners[name]
-        t0 = time.perf_counter()
-        for i in range(runner.warm_up_runs):
-            runner.generate(warm_ups[i % len(warm_ups)])
-        results.warm_up_s[name] = time.perf_counter() - t0
-        log.info("%s: setup %.1f s, warm-up %.1f s", name, results.setup_s[name], results.warm_up_s[name])
 
     with tqdm(total=len(prompts) * len(names), desc="bench", unit="gen", leave=False) as bar:
         for i, (q, ids) in enumerate(zip(questions, prompts, strict=True)):
             shift = i % len(names)
-            for name in names[shift:] + names[:shift]:
+            for name in [n for n in names[shift:] + names[:shift] if n in results.names]:
                 bar.set_postfix_str(f"{q['category']} {name}")
                 graphs = _graphs_compiled()
                 _synchronize(device)
                 t0 = time.perf_counter()
-                out = runners[name].generate(ids)
+                try:
+                    out = runners[name].generate(ids)
+                except Exception as e:  # noqa: BLE001 - as in warm-up: the other methods still get their table
+                    results.drop(name, _failure(name, f"on question {q['question_id']} ({q['category']})", e))
+                    failed_own |= registry[name].own
+                    bar.update(len(prompts) - i)
+                    continue
                 _synchronize(device)  # a method may return before its last kernels have run
                 seconds = time.perf_counter() - t0
                 compiled = _graphs_compiled() - graphs
@@ -209,12 +223,22 @@ def run_bench(args: argparse.Namespace, *, model=None, tokenizer=None, methods: 
                 bar.update()
 
     data = report(args, results, questions, prompts, model, tokenizer, cfg, prompts_path)
+    if failed_own:
+        data["json"]["exit_code"] = 1
     print(data["text"])
     if args.json:
         write(args.json, json.dumps(data["json"], indent=2) + "\n")
     if args.markdown:
         write(args.markdown, data["markdown"])
     return data["json"]["exit_code"]
+
+
+def _failure(name: str, where: str, e: Exception) -> str:
+    """Logs a method's failure (with its traceback) and returns the one line the report shows for it."""
+    if name == REFERENCE:
+        raise e
+    log.warning("dropping %s: it failed %s", name, where, exc_info=e)
+    return f"failed {where}: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
 
 
 def bench_device(spec: str) -> torch.device:

@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -53,6 +56,8 @@ def load_aoti_program(
         path = os.path.join(tmp, f"{name}.pt2")
         with open(path, "wb") as f:
             f.write(package)
+        if cuda:
+            check_loader(path, device)
         # The package is loaded into memory right away (kernels included, see the module docstring), so the
         # file can go with the directory.
         runner = torch._inductor.aoti_load_package(
@@ -65,6 +70,47 @@ def load_aoti_program(
     bound = {fqn: bind_on_device(constants[fqn], device, f"program '{name}': constant {fqn}") for fqn in needed}
     runner.load_constants(bound, check_full_update=True, user_managed=True)
     return AOTIProgram(runner, package, bound)
+
+
+#: What check_loader's child process runs: load the package as load_aoti_program does.
+_PROBE = (
+    "import sys, torch; "
+    "torch._inductor.aoti_load_package(sys.argv[1], run_single_threaded=True, device_index=int(sys.argv[2]))"
+)
+_probed: dict[str, str | None] = {}  # device -> None (the loader works) or why it does not
+
+
+def check_loader(path: str, device: torch.device) -> None:
+    """Load the package in a child process first, once per device and process: on some CUDA machines
+    AOTInductor's loader kills the process (SIGSEGV in AOTIModelPackageLoader with torch 2.11.0+cu130 on an
+    H200, 2026-11-27, for every package, a one-layer model with torch's default settings included), and a user's
+    process must get an error it can act on, not die."""
+    key = str(device)
+    if key not in _probed:
+        try:
+            done = subprocess.run(
+                [sys.executable, "-c", _PROBE, path, str(device.index if device.index is not None else -1)],
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
+        except subprocess.TimeoutExpired:
+            _probed[key] = "its loader did not return within 600 s"
+        else:
+            if done.returncode < 0:
+                name = signal.Signals(-done.returncode).name
+                _probed[key] = f"its loader crashed the process ({name})"
+            elif done.returncode:
+                last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+                _probed[key] = f"its loader failed: {last[:300]}"
+            else:
+                _probed[key] = None
+    if _probed[key] is not None:
+        raise SpecPassError(
+            f"AOTInductor cannot load programs on {device} here: {_probed[key]} (in a child process, torch "
+            f"{torch.__version__}). Compile with backend='eager' (`--backend eager`), which still replays CUDA "
+            "graphs, or use another torch build."
+        )
 
 
 def bind_on_device(t: torch.Tensor, device: torch.device, what: str) -> torch.Tensor:
