@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from specpass.cli_args import MODEL_HELP
 from specpass.errors import SpecPassError
 from specpass.lower import BACKENDS
 
@@ -28,8 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default="default",
-        help="'default' (SmolLM2-135M-Instruct), another bundled model ('gemma-3-270m'), a local model "
-        "directory, or a Hugging Face Hub id (default: %(default)s)",
+        help=f"{MODEL_HELP} (default: %(default)s)",
     )
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="the user message (default: %(default)r)")
     parser.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="(default: %(default)s)")

@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+from specpass.cli_args import MODEL_HELP
 from specpass.errors import SpecPassError
 
 
@@ -21,11 +22,7 @@ def add_compile_arguments(parser: argparse.ArgumentParser) -> None:
         "the weights once, the tokenizer and the speculation plan. By default the plan is the cached one "
         "for this model, or calibrated now (as specpass.optimize does)."
     )
-    parser.add_argument(
-        "model",
-        help="'default' (SmolLM2-135M-Instruct), another bundled model ('gemma-3-270m'), a local model directory "
-        "or a Hub id",
-    )
+    parser.add_argument("model", help=MODEL_HELP)
     parser.add_argument("-o", "--output", required=True, metavar="OUT.specpass", help="the engine file to write")
     parser.add_argument(
         "--backend",

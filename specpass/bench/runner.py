@@ -26,6 +26,7 @@ from specpass.bench.methods import (
     Runner,
 )
 from specpass.bench.report import report, write
+from specpass.cli_args import MODEL_HELP
 from specpass.errors import SpecPassError
 from specpass.lower import BACKENDS
 
@@ -49,8 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default="default",
-        help="'default' (SmolLM2-135M-Instruct), another bundled model ('gemma-3-270m'), a local model "
-        "directory, or a Hugging Face Hub id (default: %(default)s)",
+        help=f"{MODEL_HELP} (default: %(default)s)",
     )
     parser.add_argument(
         "--prompts",
@@ -200,8 +200,9 @@ def run_bench(args: argparse.Namespace, *, model=None, tokenizer=None, methods: 
 
     with tqdm(total=len(prompts) * len(names), desc="bench", unit="gen", leave=False) as bar:
         for i, (q, ids) in enumerate(zip(questions, prompts, strict=True)):
-            shift = i % len(names)
-            for name in [n for n in names[shift:] + names[:shift] if n in results.names]:
+            live = results.names  # a method that fails is dropped from it (Results.drop), not from this copy
+            shift = i % len(live)
+            for name in live[shift:] + live[:shift]:
                 bar.set_postfix_str(f"{q['category']} {name}")
                 graphs = _graphs_compiled()
                 _synchronize(device)
