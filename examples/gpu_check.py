@@ -74,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         "--plan", default=str(GPU_PLAN), metavar="PATH", help="SpecPlan for specpass, or auto (default: %(default)s)"
     )
     parser.add_argument("--threads", type=int, default=min(16, os.cpu_count() or 1), metavar="N")
-    parser.add_argument("--backend", default="inductor", choices=("inductor", "eager"), help="specpass's lowering")
+    parser.add_argument(
+        "--backend", default="inductor", choices=("inductor", "compile", "eager"), help="specpass's lowering"
+    )
     parser.add_argument("--skip-tests", action="store_true", help="benchmarks only")
     parser.add_argument("--tests-timeout", type=float, default=240, metavar="S", help="(default: %(default)s)")
     parser.add_argument("--llama-layers", type=int, default=16, metavar="N", help="0 skips the 1B model")

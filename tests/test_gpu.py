@@ -74,10 +74,11 @@ def test_inductor_on_cuda_greedy_equals_hf(plan):
     assert _graphed_buckets(sm) >= 2  # two mask widths at least (the second prompt crosses 64 slots)
 
 
+@pytest.mark.parametrize("backend", ["eager", "compile"])
 @pytest.mark.parametrize("plan", ["tree_eagle2", "del", "tree_fused"])
-def test_eager_graphs_on_cuda_greedy_equals_hf(plan):
+def test_graphs_on_cuda_greedy_equals_hf(plan, backend):
     model = _sharpened_cuda()
-    sm = specpass.optimize(model, speculate=True, plan=PLANS[plan], backend="eager", max_cache_len=128, progress=False)
+    sm = specpass.optimize(model, speculate=True, plan=PLANS[plan], backend=backend, max_cache_len=128, progress=False)
     assert _greedy_matches_hf(model, sm) == 0
     assert _graphed_buckets(sm) >= 2
 

@@ -93,6 +93,22 @@ def test_speculative_greedy_equals_hf(arch, plan):
         assert 1.0 <= stats.tau <= 1 + max(PLANS[plan].max_draft, PLANS[plan].lookup, PLANS[plan].tree_budget - 1)
 
 
+@pytest.mark.parametrize("plan", ["plain", "tree_eagle2", "del"])
+def test_compile_backend_greedy_equals_hf(plan):
+    """backend="compile" (torch.compile of every program): the prefill at two prompt lengths (the second one
+    compiled with a dynamic length), decode, verify and draft programs all generate what HF does."""
+    model = _sharpened("llama")
+    sm = specpass.optimize(
+        model, speculate=plan != "plain", plan=PLANS.get(plan), backend="compile", max_cache_len=96, progress=False
+    )
+    assert all(type(p).__name__ == "CompiledProgram" for p in sm.programs.values())
+    for seed, (plen, n) in enumerate([(5, 30), (12, 17), (40, 20)]):
+        ids = torch.randint(0, 128, (1, plen), generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(sm.generate(ids, max_new_tokens=n, eos_token_id=[]), _hf(model, ids, n)), seed
+    if plan != "plain":
+        assert sm.last_stats.tau > 1.0
+
+
 def test_lookup_drafts_a_repeating_continuation():
     """A model that repeats itself (sharpened random weights fall into a cycle) accepts context lookups."""
     model = _sharpened("llama")

@@ -1,4 +1,5 @@
-"""Lower rewritten GraphModules to callables: ``inductor`` (AOTInductor), ``eager`` (as they are) or ``tensorrt``."""
+"""Lower rewritten GraphModules to callables: ``inductor`` (AOTInductor), ``compile`` (torch.compile), ``eager`` (as
+they are) or ``tensorrt``."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 from specpass.errors import SpecPassError
 from specpass.lower.inductor import lower_inductor
 
-BACKENDS = ("inductor", "eager", "tensorrt")
+BACKENDS = ("inductor", "compile", "eager", "tensorrt")
 
 
 def lower(
@@ -28,6 +29,10 @@ def lower(
         return gm
     if backend == "inductor":
         return lower_inductor(gm, example_args, dynamic_shapes, name, pipeline)
+    if backend == "compile":
+        from specpass.lower.torch_compile import lower_torch_compile
+
+        return lower_torch_compile(gm, name)
     if backend == "tensorrt":
         from specpass.lower.tensorrt import lower_tensorrt
 
