@@ -26,6 +26,7 @@ from specpass.passes import (
     fold_gqa_heads,
     insert_early_exit,
     last_token_logits,
+    linear_operand_order,
     prune_lm_head,
     run_passes,
     skip_layers,
@@ -202,6 +203,69 @@ def test_fold_gqa_heads_matches_eager(tiny, arch):
         torch.testing.assert_close(logits, t.model(ids).logits, atol=1e-5, rtol=1e-5)
     for a, b in zip(ref_kv, kv, strict=True):  # bit-equal on torch 2.13; 2.11's CPU SDPA rounds one ulp apart
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------------
+# linear_operand_order
+# --------------------------------------------------------------------------------------------------------
+MM = torch.ops.aten.mm.default
+CAT = torch.ops.aten.cat.default
+
+
+def _weight_linears(gm) -> list[torch.fx.Node]:
+    return [n for n in gm.graph.nodes if n.target == LINEAR and n.args[1].op == "get_attr"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_linear_operand_order_op_counts(tiny, arch):
+    cg = tiny(arch).cg
+    linears = _weight_linears(cg.gm)
+    gm = run_passes(cg.gm, (linear_operand_order,), cg.structure)
+    before, after = op_counts(cg.gm), op_counts(gm)
+    # llama/qwen2: 7 linears a layer and the head; gpt2's layers are Conv1D (addmm), only its head is a linear
+    assert len(linears) == (1 if arch == "gpt2" else 7 * cg.spec.num_layers + 1)
+    assert after[LINEAR] == before[LINEAR] - len(linears) == 0
+    assert after[MM] == before[MM] + len(linears)
+    # one pad row per distinct input: q/k/v share one, gate/up another
+    assert after[CAT] == before[CAT] + len({n.args[0] for n in linears})
+    assert after[INDEX_COPY] == before[INDEX_COPY] and after[SDPA] == before[SDPA]
+    for mm in (n for n in gm.graph.nodes if n.target == MM and "specpass" in n.meta):
+        weight = mm.args[0]  # weight-stationary: the constant is the left operand
+        assert weight.op == "get_attr" and weight.meta["val"].dim() == 2
+        assert mm.meta["val"].shape[0] == weight.meta["val"].shape[0]
+        assert mm.meta["nn_module_stack"]  # the linear's module, kept for structure lookups
+    assert gm.meta["specpass"]["history"][-1]["n_matches"] == len(linears)
+    # The weights are the model's own tensors, not copies.
+    for name, p in cg.gm.named_parameters():
+        assert gm.get_parameter(name) is p
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("q", [1, 2, 5])
+def test_linear_operand_order_matches_eager(tiny, arch, q):
+    t = tiny(arch)
+    gm = run_passes(t.cg.gm, (linear_operand_order,), t.cg.structure)
+    ids = torch.randint(0, t.vocab, (1, q), generator=torch.Generator().manual_seed(q))
+    ref_logits, ref_kv = run_program(t.cg.gm, t.cg.spec, ids)
+    logits, kv = run_program(gm, t.cg.spec, ids)
+    assert logits.shape == ref_logits.shape == (1, q, t.vocab)
+    # The same dot products summed in another order inside the BLAS kernel: equal up to float rounding.
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(logits, t.model(ids).logits, atol=1e-5, rtol=1e-5)
+    for a, b in zip(ref_kv, kv, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_linear_operand_order_leaves_weights_off_the_cpu_alone(tiny):
+    cg = tiny("llama").cg
+    gm, node_map = clone_graph_module(cg.gm)
+    for node in _weight_linears(gm):  # as if the model lived on another device
+        w = node.args[1]
+        w.meta["val"] = torch.empty(tuple(w.meta["val"].shape), device="meta")
+    result = linear_operand_order(gm, remap(cg.structure, node_map), None)
+    assert not result.modified and result.n_matches == 0
+    assert normalize(gm) == normalize(cg.gm)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -512,11 +576,12 @@ def test_draft_passes_leave_the_target_path_bit_identical(tiny, arch):
 
 def test_draft_pipeline_keeps_only_the_configured_passes():
     names = lambda cfg: [p.__name__ for p in draft_pipeline(cfg)]  # noqa: E731
-    assert names(DraftConfig(exit_layer=3)) == ["fold_gqa_heads", "insert_early_exit"]
+    assert names(DraftConfig(exit_layer=3)) == ["fold_gqa_heads", "insert_early_exit", "linear_operand_order"]
     assert names(DraftConfig(skip_layers=(1,), vocab_ids=torch.arange(4))) == [
         "fold_gqa_heads",
         "skip_layers",
         "prune_lm_head",
+        "linear_operand_order",
     ]
 
 

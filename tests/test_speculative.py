@@ -260,6 +260,17 @@ def test_plan_json_round_trip_and_checks(tmp_path):
 QUICK = CalibrationSettings(new_tokens=12, train_seconds=1.0, timed_prompts=2, timed_tokens=8, finalists=1)
 
 
+def test_a_new_pass_pipeline_invalidates_cached_plans(monkeypatch):
+    from specpass.passes import PIPELINES
+    from specpass.tune.plan import model_hash
+
+    model = build_tiny_model("llama")
+    before = model_hash(model)
+    assert model_hash(model) == before
+    monkeypatch.setitem(PIPELINES, "decode", PIPELINES["decode"][:1])  # calibration would time other programs
+    assert model_hash(model) != before
+
+
 def test_auto_calibrates_once_then_uses_the_cached_plan(tmp_path, monkeypatch):
     from specpass.tune import calibrate as calibrate_module
     from specpass.tune import plan as plan_module

@@ -8,6 +8,7 @@ from specpass.passes.exit_predictions import exit_predictions
 from specpass.passes.fold_gqa_heads import fold_gqa_heads
 from specpass.passes.insert_early_exit import insert_early_exit
 from specpass.passes.last_token_logits import last_token_logits
+from specpass.passes.linear_operand_order import linear_operand_order
 from specpass.passes.manager import PassResult, clone_graph_module, run_passes
 from specpass.passes.prune_lm_head import prune_lm_head
 from specpass.passes.skip_layers import skip_layers
@@ -18,12 +19,14 @@ from specpass.passes.tree_verify import tree_verify
 #: speculative decoding. ``verify`` is decode's graph proven able to score a draft tree in one pass (it
 #: rewrites nothing, so the lowered decode program serves it). ``verify_exits`` is decode that also returns
 #: each DEL exit's token. ``draft`` and ``verify_exits`` passes take a DraftConfig (see draft_pipeline).
+#: ``linear_operand_order`` comes last wherever a program runs a few tokens per call (not in prefill): it rewrites
+#: every linear layer, those the passes before it added included.
 PIPELINES = {
     "prefill": (fold_gqa_heads, last_token_logits),
-    "decode": (fold_gqa_heads,),
-    "verify": (fold_gqa_heads, tree_verify),
-    "verify_exits": (fold_gqa_heads, exit_predictions),
-    "draft": (fold_gqa_heads, insert_early_exit, skip_layers, prune_lm_head),
+    "decode": (fold_gqa_heads, linear_operand_order),
+    "verify": (fold_gqa_heads, linear_operand_order, tree_verify),
+    "verify_exits": (fold_gqa_heads, exit_predictions, linear_operand_order),
+    "draft": (fold_gqa_heads, insert_early_exit, skip_layers, prune_lm_head, linear_operand_order),
 }
 
 #: the draft passes a DraftConfig can leave out (what it does not configure)
@@ -49,6 +52,7 @@ __all__ = [
     "fold_gqa_heads",
     "insert_early_exit",
     "last_token_logits",
+    "linear_operand_order",
     "prune_lm_head",
     "run_passes",
     "skip_layers",

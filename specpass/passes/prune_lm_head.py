@@ -49,7 +49,9 @@ def prune_lm_head(gm: torch.fx.GraphModule, structure, cfg) -> PassResult:
         new_args = [head.args[0], w]
         if bias is not None:
             gm.register_buffer("specpass_draft_head_bias", _attr(gm, bias.target).detach()[ids].contiguous())
-            new_args.append(gm.graph.get_attr("specpass_draft_head_bias"))
+            b = gm.graph.get_attr("specpass_draft_head_bias")
+            b.meta["val"] = gm.specpass_draft_head_bias
+            new_args.append(b)
         pruned = gm.graph.call_function(_LINEAR, tuple(new_args))
     for n in (w, pruned):
         tag(n, "prune_lm_head", head)

@@ -15,7 +15,7 @@ from torch import nn
 
 from specpass.cache import cache_root, write_atomic
 from specpass.errors import SpecPassError
-from specpass.passes import DraftConfig
+from specpass.passes import PIPELINES, DraftConfig
 from specpass.runtime.dynamic_exit import VERIFY_EXITS, draft_program_name
 from specpass.runtime.generate import DraftPolicy
 from specpass.tune.adapter import ExitAdapter
@@ -237,7 +237,8 @@ def _decode(entry: dict) -> torch.Tensor:
 # The on-disk cache
 # --------------------------------------------------------------------------------------------------------
 def model_hash(model: nn.Module) -> str:
-    """A hash of the model's config and every weight, plus what makes measured speeds comparable here."""
+    """A hash of the model's config and every weight, plus what makes measured speeds comparable here (the
+    machine, threads, device, and the pass pipelines: a new pass changes what calibration timed)."""
     h = hashlib.blake2b(digest_size=16)
     h.update(model.config.to_json_string(use_diff=False).encode())
     for name, p in sorted(model.state_dict().items()):
@@ -248,6 +249,7 @@ def model_hash(model: nn.Module) -> str:
     h.update(
         f"{PLAN_VERSION}|{platform.machine()}|{platform.processor()}|{torch.get_num_threads()}|{device.type}".encode()
     )
+    h.update(repr({name: [p.__name__ for p in passes] for name, passes in sorted(PIPELINES.items())}).encode())
     return h.hexdigest()
 
 
