@@ -1,4 +1,4 @@
-"""Compute each weight's linear layer as ``W @ x.T`` (weight-stationary), with at least two columns, on the CPU.
+"""Compute each weight's linear layer as ``W @ x.T`` (weight-stationary) with one extra zero column, on the CPU.
 
 No paper: a measurement of MKL on the 2-core AMD EPYC (Zen 4) of 2026-11-27 (docs/benchmarks.md, "The matrix
 products behind the verify cost"). ``linear(x, W)`` with x of q = 2 to 8 rows took MKL's path for a short, wide
@@ -10,8 +10,11 @@ all live in that range; prefill does not and keeps ``linear``.
 ``linear(x, W[, b])`` with ``x`` of shape (..., K) becomes::
 
     x2 = x.reshape(-1, K)                           # q rows
-    xp = cat([x2, zeros(1, K)])[:max(q, 2)]         # a zero row when q == 1
+    xp = cat([x2, zeros(1, K)])                     # q + 1 rows: one token is a matrix product, not a gemv
     y = mm(W, xp.T)[:, :q].T.reshape(..., N)        (+ b)
+
+(A symbolic ``max(q, 2)`` rows instead of ``q + 1`` miscompiled in AOTInductor: a one-token call failed with a
+size mismatch in attention.)
 
 Every output element is the same dot product of a row of W with a row of x, so the result differs from
 ``linear``'s at most by the order of the float additions inside the BLAS kernel (as any two kernels do); the
