@@ -10,12 +10,16 @@ from specpass.models import chat_ids, default_model
 from specpass.runtime.generate import RANK_DEPTHS
 
 
+def chat_prompts(tokenizer, num_prompts: int, device: torch.device | str = "cpu") -> list[torch.Tensor]:
+    """The first turns of ``num_prompts`` Spec-Bench dev questions, stratified by category, as chat ids."""
+    questions = stratified_sample(load_questions(resolve_prompts(None)), num_prompts)
+    return [chat_ids(tokenizer, q["turns"][0]).to(device) for q in questions]
+
+
 def compiled_default_model(num_prompts: int):
     """The default model compiled for plain decoding (plans are swapped in per setting) and its chat prompts."""
     model, tokenizer = default_model()
-    questions = stratified_sample(load_questions(resolve_prompts(None)), num_prompts)
-    prompts = [chat_ids(tokenizer, q["turns"][0]) for q in questions]
-    return specpass.optimize(model, speculate=False, max_cache_len=1024), prompts
+    return specpass.optimize(model, speculate=False, max_cache_len=1024), chat_prompts(tokenizer, num_prompts)
 
 
 def run(sm, prompts, plan, max_new_tokens: int):

@@ -16,11 +16,11 @@ import time
 from pathlib import Path
 
 import torch
+from _sweep import chat_prompts
 
 import specpass
-from specpass.bench.runner import load_questions, resolve_prompts, stratified_sample
 from specpass.lower import BACKENDS
-from specpass.models import chat_ids, default_model
+from specpass.models import default_model
 from specpass.tune.plan import SpecPlan
 
 GPU_PLAN = Path(__file__).resolve().parent / "plans" / "smollm2-gpu.json"
@@ -53,8 +53,7 @@ def main() -> None:
     model, tokenizer = default_model(progress=False)
     model = model.to(device).eval()
     eos = model.generation_config.eos_token_id
-    questions = stratified_sample(load_questions(resolve_prompts(None)), args.num_prompts)
-    prompts = [chat_ids(tokenizer, q["turns"][0]).to(device) for q in questions]
+    prompts = chat_prompts(tokenizer, args.num_prompts, device)
     with torch.no_grad():
         reference = [
             model.generate(

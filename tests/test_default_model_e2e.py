@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 N_PROMPTS = int(os.environ.get("SPECPASS_E2E_PROMPTS", "24"))
 PLAIN_EVERY = 4
 NEW_TOKENS = 128
-#: A shorter calibration than optimize()'s default (which takes about 20 minutes on 2 cores): fewer candidates
+#: A shorter calibration than optimize()'s default (6.5 minutes in the first demo on the 2-core EPYC): fewer candidates
 #: timed on fewer tokens. It runs the same code and its plan drafts through the same programs, which is what
 #: this test checks; how fast the default calibration's plan is, the benchmarks say (docs/benchmarks.md).
 QUICK = CalibrationSettings(
