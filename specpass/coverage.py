@@ -2,9 +2,10 @@
 
 For each ``model_type`` in transformers' ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` this builds a tiny random model
 (the architecture's default config, shrunk), greedy-decodes a few tokens with ``specpass.optimize(model,
-backend="eager")`` and with HF ``generate``, and classifies the architecture:
+backend="eager")`` (plainly, and with a forced lookup + early-exit plan) and with HF ``generate``, and classifies
+the architecture:
 
-- ``lossless``: the token ids are equal;
+- ``lossless``: the token ids are equal, decoding plainly and with forced speculation;
 - ``failed``: specpass refused the model with a ``SpecPassError`` (unsupported; the reason says why);
 - ``skipped``: transformers itself cannot build or run the tiny model (external deps, remote code, ...);
 - ``crash``: any other exception inside specpass, and ``mismatch``: different tokens without an error.
@@ -41,6 +42,9 @@ NEW_TOKENS = 4
 MAX_CACHE_LEN = 16
 SLIDING_WINDOW = 4  # < PROMPT_LEN + NEW_TOKENS, so the window changes the result
 TIMEOUT_S = 120.0
+#: the plan every architecture is also decoded with: context lookup, else an early exit after the first layer,
+#: drafting whatever it is unsure of too (threshold 0), so that verification both accepts and rejects
+FORCED_PLAN_FIELDS = dict(speculate=True, lookup=2, exit_layer=0, max_draft=3, threshold=0.0, adaptive=False)
 COMMAND = "specpass coverage"
 
 
@@ -335,7 +339,9 @@ def check_architecture(model_type: str) -> CoverageResult:
 
     from specpass.errors import SpecPassError
     from specpass.optimize import optimize
+    from specpass.tune.plan import SpecPlan
 
+    FORCED_PLAN = SpecPlan(**FORCED_PLAN_FIELDS)
     t0 = time.perf_counter()
 
     def result(status: str, reason: str = "") -> CoverageResult:
@@ -368,13 +374,19 @@ def check_architecture(model_type: str) -> CoverageResult:
     except Exception as e:  # noqa: BLE001 - HF's own greedy decode fails: nothing to compare against
         return result(SKIPPED, f"transformers' own generate fails on the tiny model: {_first_line(e)}")
     try:
-        spec_model = optimize(model, speculate=False, backend="eager", max_cache_len=MAX_CACHE_LEN)
-        got = spec_model.generate(prompt, max_new_tokens=NEW_TOKENS, eos_token_id=[], do_sample=False)
+        spec_model = optimize(model, plan=FORCED_PLAN, speculate=True, backend="eager", max_cache_len=MAX_CACHE_LEN)
+        got = spec_model.generate(prompt, max_new_tokens=NEW_TOKENS, eos_token_id=[], do_sample=False, speculate=False)
+        speculated = spec_model.generate(prompt, max_new_tokens=NEW_TOKENS, eos_token_id=[], do_sample=False)
     except SpecPassError as e:
         return result(FAILED, " ".join(str(e).split())[:400])
     except Exception as e:  # noqa: BLE001 - anything else escaping specpass is a bug: report it as a crash
         log.debug("crash on %s:\n%s", model_type, traceback.format_exc())
         return result(CRASH, _first_line(e))
+    if torch.equal(got, expected):
+        if not torch.equal(speculated, expected) and _tie_gap(model, expected, speculated) is None:
+            theirs, ours = expected[0, PROMPT_LEN:].tolist(), speculated[0, PROMPT_LEN:].tolist()
+            return result(MISMATCH, f"speculative decoding {ours} != HF {theirs} (plain decoding equals HF)")
+        got = speculated  # judged below like plain decoding: equal, or different only at a near-tie
     if got.shape == expected.shape and torch.equal(got, expected):
         return result(LOSSLESS)
     theirs, ours = expected[0, PROMPT_LEN:].tolist(), got[0, PROMPT_LEN:].tolist()
@@ -570,15 +582,14 @@ def _versions() -> str:
 _CAUSES = (
     (
         "unsupported attention layer types",
-        "layer types other than full/sliding softmax attention (linear, SSM, chunked, ...)",
+        "sparse attention over keys the runtime cache does not hold (indexed, compressed)",
     ),
-    ("different head dims", "keys and values of different head dims (multi-head latent attention)"),
-    ("different KV shapes", "layers with different KV shapes"),
     ("never reads position_ids", "positions derived from the cache length, not position_ids"),
     ("does not reproduce the model", "the captured graph computes something else than the model's forward"),
     ("is not causal", "not causal (bidirectional attention)"),
     ("writes no keys/values", "no KV-cache support"),
-    ("attention layers writing the KV cache", "layers that share or keep no KV"),
+    ("takes no past_key_values", "no KV-cache support"),
+    ("uses cache of its own", "a cache class of the model's own"),
     ("torch.export failed", "torch.export fails"),
     ("default config", "transformers cannot build its own default config"),
     ("own generate fails", "transformers' generate fails on the tiny model"),
@@ -604,9 +615,11 @@ def render_markdown(results: Sequence[CoverageResult], versions: str | None = No
         "Every `model_type` in transformers' `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES` is built as a tiny random-init",
         f"fp32 model (its default config shrunk to {N_LAYERS} layers, hidden size {HIDDEN}, vocabulary {VOCAB},",
         f"sliding window {SLIDING_WINDOW}), then {NEW_TOKENS} tokens are greedy-decoded after a {PROMPT_LEN}-token prompt",
-        'by `specpass.optimize(model, backend="eager")` and by HF `generate(do_sample=False)` (plain greedy on both',
-        "sides: the config's logits processors such as a forced EOS are switched off). Every capture also checks",
-        "itself against the model's own forward, so a refusal names the feature that is not supported.",
+        'by `specpass.optimize(model, backend="eager")`, once plainly and once with forced speculation (context',
+        "lookup of 2 tokens, else an early exit after layer 0 drafting 3 tokens at any confidence), and by HF",
+        "`generate(do_sample=False)` (plain greedy on both sides: the config's logits processors such as a forced",
+        "EOS are switched off). Every capture also checks itself against the model's own forward, so a refusal",
+        "names the feature that is not supported.",
         "",
         "- **lossless**: the same token ids.",
         "- **failed**: specpass refuses the model with a `SpecPassError`; the reason says why.",

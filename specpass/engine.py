@@ -35,14 +35,14 @@ from pathlib import Path
 import torch
 
 from specpass import signing
-from specpass.cache_spec import CacheSpec
+from specpass.cache_spec import CacheSpec, CacheTensor
 from specpass.errors import SpecPassError
 from specpass.runtime.model import CompiledLM
 
 log = logging.getLogger("specpass.engine")
 
 FORMAT = "specpass-engine"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the cache as a list of tensors (per-layer K/V shapes); 1 is still read
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 RECYCLED = "recycled.safetensors"
@@ -61,6 +61,11 @@ def write_engine(sm, path: str | os.PathLike[str], *, tokenizer=None, sign_key=N
     from specpass.version import __version__
 
     path = Path(path)
+    if sm.spec.has_state:
+        raise SpecPassError(
+            "engine files of models with recurrent state (linear attention, state-space layers) are not supported "
+            "yet: their programs are built per number of tokens when first needed; use specpass.optimize(model)"
+        )
     not_aoti = [name for name, p in sm.programs.items() if not isinstance(p, AOTIProgram)]
     if not_aoti:
         raise SpecPassError(
@@ -159,24 +164,43 @@ def write_engine(sm, path: str | os.PathLike[str], *, tokenizer=None, sign_key=N
 def _spec_to_json(spec: CacheSpec) -> dict:
     return {
         "num_layers": spec.num_layers,
-        "num_kv_heads": spec.num_kv_heads,
-        "head_dim": spec.head_dim,
         "max_cache_len": spec.max_cache_len,
         "dtype": str(spec.dtype).removeprefix("torch."),
         "mask_kinds": list(spec.mask_kinds),
         "sliding_window": spec.sliding_window,
+        "chunk_size": spec.chunk_size,
+        "tensors": [
+            {"layer": t.layer, "kind": t.kind, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+            | ({"index": t.index} if t.index else {})
+            for t in spec.tensors
+        ],
     }
 
 
 def _spec_from_json(data: dict) -> CacheSpec:
+    dtype = getattr(torch, data["dtype"])
+    if "tensors" not in data:  # format 1: one K/V shape for every layer
+        return CacheSpec.uniform(
+            data["num_layers"],
+            data["num_kv_heads"],
+            data["head_dim"],
+            data["max_cache_len"],
+            dtype,
+            tuple(data["mask_kinds"]),
+            data["sliding_window"],
+        )
+    tensors = tuple(
+        CacheTensor(t["layer"], t["kind"], tuple(t["shape"]), getattr(torch, t["dtype"]), t.get("index", 0))
+        for t in data["tensors"]
+    )
     return CacheSpec(
         num_layers=data["num_layers"],
-        num_kv_heads=data["num_kv_heads"],
-        head_dim=data["head_dim"],
         max_cache_len=data["max_cache_len"],
-        dtype=getattr(torch, data["dtype"]),
+        dtype=dtype,
         mask_kinds=tuple(data["mask_kinds"]),
         sliding_window=data["sliding_window"],
+        tensors=tensors,
+        chunk_size=data.get("chunk_size"),
     )
 
 

@@ -199,6 +199,23 @@ def add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ops", type=int, default=8, metavar="N", help="most frequent ops shown per program")
 
 
+def _describe_cache(cache: dict) -> str:
+    """'1024 tokens, 30 layers: K/V 3 x 64 (30), fp32' from a manifest's cache entry (either format)."""
+    if "tensors" not in cache:  # format 1
+        return (
+            f"{cache['max_cache_len']} tokens, {cache['num_layers']} layers x {cache['num_kv_heads']} KV heads "
+            f"x {cache['head_dim']}, {cache['dtype']}"
+        )
+    shapes: dict[str, int] = {}
+    for t in cache["tensors"]:
+        if t["kind"] != "v":
+            what = "K/V " if t["kind"] == "k" else f"{t['kind']} "
+            key = what + " x ".join(map(str, t["shape"]))
+            shapes[key] = shapes.get(key, 0) + 1
+    layout = ", ".join(f"{k} ({n})" for k, n in shapes.items())
+    return f"{cache['max_cache_len']} tokens, {cache['num_layers']} layers: {layout}, {cache['dtype']}"
+
+
 def run_inspect(args: argparse.Namespace) -> int:
     from specpass.engine import read_manifest, read_signer
 
@@ -213,11 +230,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     print(f"model       {m['model']['class']} {m['model']['name_or_path']}".rstrip())
     layers, hidden = config.get("num_hidden_layers", "?"), config.get("hidden_size", "?")
     print(f"            {layers} layers, hidden {hidden}, vocab {m['vocab_size']}")
-    cache = m["cache"]
-    print(
-        f"cache       {cache['max_cache_len']} tokens, {cache['num_layers']} layers x {cache['num_kv_heads']} KV heads "
-        f"x {cache['head_dim']}, {cache['dtype']}"
-    )
+    print(f"cache       {_describe_cache(m['cache'])}")
     plan = m["plan"]
     if plan is None:
         print("plan        none (plain decoding)")

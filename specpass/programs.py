@@ -16,8 +16,10 @@ from specpass.errors import SpecPassError
 from specpass.graph_text import summary
 from specpass.lower import lower
 from specpass.passes import PIPELINES, DraftConfig, draft_pipeline, run_passes
+from specpass.runtime.cuda_graphs import waits_on_host
 from specpass.runtime.dynamic_exit import VERIFY_EXITS, draft_program_name
 from specpass.runtime.model import CompiledLM
+from specpass.runtime.pieces import PiecewiseProgram
 
 log = logging.getLogger("specpass")
 
@@ -55,17 +57,8 @@ def compile_plain(
         raise SpecPassError(f"cuda_graphs=True needs a model on a CUDA device; this one is on {device}")
     programs, summaries = {}, {}
     for name in tqdm(("prefill", "decode"), desc=f"specpass: compiling ({backend})", disable=not progress):
-        gm = run_passes(captured.gm, PIPELINES[name], captured.structure)
-        summaries[name] = summary(gm)
         # decode takes any number of tokens: one in plain decoding, the verified chain in speculation.
-        programs[name] = lower(
-            gm,
-            backend,
-            name=name,
-            example_args=example_inputs(captured.spec, q=2, device=device),
-            dynamic_shapes=program_dynamic_shapes(captured.spec, dynamic_q=True, rewritten=True),
-            pipeline=PIPELINES[name],
-        )
+        programs[name], summaries[name] = build_program(captured, name, PIPELINES[name], backend, dynamic_q=True)
     sm = SpecModel(model, captured, programs, backend, time.perf_counter() - t0)
     sm.summaries = summaries
     if cuda_graphs is not None:
@@ -73,8 +66,56 @@ def compile_plain(
     return sm
 
 
+def build_program(
+    captured: CapturedGraph,
+    name: str,
+    pipeline: tuple,
+    backend: str,
+    cfg: DraftConfig | None = None,
+    *,
+    dynamic_q: bool,
+) -> tuple:
+    """Run ``pipeline`` on the captured graph and lower the result: (the program, its graph summary).
+
+    ``dynamic_q``: the program takes any number of tokens per call, else one. A model captured per query
+    length (recurrent state, see capture.py) gets a PiecewiseProgram whose pieces are built when first needed.
+    """
+    spec = captured.spec
+    device = next(captured.gm.parameters()).device
+
+    def build(graph: CapturedGraph, q: int | None):
+        gm = run_passes(graph.gm, pipeline, graph.structure, cfg)
+        program = lower(
+            gm,
+            backend,
+            name=name if q is None else f"{name}_q{q}",
+            example_args=example_inputs(spec, q=q or (2 if dynamic_q else 1), device=device),
+            dynamic_shapes=program_dynamic_shapes(spec, dynamic_q=dynamic_q and q is None, rewritten=True),
+            pipeline=pipeline,
+        )
+        if waits_on_host(gm):
+            program.waits_on_host = True  # CompiledLM runs it without CUDA graphs
+        return program, summary(gm)
+
+    if captured.query_len is None:
+        return build(captured, None)
+    one, one_summary = build(captured.at(1), 1)
+    pieces = PiecewiseProgram(
+        lambda q: build(captured.at(q), q)[0], len(spec.mask_kinds), captured.max_query_len if dynamic_q else 1
+    )
+    pieces.programs[1] = one
+    pieces.waits_on_host = getattr(one, "waits_on_host", False)
+    return pieces, one_summary
+
+
 def check_tree_verify(sm: SpecModel) -> None:
     """Raise SpecPassError unless the decode program can verify draft trees (passes/tree_verify.py)."""
+    if sm.spec.has_state:
+        raise SpecPassError(
+            "draft trees are not supported for models with recurrent state (linear attention, state-space "
+            "layers): such a layer reads its tokens in sequence, so each branch of a tree would need a state of "
+            "its own; chains (lookup, early exit, layer skipping) are"
+        )
     if "verify" not in sm.summaries:
         gm = run_passes(sm.captured.gm, PIPELINES["verify"], sm.captured.structure)
         sm.summaries["verify"] = summary(gm)
@@ -117,16 +158,8 @@ def _build_del_programs(sm: SpecModel, plan, device) -> None:
 
 def _add_program(sm: SpecModel, name: str, pipeline: tuple, cfg: DraftConfig, *, dynamic_q: bool) -> None:
     """Run ``pipeline`` on the captured graph and lower the result as ``sm.programs[name]``."""
-    spec, device = sm.captured.spec, next(sm.model.parameters()).device
-    gm = run_passes(sm.captured.gm, pipeline, sm.captured.structure, cfg)
-    sm.summaries[name] = summary(gm)
-    sm.programs[name] = lower(
-        gm,
-        sm.backend,
-        name=name,
-        example_args=example_inputs(spec, q=2 if dynamic_q else 1, device=device),
-        dynamic_shapes=program_dynamic_shapes(spec, dynamic_q=dynamic_q, rewritten=True),
-        pipeline=pipeline,
+    sm.programs[name], sm.summaries[name] = build_program(
+        sm.captured, name, pipeline, sm.backend, cfg, dynamic_q=dynamic_q
     )
 
 

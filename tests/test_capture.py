@@ -17,8 +17,9 @@ from torch import nn
 import specpass
 from specpass import SpecPassError
 from specpass.capture import FULL, SLIDING, input_names
-from specpass.runtime.generate import _step
+from specpass.runtime.generate import _run, _run_tree, _step
 from specpass.runtime.kv_cache import KVCache
+from specpass.runtime.tree import DraftTree
 
 VOCAB = 128
 HIDDEN = 64
@@ -241,7 +242,7 @@ def test_structure(optimized, name):
 def test_inputs_have_readable_names(optimized, name):
     cg = optimized(name)[1].captured
     names = [n.name for n in cg.gm.graph.nodes if n.op == "placeholder"]
-    assert names == input_names(cg.spec.mask_kinds, cg.spec.num_layers)
+    assert names == input_names(cg.spec)
     assert names[:3] == ["input_ids", "position_ids", "cache_position"]
     assert names[-4:] == ["k_0", "v_0", "k_1", "v_1"]
     assert [n.name for n in cg.structure.masks] == [f"mask_{k}" for k in cg.spec.mask_kinds]
@@ -343,38 +344,82 @@ def test_missing_decoder_layers_are_named():
 def test_model_without_kv_cache_is_refused():
     config = tf.OpenAIGPTConfig(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=2, n_head=4, n_positions=64)
     model = tf.OpenAIGPTLMHeadModel(config).eval()
-    with pytest.raises(SpecPassError, match="writes no keys/values to the KV cache"):
+    with pytest.raises(SpecPassError, match="takes no past_key_values"):
         specpass.capture(model, max_cache_len=16)
 
 
-def test_positions_from_cache_length_are_refused():
-    # BART's decoder ignores position_ids and counts positions from the cache length: the capture-time check
-    # against the model's own forward catches it, rather than generate() silently diverging.
+def test_positions_from_cache_length_follow_position_ids():
+    # BART's decoder ignores position_ids and counts positions from the cache length; during capture its position
+    # table reads the program's position_ids instead (specpass/position_adapters.py), so a draft tree's nodes get
+    # their depth's position, not their slot's: a sibling at slot 4, position 3 computes what the same token at
+    # slot 3, position 3 computes in a chain.
     config = tf.BartConfig(
         vocab_size=VOCAB, d_model=HIDDEN, decoder_layers=2, decoder_attention_heads=4, decoder_ffn_dim=128,
         encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=128, max_position_embeddings=64,
     )  # fmt: skip
     torch.manual_seed(0)
     model = tf.BartForCausalLM(config).eval()
+    cg = specpass.capture(model, max_cache_len=16)  # validated against the model's own forward
+    gm, spec = cg.gm, cg.spec
+    ids = _ids(5)
+    logits = {}
+    for name, ancestors in (("chain", [[True, True], [False, True]]), ("tree", [[True, False], [False, True]])):
+        cache = KVCache(spec)
+        gm(ids[:, :3], torch.arange(3)[None], torch.arange(3), *cache.chain_masks(3), *cache.tensors)
+        cache.commit(3)
+        depth = torch.tensor([0, 1] if name == "chain" else [0, 0])
+        masks = cache.tree_masks(torch.tensor(ancestors), depth)
+        logits[name] = gm(ids[:, 3:5], (3 + depth)[None], torch.arange(3, 5), *masks, *cache.tensors)
+    # the chain's second token sits at position 4, the tree's sibling at position 3: different positions...
+    assert not torch.allclose(logits["chain"][:, 1], logits["tree"][:, 1], atol=1e-4)
+    # ...and the sibling equals a chain of the context and that token alone
+    cache = KVCache(spec)
+    chain = gm(ids[:, [0, 1, 2, 4]], torch.arange(4)[None], torch.arange(4), *cache.chain_masks(4), *cache.tensors)
+    torch.testing.assert_close(logits["tree"][:, 1], chain[:, 3], rtol=1e-4, atol=1e-5)
+
+
+def test_positions_from_cache_length_are_refused():
+    # TrOCR's sinusoidal table counts positions from the cache length and the padding tokens, which no adapter
+    # reproduces: the capture-time check against the model's own forward catches it, rather than generate()
+    # silently diverging.
+    config = tf.TrOCRConfig(
+        vocab_size=VOCAB, d_model=HIDDEN, decoder_layers=2, decoder_attention_heads=4, decoder_ffn_dim=128,
+        max_position_embeddings=64, use_learned_position_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = tf.TrOCRForCausalLM(config).eval()
     with pytest.raises(SpecPassError, match=r"does not reproduce the model.*never reads position_ids"):
         specpass.capture(model, max_cache_len=16)
 
 
-def test_alibi_from_2d_mask_is_refused_with_its_location():
+def test_bloom_alibi_counts_positions_from_the_mask():
+    # BLOOM builds ALiBi from a 2D mask; capture builds it from each query's row of the 4D mask instead, which
+    # gives a key its position even where slot and position differ: node 3 below is expanded by a second call
+    # and sees node 2, written by the first call at slot length + 2 but at position length + 1.
     config = tf.BloomConfig(vocab_size=VOCAB, hidden_size=HIDDEN, n_layer=2, n_head=4)
+    torch.manual_seed(0)
     model = tf.BloomForCausalLM(config).eval()
-    with pytest.raises(SpecPassError, match=r"torch.export failed: .*modeling_bloom.py:\d+ in build_alibi_tensor"):
-        specpass.capture(model, max_cache_len=16)
+    captured = specpass.capture(model, max_cache_len=16)
+    prefix = _ids(6)[0].tolist()
+    cache = KVCache(captured.spec)
+    tree = DraftTree(prefix[-1], budget=4, max_depth=3)
+    tree.add(0, 11)
+    tree.add(0, 22)
+    with torch.no_grad():
+        _run(captured.gm, cache, torch.tensor([prefix[:-1]]))
+        cache.commit(len(prefix) - 1)
+        _run_tree(captured.gm, cache, tree)
+        tree.add(2, 33)
+        got = _run_tree(captured.gm, cache, tree, first=3)[0, 0]
+        want = model(torch.tensor([prefix + [22, 33]])).logits[0, -1]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 def test_unsupported_layer_types_are_refused():
-    config = tf.Qwen3NextConfig(
-        **_LLAMA_LIKE, head_dim=16, layer_types=["linear_attention", "full_attention"], num_experts=4,
-        num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32,
-        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
-    )  # fmt: skip
-    model = tf.Qwen3NextForCausalLM(config).eval()
-    with pytest.raises(SpecPassError, match=r"unsupported attention layer types \['linear_attention'\]"):
+    from specpass.coverage import build_tiny_model
+
+    model = build_tiny_model("deepseek_v32")
+    with pytest.raises(SpecPassError, match=r"unsupported attention layer types \['indexed_attention'\]: DeepSeek"):
         specpass.capture(model, max_cache_len=16)
 
 

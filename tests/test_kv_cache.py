@@ -132,7 +132,7 @@ def test_cache_operations_match_recomputation(tiny, arch, data):
 # Bookkeeping and error paths (no model)
 # --------------------------------------------------------------------------------------------------------
 def small_cache(capacity: int = 8, kinds=(FULL,), window=None) -> KVCache:
-    spec = CacheSpec(1, 1, 2, capacity, torch.float32, kinds, window)
+    spec = CacheSpec.uniform(1, 1, 2, capacity, torch.float32, kinds, window)
     cache = KVCache(spec)
     for i, t in enumerate(cache.tensors):  # slot s of tensor i holds 100 * i + s
         t.copy_((100 * i + torch.arange(t.shape[2], dtype=t.dtype))[None, None, :, None].expand_as(t))

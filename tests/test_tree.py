@@ -1,5 +1,5 @@
-"""Draft trees: one verify pass over a token tree scores every branch as if it ran alone, on six
-architectures (one with a sliding window the tree crosses); the accepted path's K/V is compacted into the
+"""Draft trees: one verify pass over a token tree scores every branch as if it ran alone, on eight
+architectures (two with a sliding window the tree crosses, one with ALiBi); the accepted path's K/V is compacted into the
 committed cache; Sequoia's tree search; the recycled-token table; greedy and sampled tree decoding."""
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ from specpass.runtime.tree import DraftTree, accept_tree
 from specpass.tune.plan import SpecPlan
 from specpass.tune.tree_shape import best_tree
 
-#: six architectures; mistral's tiny config has a sliding window of SLIDING_WINDOW tokens, and the prompts
-#: below are longer than it, so the tree's masks must apply the window by depth, not by slot
-TREE_ARCHS = ["llama", "mistral", "qwen3", "gemma", "gpt2", "gpt_neox"]
+#: eight architectures; mistral's and gpt_neo's (local layers) tiny configs have a sliding window of
+#: SLIDING_WINDOW tokens, and the prompts below are longer than it, so the tree's masks must apply the window by
+#: depth, not by slot; bloom's ALiBi bias must count positions by depth too
+TREE_ARCHS = ["llama", "mistral", "qwen3", "gemma", "gpt2", "gpt_neox", "bloom", "gpt_neo"]
 CAPACITY = 32
 
 
@@ -102,7 +103,7 @@ def test_draft_tree_merges_prefixes_and_keeps_limits():
 
 
 def test_tree_masks_by_depth_and_window():
-    cache = KVCache(CacheSpec(1, 1, 2, 16, torch.float32, (FULL, SLIDING), 3))
+    cache = KVCache(CacheSpec.uniform(1, 1, 2, 16, torch.float32, (FULL, SLIDING), 3))
     cache.commit(4)
     tree = DraftTree(0, budget=8, max_depth=4)
     tree.add(0, 9)  # node 1: a sibling of node 2
@@ -139,7 +140,7 @@ BIGRAMS = {0: {1: 0.5, 2: 0.3, 3: 0.2}, 1: {4: 0.6, 5: 0.4}, 2: {4: 0.9, 5: 0.1}
 
 
 def test_eagle2_tree_expands_the_most_confident_and_reranks():
-    cache = KVCache(CacheSpec(1, 1, 2, 16, torch.float32, (FULL,), None))
+    cache = KVCache(CacheSpec.uniform(1, 1, 2, 16, torch.float32, (FULL,), None))
     cache.commit(3)
     draft = _BigramDraft(BIGRAMS, vocab=6)
     tree = DraftTree(0, budget=6, max_depth=8)
@@ -161,7 +162,7 @@ def test_eagle2_tree_expands_the_most_confident_and_reranks():
 
 
 def test_eagle2_tree_stops_below_the_threshold_and_k1_is_a_chain():
-    cache = KVCache(CacheSpec(1, 1, 2, 16, torch.float32, (FULL,), None))
+    cache = KVCache(CacheSpec.uniform(1, 1, 2, 16, torch.float32, (FULL,), None))
     draft = _BigramDraft(BIGRAMS, vocab=6)
     tree = DraftTree(0, budget=8, max_depth=8)
     generate_module._draft_tree(draft, cache, tree, 3, generate_module.DraftPolicy(draft_topk=2, threshold=0.35))

@@ -26,7 +26,7 @@ def lower(
 
     ``pipeline``: the passes that rewrote ``gm`` (part of the program cache's key)."""
     if backend == "eager":
-        return gm
+        return _eager_layouts(gm)
     if backend == "inductor":
         return lower_inductor(gm, example_args, dynamic_shapes, name, pipeline)
     if backend == "compile":
@@ -38,6 +38,27 @@ def lower(
 
         return lower_tensorrt(gm, example_args, dynamic_shapes, name)
     raise SpecPassError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def _eager_layouts(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Make a graph run eagerly whatever layout its kernels return: ``aten.view`` runs as ``aten.reshape`` (a
+    view where the strides allow, else a copy) and ``view_as_complex`` gets a contiguous input.
+
+    Export records a view where the fake tensors' strides allowed one, but eager kernels may return other
+    layouts than their fake counterparts (CPU SDPA with some masks and query lengths), and passes may leave a
+    transposed result (linear_operand_order); the compiled backends plan their own layouts.
+    """
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target == torch.ops.aten.view.default:
+            node.target = torch.ops.aten.reshape.default
+        elif node.target == torch.ops.aten.view_as_complex.default:
+            with gm.graph.inserting_before(node):
+                dense = gm.graph.call_function(torch.ops.aten.contiguous.default, (node.args[0],))
+            node.replace_input_with(node.args[0], dense)
+    gm.recompile()
+    return gm
 
 
 __all__ = ["BACKENDS", "lower"]

@@ -60,6 +60,7 @@ def fold_gqa_heads(gm: torch.fx.GraphModule, structure, cfg=None) -> PassResult:
         if not all(isinstance(x, int) for x in (batch, heads, dim)):
             continue
         kv_heads = heads // g
+        v_dim = v_src.meta["val"].shape[-1]  # multi-head latent attention: V's head dim is not Q's
         with graph.inserting_before(sdpa):
             q2 = graph.call_function(aten.reshape.default, (query, [batch, kv_heads, -1, dim]))
             m_unsq = graph.call_function(aten.unsqueeze.default, (mask, 2))
@@ -67,13 +68,13 @@ def fold_gqa_heads(gm: torch.fx.GraphModule, structure, cfg=None) -> PassResult:
             m2 = graph.call_function(aten.flatten.using_ints, (m_exp, 2, 3))
             kwargs = {k_: v_ for k_, v_ in sdpa.kwargs.items() if k_ != "attn_mask"}
             out2 = graph.call_function(_SDPA, (q2, k_src, v_src, m2, *sdpa.args[4:]), kwargs)
-            out = graph.call_function(aten.reshape.default, (out2, [batch, heads, -1, dim]))
+            out = graph.call_function(aten.reshape.default, (out2, [batch, heads, -1, v_dim]))
         # Shapes for meta["val"]: run the new ops on the fake values of their inputs.
         q2.meta["val"] = q_val.reshape(batch, kv_heads, -1, dim)
         m_unsq.meta["val"] = mask_val.unsqueeze(2)
         m_exp.meta["val"] = m_unsq.meta["val"].expand(-1, -1, g, -1, -1)
         m2.meta["val"] = m_exp.meta["val"].flatten(2, 3)
-        out2.meta["val"] = q2.meta["val"].new_empty(q2.meta["val"].shape)
+        out2.meta["val"] = q2.meta["val"].new_empty((*q2.meta["val"].shape[:3], v_dim))
         out.meta["val"] = sdpa.meta["val"]
         for new in (q2, m_unsq, m_exp, m2, out2, out):
             tag(new, "fold_gqa_heads", sdpa)

@@ -66,7 +66,9 @@ def _zero_sublayer(gm, layer, nodes, kind: str, layer_input: torch.fx.Node) -> N
             if path.startswith(prefix):
                 children.setdefault(prefix + path[len(prefix) :].split(".")[0], []).append(node)
                 break
-    attention_child = next((c for c, ns in children.items() if layer.attention[0] in ns), None)
+    # A linear-attention or state-space layer has no attention node: its mixer is skipped whole (skip_layers),
+    # not as an attention sublayer.
+    attention_child = next((c for c, ns in children.items() if layer.attention and layer.attention[0] in ns), None)
     if kind == "attention":
         child = attention_child
     else:

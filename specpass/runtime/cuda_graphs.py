@@ -22,6 +22,8 @@ from collections.abc import Callable
 
 import torch
 
+from specpass.errors import SpecPassError
+
 
 @dataclasses.dataclass
 class _Bucket:
@@ -76,8 +78,15 @@ class GraphedProgram:
             self.program(*call)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            outputs = self.program(*call)
+        try:
+            with torch.cuda.graph(graph, pool=self.pool):
+                outputs = self.program(*call)
+        except RuntimeError as e:  # e.g. a copy between host and device inside the program
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise SpecPassError(
+                f"a program of this model cannot be captured as a CUDA graph ({first}); "
+                "pass cuda_graphs=False to specpass.optimize()"
+            ) from e
         return _Bucket(inputs, outputs, graph.replay)
 
     def _emulate(self, inputs: list[torch.Tensor], call: tuple) -> _Bucket:
@@ -93,6 +102,14 @@ class GraphedProgram:
                 outputs.copy_(result)
 
         return _Bucket(inputs, outputs, replay)
+
+
+def waits_on_host(gm: torch.fx.GraphModule) -> bool:
+    """Whether a graph sizes tensors by their data (nonzero(), .item(): MoE routing that gathers each expert's
+    tokens): the host must wait for the GPU there, which a CUDA graph cannot capture."""
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+    return any(free_unbacked_symbols(node.meta.get("val")) for node in gm.graph.nodes if node.op == "call_function")
 
 
 def graph_pool(device: torch.device):

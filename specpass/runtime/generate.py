@@ -7,6 +7,10 @@ Reads in one sitting on purpose (gpt-fast): the programs are plain callables wit
 Speculation writes no scratch copies: the draft writes its K/V at the slots after the committed prefix, and
 verification rewrites the same slots with the target's K/V for the same tokens. Acceptance commits the
 verified prefix; whatever lies beyond it is stale, masked out and overwritten by the next step.
+
+Recurrent state (linear-attention and state-space layers) has no slots to leave stale: a round checkpoints it,
+the verify pass starts from the checkpoint (the draft program has moved it), and when verification rejects a
+suffix the state goes back to the checkpoint and the accepted tokens are run again.
 """
 
 from __future__ import annotations
@@ -275,6 +279,8 @@ def speculative_generate(
             # Draft: a context match if there is one, else up to max_draft draft-program tokens (DEL: the
             # chosen exit's program and length), fewer when the draft is unsure; never past the request's end.
             t0 = time.perf_counter()
+            if cache.has_state:
+                cache.checkpoint()
             room = stop.max_new_tokens - len(new) - 1
             draft_ids, draft_probs = [], []
             if index is not None:
@@ -288,6 +294,8 @@ def speculative_generate(
                 stats.exit_rounds[exit_layer] = stats.exit_rounds.get(exit_layer, 0) + 1
             if budget:
                 draft_ids, draft_probs = _draft_chain(draft, cache, last, budget, threshold, sampling, generator)
+                if cache.has_state:
+                    cache.restore()
             t1 = time.perf_counter()
             stats.draft_s += t1 - t0
 
@@ -308,7 +316,7 @@ def speculative_generate(
                 n, bonus = sample_accept(proposed, q, p, generator)
             else:
                 n, bonus = greedy_accept(draft_ids, target)
-            cache.commit(1 + n)
+            _commit_verified(programs["decode"], cache, ids, 1 + n)
             stats.verify_s += time.perf_counter() - t1
             stats.steps += 1
             for i in range(len(draft_ids)):
@@ -324,6 +332,16 @@ def speculative_generate(
                 threshold = min(max(threshold, 0.0), 1.0)
         stats.decode_s = time.perf_counter() - t_start
     return _finish(input_ids, new, stats, streamer)
+
+
+def _commit_verified(program: Program, cache: KVCache, ids: torch.Tensor, n: int) -> None:
+    """Commit the first ``n`` of the verified ``ids``. K/V past them is stale and masked; recurrent state has
+    taken in every verified token, so unless all are kept it returns to the round's checkpoint and reads the
+    ``n`` accepted ones again."""
+    if cache.has_state and n < ids.shape[1]:
+        cache.restore()
+        _run(program, cache, ids[:, :n])
+    cache.commit(n)
 
 
 def _draft_chain(

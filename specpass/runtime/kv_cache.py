@@ -8,6 +8,11 @@ position i, so a chain step writes at slots ``length .. length+q-1`` and its mas
   overwritten by the next write, so rollback costs nothing.
 - compact(slots): a draft tree writes its nodes to scratch slots after the committed prefix; once a path is
   accepted, its nodes' K/V are copied into the contiguous run that continues the prefix.
+
+Recurrent state (the conv and SSM/linear-attention state of hybrid and state-space layers) has no slots: every
+call reads it and overwrites it with the state after its tokens. Rolling it back therefore needs a copy:
+``checkpoint()`` before a speculative round, ``restore()`` to return to it (runtime/generate.py re-runs the
+accepted tokens from there).
 """
 
 from __future__ import annotations
@@ -16,17 +21,21 @@ from collections.abc import Sequence
 
 import torch
 
-from specpass.cache_spec import SLIDING, CacheSpec
+from specpass.cache_spec import CHUNKED, SLIDING, CacheSpec
 from specpass.errors import SpecPassError
 
 
 class KVCache:
-    """Preallocated K/V for every layer plus the committed length."""
+    """Preallocated K/V for every attention layer, recurrent state for the others, and the committed length."""
 
     def __init__(self, spec: CacheSpec, *, batch: int = 1, device: torch.device | str | None = None):
         self.spec = spec
-        shape = (batch, spec.num_kv_heads, spec.buffer_len, spec.head_dim)
-        self.tensors = [torch.zeros(shape, dtype=spec.dtype, device=device) for _ in range(2 * spec.num_layers)]
+        self.tensors = [
+            torch.zeros(t.buffer_shape(batch, spec.buffer_len), dtype=t.dtype, device=device) for t in spec.tensors
+        ]
+        self._kv = [x for x, t in zip(self.tensors, spec.tensors, strict=True) if t.is_kv]
+        self._state = [x for x, t in zip(self.tensors, spec.tensors, strict=True) if not t.is_kv]
+        self._saved: list[torch.Tensor] | None = None
         self.length = 0
         self.device = self.tensors[0].device
         self._slots = torch.arange(spec.max_cache_len, device=self.device)
@@ -36,8 +45,29 @@ class KVCache:
     def capacity(self) -> int:
         return self.spec.max_cache_len
 
+    @property
+    def has_state(self) -> bool:
+        return bool(self._state)
+
     def reset(self) -> None:
         self.length = 0
+        for t in self._state:  # a sequence starts from zero state (stale K/V is masked instead)
+            t.zero_()
+
+    def checkpoint(self) -> None:
+        """Remember the recurrent state (after the committed prefix) for ``restore``."""
+        if self._saved is None:
+            self._saved = [t.clone() for t in self._state]
+        else:
+            for saved, t in zip(self._saved, self._state, strict=True):
+                saved.copy_(t)
+
+    def restore(self) -> None:
+        """Put back the recurrent state of the last ``checkpoint``."""
+        if self._saved is None:
+            raise ValueError("restore() without a checkpoint()")
+        for saved, t in zip(self._saved, self._state, strict=True):
+            t.copy_(saved)
 
     # ---- bookkeeping ----------------------------------------------------------------------------------
     def reserve(self, n: int, offset: int = 0) -> torch.Tensor:
@@ -76,7 +106,7 @@ class KVCache:
         if src != dst:
             index = torch.tensor(src, device=self.device)
             # index_select copies first, so overlapping source and destination runs are safe.
-            for t in self.tensors:
+            for t in self._kv:
                 t[:, :, dst[0] : dst[-1] + 1] = t.index_select(2, index)
         self.length += len(src)
 
@@ -118,12 +148,16 @@ class KVCache:
 
     def _masks(self, allowed: torch.Tensor, positions: torch.Tensor, key_positions: torch.Tensor) -> list[torch.Tensor]:
         """One additive mask per attention kind from the (q, width) visibility; a sliding window also hides
-        keys ``sliding_window`` or more positions behind the query."""
+        keys ``sliding_window`` or more positions behind the query, and a chunked one (Llama 4) keys outside the
+        query's chunk of ``chunk_size`` positions."""
         masks = []
         for kind in self.spec.mask_kinds:
             kind_allowed = allowed
             if kind == SLIDING:
                 kind_allowed = allowed & (key_positions > positions - self.spec.sliding_window)
+            elif kind == CHUNKED:
+                chunk = self.spec.chunk_size
+                kind_allowed = allowed & (key_positions // chunk == positions // chunk)
             mask = torch.zeros(kind_allowed.shape, dtype=self.spec.dtype, device=self.device)
             mask.masked_fill_(~kind_allowed, self._neg)
             masks.append(mask[None, None])

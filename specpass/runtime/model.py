@@ -69,7 +69,9 @@ class CompiledLM:
         self.plan = None  # a SpecPlan: speculative decoding when it says so and its drafts are ready
         # Token Recycling's table outlives a generate() call: later prompts start with a warm one.
         self.recycled = AdjacencyTable(k=min(8, vocab_size))
-        self.cuda_graphs = self.cache.device.type == "cuda"
+        # Models with recurrent state run calls as pieces built on first use (runtime/pieces.py), which a graph
+        # capture must not meet: no CUDA graphs for them.
+        self.cuda_graphs = self.cache.device.type == "cuda" and not spec.has_state
         self._graphed: dict[str, GraphedProgram] = {}
         self._graph_pool = graph_pool(self.cache.device)
 
@@ -79,7 +81,9 @@ class CompiledLM:
             return self.programs
         out = {}
         for name, program in self.programs.items():
-            if name == "prefill":  # any prompt length: not worth a graph per length
+            # Prefill takes any prompt length: not worth a graph per length. A program that waits on the host
+            # (cuda_graphs.waits_on_host) cannot be captured.
+            if name == "prefill" or getattr(program, "waits_on_host", False):
                 out[name] = program
                 continue
             graphed = self._graphed.get(name)

@@ -1,0 +1,233 @@
+"""Per-layer cache kinds: latent attention and mixed K/V shapes, linear-attention hybrids and state-space models.
+
+Recurrent state (conv + SSM / linear-attention state) is owned by the runtime like the KV cache; a speculative
+round checkpoints it and a rejected draft must leave nothing in it. The oracles: HF ``generate`` for greedy
+decoding (plain and forced speculation, whose drafts get rejected), the model's own forward after random
+accept/reject rounds, and chi-square tests of sampling with negative controls that must fail.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from conftest import chi2_pvalue, sample_three
+
+import specpass
+from specpass import coverage
+from specpass.cache_spec import CONV, KEY, RECURRENT, VALUE
+from specpass.errors import SpecPassError
+from specpass.runtime import generate as generate_module
+from specpass.runtime.generate import _run
+from specpass.runtime.kv_cache import KVCache
+from specpass.runtime.pieces import piece_lengths
+from specpass.runtime.sampling import SamplingConfig, warp
+from specpass.tune.plan import SpecPlan
+
+#: context lookup, else an early exit after layer 0 that drafts 3 tokens whatever its confidence (coverage's plan)
+FORCED = SpecPlan(speculate=True, lookup=2, exit_layer=0, max_draft=3, threshold=0.0, adaptive=False)
+
+
+def _rejecting_plan(model, want: torch.Tensor) -> SpecPlan:
+    """The early exit alone, with a draft vocabulary that lacks every other token of ``want``'s continuation:
+    verification both accepts and rejects its drafts (a random model's exit after layer 0 agrees too well)."""
+    vocab = model.get_output_embeddings().weight.shape[0]
+    missing = set(want[0].tolist()[::2])
+    vocab_ids = [t for t in range(vocab) if t not in missing]
+    return SpecPlan(speculate=True, exit_layer=0, vocab_ids=vocab_ids, max_draft=3, threshold=0.0, adaptive=False)
+
+
+def _tiny(model_type: str, **overrides) -> torch.nn.Module:
+    """A 2-layer random model of ``model_type`` (coverage's shrunk default config, then ``overrides``)."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    config = coverage.tiny_config(model_type)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval().requires_grad_(False)
+    model.generation_config = GenerationConfig()
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    made = {}
+
+    def get(model_type: str):
+        if model_type not in made:
+            made[model_type] = _tiny(model_type)
+        return made[model_type]
+
+    return get
+
+
+def _hf(model, ids, n):
+    with torch.no_grad():
+        return model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=n,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+
+
+def _layout(spec) -> list[set[str]]:
+    per_layer = [set() for _ in range(spec.num_layers)]
+    for t in spec.tensors:
+        per_layer[t.layer].add(t.kind)
+    return per_layer
+
+
+def test_piece_lengths():
+    assert piece_lengths(7, 64) == [4, 2, 1]
+    assert piece_lengths(1, 64) == [1]
+    assert piece_lengths(130, 64) == [64, 64, 2]
+    assert piece_lengths(3, 1) == [1, 1, 1]
+
+
+def test_cache_layouts_per_layer_kind(tiny):
+    hybrid = specpass.capture(tiny("qwen3_next"), max_cache_len=16)
+    assert _layout(hybrid.spec) == [{CONV, RECURRENT}, {KEY, VALUE}]  # linear attention, then full attention
+    assert hybrid.spec.has_state and hybrid.query_len == 1 and hybrid.max_query_len > 1
+    ssm = specpass.capture(tiny("mamba2"), max_cache_len=16)
+    assert _layout(ssm.spec) == [{CONV, RECURRENT}] * 2
+    # Mamba's reference scan drops the previous state when it reads several tokens, which capture measures.
+    assert specpass.capture(tiny("mamba"), max_cache_len=16).max_query_len == 1
+    mla = specpass.capture(tiny("deepseek_v3"), max_cache_len=16)
+    k, v = (t for t in mla.spec.tensors if t.layer == 0)
+    assert k.shape[-1] != v.shape[-1]  # multi-head latent attention: K and V head dims differ
+    gemma4 = specpass.capture(tiny("gemma4_text"), max_cache_len=16)
+    assert len({t.shape for t in gemma4.spec.tensors}) == 2 and gemma4.query_len is None
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_next", "mamba", "falcon_h1", "deepseek_v3"])
+def test_greedy_plain_and_speculative_equal_hf(tiny, model_type):
+    model = tiny(model_type)
+    ids = torch.tensor([[5, 17, 9, 5, 17, 30, 2, 8]])
+    want = _hf(model, ids, 24)
+    for plan in (FORCED, _rejecting_plan(model, want[:, ids.shape[1] :])):
+        sm = specpass.optimize(model, speculate=True, plan=plan, backend="eager", max_cache_len=48, progress=False)
+        assert torch.equal(sm.generate(ids, max_new_tokens=24, eos_token_id=[], speculate=False), want)
+        assert torch.equal(sm.generate(ids, max_new_tokens=24, eos_token_id=[]), want)
+    stats = sm.last_stats
+    assert sum(stats.accepted) < sum(stats.drafted), "no draft was rejected: the rollback went untested"
+
+
+def test_without_state_rollback_speculation_differs(tiny, monkeypatch):
+    """Negative control: a rejected draft left in the recurrent state changes the output."""
+    model = tiny("qwen3_next")
+    ids = torch.tensor([[5, 17, 9, 5, 17, 30, 2, 8]])
+    want = _hf(model, ids, 24)
+    plan = _rejecting_plan(model, want[:, ids.shape[1] :])
+    sm = specpass.optimize(model, speculate=True, plan=plan, backend="eager", max_cache_len=48, progress=False)
+    monkeypatch.setattr(KVCache, "restore", lambda self: None)
+    assert not torch.equal(sm.generate(ids, max_new_tokens=24, eos_token_id=[]), want)
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_next", "falcon_h1"])
+def test_random_accept_reject_rounds_match_recomputation(tiny, model_type):
+    """Rounds of k verified tokens of which a random prefix is kept (checkpoint, run, restore, run the kept
+    ones): the next logits equal the model's forward over the kept sequence."""
+    model = tiny(model_type)
+    sm = specpass.optimize(model, speculate=False, backend="eager", max_cache_len=48)
+    decode, cache = sm.programs["decode"], sm.cache
+    rng = random.Random(model_type)
+    with torch.no_grad():
+        for _ in range(3):
+            kept = [rng.randrange(3, 200) for _ in range(rng.randint(1, 5))]
+            cache.reset()
+            _run(sm.programs["prefill"], cache, torch.tensor([kept]))
+            cache.commit(len(kept))
+            for _ in range(4):
+                proposed = [rng.randrange(3, 200) for _ in range(rng.randint(1, 4))]
+                cache.checkpoint()
+                _run(decode, cache, torch.tensor([proposed]))
+                n = rng.randint(0, len(proposed))
+                cache.restore()
+                if n:
+                    _run(decode, cache, torch.tensor([proposed[:n]]))
+                    cache.commit(n)
+                kept += proposed[:n]
+            probe = rng.randrange(3, 200)
+            got = _run(decode, cache, torch.tensor([[probe]]))[0, -1]
+            want = model(torch.tensor([[*kept, probe]]), use_cache=False).logits[0, -1]
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_trees_and_engines_are_refused_with_a_reason(tiny, tmp_path):
+    model = tiny("qwen3_next")
+    tree = SpecPlan(speculate=True, lookup=2, tree_budget=4, tree_template=[[0, 0], [0, 1], [1, 0]])
+    with pytest.raises(SpecPassError, match="draft trees are not supported for models with recurrent state"):
+        specpass.optimize(model, speculate=True, plan=tree, backend="eager", max_cache_len=16)
+    from specpass.engine import write_engine
+
+    sm = specpass.optimize(model, speculate=False, backend="eager", max_cache_len=16)
+    with pytest.raises(SpecPassError, match="recurrent state"):
+        write_engine(sm, tmp_path / "x.specpass")
+    assert not list(tmp_path.iterdir())
+
+
+# ---- sampling ------------------------------------------------------------------------------------------
+N_SAMPLES = 600
+
+
+def _second_token_distribution(model, ids, cfg: SamplingConfig) -> torch.Tensor:
+    """Exact law of the second sampled token: sum over first tokens t of p(t) p(. | t)."""
+    with torch.no_grad():
+        first = warp(model(ids, use_cache=False).logits[:, -1], cfg).softmax(-1)[0]
+        vocab = first.shape[0]
+        both = torch.cat([ids.repeat(vocab, 1), torch.arange(vocab)[:, None]], dim=1)
+        second = warp(model(both, use_cache=False).logits[:, -1], cfg).softmax(-1)
+    return first @ second
+
+
+def _second_token_counts(sm, ids, cfg) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(7)
+    counts = torch.zeros(sm.model.get_output_embeddings().weight.shape[0])
+    for _ in range(N_SAMPLES):
+        out = sample_three(sm, ids, cfg, gen)
+        counts[out[0, ids.shape[1] + 1]] += 1
+    return counts
+
+
+@pytest.fixture(scope="module", params=["qwen3_next", "mamba2"])
+def sampling_setup(request):
+    """An 8-token linear-attention hybrid (Qwen3-Next) or state-space model (Mamba2) whose second token is
+    drafted by an early exit after layer 0 and verified (rejected or not) against the target."""
+    model = _tiny(request.param, vocab_size=8, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    with torch.no_grad():  # spread the next-token distributions out, and let the recurrent layer weigh in
+        model.get_output_embeddings().weight.normal_(0, 1.0)
+        for name, module in model.named_modules():
+            if name.endswith(("layers.0.linear_attn.out_proj", "layers.0.mixer.out_proj")):
+                module.weight.mul_(10)
+    plan = SpecPlan(speculate=True, exit_layer=0, max_draft=1, threshold=0.0, adaptive=False)
+    sm = specpass.optimize(model, speculate=True, plan=plan, backend="eager", max_cache_len=16)
+    return model, sm, torch.tensor([[1, 3, 5]]), SamplingConfig(True, temperature=0.9, top_k=6, top_p=0.95)
+
+
+def test_speculative_sampling_matches_the_target_distribution(sampling_setup):
+    model, sm, ids, cfg = sampling_setup
+    counts = _second_token_counts(sm, ids, cfg)
+    assert sm.last_stats.drafted == [1]  # the second token went through draft + verify
+    assert chi2_pvalue(counts, _second_token_distribution(model, ids, cfg)) > 1e-3
+
+
+@pytest.mark.parametrize("broken", ["always_accept", "no_state_rollback"])
+def test_speculative_sampling_negative_controls_fail(sampling_setup, monkeypatch, broken):
+    model, sm, ids, cfg = sampling_setup
+    if broken == "always_accept":
+
+        def always_accept(draft, draft_probs, target_probs, generator=None):
+            return draft.shape[0], int(torch.multinomial(target_probs[-1], 1, generator=generator))
+
+        monkeypatch.setattr(generate_module, "sample_accept", always_accept)
+    else:
+        monkeypatch.setattr(KVCache, "restore", lambda self: None)
+    counts = _second_token_counts(sm, ids, cfg)
+    probs = _second_token_distribution(model, ids, cfg)
+    # Broken: a token of probability 0 was sampled, or the counts do not fit.
+    assert counts[probs == 0].sum() > 0 or chi2_pvalue(counts, probs) < 1e-3
