@@ -341,7 +341,7 @@ def check_architecture(model_type: str) -> CoverageResult:
     from specpass.optimize import optimize
     from specpass.tune.plan import SpecPlan
 
-    FORCED_PLAN = SpecPlan(**FORCED_PLAN_FIELDS)
+    forced_plan = SpecPlan(**FORCED_PLAN_FIELDS)
     t0 = time.perf_counter()
 
     def result(status: str, reason: str = "") -> CoverageResult:
@@ -374,7 +374,7 @@ def check_architecture(model_type: str) -> CoverageResult:
     except Exception as e:  # noqa: BLE001 - HF's own greedy decode fails: nothing to compare against
         return result(SKIPPED, f"transformers' own generate fails on the tiny model: {_first_line(e)}")
     try:
-        spec_model = optimize(model, plan=FORCED_PLAN, speculate=True, backend="eager", max_cache_len=MAX_CACHE_LEN)
+        spec_model = optimize(model, plan=forced_plan, speculate=True, backend="eager", max_cache_len=MAX_CACHE_LEN)
         got = spec_model.generate(prompt, max_new_tokens=NEW_TOKENS, eos_token_id=[], do_sample=False, speculate=False)
         speculated = spec_model.generate(prompt, max_new_tokens=NEW_TOKENS, eos_token_id=[], do_sample=False)
     except SpecPassError as e:

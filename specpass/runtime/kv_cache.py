@@ -90,6 +90,8 @@ class KVCache:
     def rollback(self, n: int) -> None:
         if not 0 <= n <= self.length:
             raise ValueError(f"cannot roll back {n} of {self.length} committed tokens")
+        if n and self._state:
+            raise ValueError("recurrent state cannot be rolled back by length: restore() a checkpoint")
         self.length -= n
 
     def compact(self, slots: Sequence[int]) -> None:
