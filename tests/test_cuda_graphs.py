@@ -133,3 +133,27 @@ def test_a_replay_overwrites_the_last_output_of_its_bucket():
     assert other is not first and sorted(graphed.buckets) == [(1, 64), (2, 64)]
     with pytest.raises(RuntimeError, match="another KV cache"):
         graphed(torch.tensor([[1]]), torch.tensor([[0]]), torch.tensor([0]), mask, torch.zeros(3))
+
+
+def test_graphs_that_size_tensors_by_their_data_are_not_graphed():
+    """A program whose shapes depend on its data (nonzero(): MoE routing) waits on the host, which a CUDA
+    graph cannot capture: CompiledLM runs it as it is (cuda_graphs.waits_on_host)."""
+    from specpass.runtime.cuda_graphs import waits_on_host
+
+    class Routed(torch.nn.Module):
+        def forward(self, x):
+            return x[x.nonzero()[:, 0]].sum(0)
+
+    class Dense(torch.nn.Module):
+        def forward(self, x):
+            return x.relu().sum(0)
+
+    x = torch.tensor([0.0, 1.0, 2.0])
+    assert waits_on_host(torch.export.export(Routed(), (x,)).module())
+    assert not waits_on_host(torch.export.export(Dense(), (x,)).module())
+    model = _sharpened("llama")
+    sm = specpass.optimize(model, speculate=False, backend="eager", max_cache_len=32, progress=False)
+    sm.cuda_graphs = True
+    assert isinstance(sm.runnable_programs()["decode"], GraphedProgram)
+    sm.programs["decode"].waits_on_host = True
+    assert sm.runnable_programs()["decode"] is sm.programs["decode"]
