@@ -161,8 +161,8 @@ def runtime_cache(spec: CacheSpec, tensors, slots: torch.Tensor, width):
     for i in range(spec.num_layers):
         held = per_layer.get(i, {})
         kv = (held[KEY][0], held[VALUE][0]) if KEY in held else None
-        if not held:  # a layer that reuses another's K/V (Gemma 3n) holds a place only
-            from transformers.cache_utils import DummyLayer
+        if not held:  # a layer that reuses another's K/V (Gemma 3n) or keeps none (MLP-only) holds a place only
+            from transformers.cache_utils import DummyLayer  # only here: older transformers lack it
 
             layers.append(DummyLayer())
         elif CONV in held or RECURRENT in held:
@@ -795,8 +795,9 @@ def capture(model: nn.Module, *, max_cache_len: int | None = None) -> CapturedGr
         raise SpecPassError(
             f"max_cache_len={max_cache_len} exceeds the model's max_position_embeddings={limit}; pass a smaller one"
         )
-    floor = getattr(_text_config(model.config), "floor_scale", None)
-    if getattr(_text_config(model.config), "attn_temperature_tuning", False) and floor and max_cache_len >= floor:
+    text_config = _text_config(model.config)
+    floor = getattr(text_config, "floor_scale", None)
+    if getattr(text_config, "attn_temperature_tuning", False) and floor and max_cache_len >= floor:
         # Its scale is log1p(floor((pos + 1) / floor_scale)) * attn_scale + 1, with pos counted from the
         # cache length rather than position_ids; below floor_scale - 1 it is exactly 1 whatever the count.
         raise SpecPassError(
@@ -893,7 +894,7 @@ def _export(wrapper: CaptureWrapper, spec: CacheSpec, query_len: int | None) -> 
             f"{type(model).__name__}: torch.export fixed the number of tokens per call instead of keeping it dynamic"
         )
     width = structure.masks[0].meta["val"].shape[-1]
-    if not isinstance(width, torch.SymInt) and spec.mask_kinds != () and _reads(structure.masks[0]):
+    if not isinstance(width, torch.SymInt) and _reads(structure.masks[0]):
         # The runtime attends to as few slots as a sequence needs; a width fixed at export would fail there.
         raise SpecPassError(
             f"{type(model).__name__}: torch.export fixed the attention mask width at {width} instead of keeping it "

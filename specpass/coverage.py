@@ -289,12 +289,15 @@ def _first_line(e: BaseException) -> str:
     return out if len(out) <= 240 else out[:237] + "..."
 
 
-def build_tiny_model(model_type: str):
-    """A tiny random-init fp32 model of ``model_type`` in eval mode (raises whatever transformers raises)."""
+def build_tiny_model(model_type: str, **overrides):
+    """A tiny random-init fp32 model of ``model_type`` in eval mode (raises whatever transformers raises);
+    ``overrides`` are set on its shrunk config."""
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     config = tiny_config(model_type)
+    for key, value in overrides.items():
+        setattr(config, key, value)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     # Plain greedy decoding on both sides: a default config's logits processors (forced EOS, bad words, ...) are

@@ -13,6 +13,7 @@ import random
 import pytest
 import torch
 from conftest import chi2_pvalue, sample_three
+from test_speculative import _hf
 
 import specpass
 from specpass import coverage
@@ -38,26 +39,13 @@ def _rejecting_plan(model, want: torch.Tensor) -> SpecPlan:
     return SpecPlan(speculate=True, exit_layer=0, vocab_ids=vocab_ids, max_draft=3, threshold=0.0, adaptive=False)
 
 
-def _tiny(model_type: str, **overrides) -> torch.nn.Module:
-    """A 2-layer random model of ``model_type`` (coverage's shrunk default config, then ``overrides``)."""
-    from transformers import AutoModelForCausalLM, GenerationConfig
-
-    config = coverage.tiny_config(model_type)
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval().requires_grad_(False)
-    model.generation_config = GenerationConfig()
-    return model
-
-
 @pytest.fixture(scope="module")
 def tiny():
     made = {}
 
     def get(model_type: str):
         if model_type not in made:
-            made[model_type] = _tiny(model_type)
+            made[model_type] = coverage.build_tiny_model(model_type)
         return made[model_type]
 
     return get
@@ -85,18 +73,6 @@ def _use_plan(sm, plan: SpecPlan) -> None:
     """Speculate with ``plan`` on the programs already compiled (its draft program built as optimize() would)."""
     build_draft_programs(sm, plan)
     sm.plan = plan
-
-
-def _hf(model, ids, n):
-    with torch.no_grad():
-        return model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=n,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-        )
 
 
 def _layout(spec) -> list[set[str]]:
@@ -219,7 +195,7 @@ def _second_token_counts(sm, ids, cfg) -> torch.Tensor:
 def sampling_setup(request):
     """An 8-token linear-attention hybrid (Qwen3-Next) or state-space model (Mamba2) whose second token is
     drafted by an early exit after layer 0 and verified (rejected or not) against the target."""
-    model = _tiny(request.param, vocab_size=8, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = coverage.build_tiny_model(request.param, vocab_size=8, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     with torch.no_grad():  # spread the next-token distributions out, and let the recurrent layer weigh in
         model.get_output_embeddings().weight.normal_(0, 1.0)
         for name, module in model.named_modules():

@@ -279,8 +279,6 @@ def speculative_generate(
             # Draft: a context match if there is one, else up to max_draft draft-program tokens (DEL: the
             # chosen exit's program and length), fewer when the draft is unsure; never past the request's end.
             t0 = time.perf_counter()
-            if cache.has_state:
-                cache.checkpoint()
             room = stop.max_new_tokens - len(new) - 1
             draft_ids, draft_probs = [], []
             if index is not None:
@@ -292,6 +290,8 @@ def speculative_generate(
             budget = 0 if draft_ids or draft is None else min(budget, room)
             if chooser is not None and budget:  # after the clamp: at the request's end an exit may draft nothing
                 stats.exit_rounds[exit_layer] = stats.exit_rounds.get(exit_layer, 0) + 1
+            if cache.has_state and (draft_ids or budget):  # a round that drafts nothing cannot be rolled back
+                cache.checkpoint()
             if budget:
                 draft_ids, draft_probs = _draft_chain(draft, cache, last, budget, threshold, sampling, generator)
                 if cache.has_state:
