@@ -20,6 +20,7 @@ KINDS = {
     "models": "converted models (specpass.models)",
     "plans": "calibrated SpecPlans, one per model and machine",
     "programs": "compiled AOTInductor programs, shared by every process",
+    "kernels": "specpass's C++ kernels (specpass/kernels), built once per machine and torch version",
 }
 
 

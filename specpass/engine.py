@@ -135,6 +135,8 @@ def write_engine(sm, path: str | os.PathLike[str], *, tokenizer=None, sign_key=N
         # the verify graph that passes/tree_verify.py proved can take a draft tree (None: no tree was checked)
         "tree_verify": sm.summaries.get("verify"),
         "recycled_tokens": len(sm.recycled.next),
+        # weights the programs read as quantization blocks (passes/exact_lowbit.py): name -> format, blocks, bytes
+        "lowbit": getattr(sm, "lowbit", {}),
         "weight_bytes": sum(t.numel() * t.element_size() for t in stored.values()),
         "payloads": {name: hashlib.sha256(data).hexdigest() for name, data in payloads.items()},
     }
@@ -323,6 +325,10 @@ def load_engine(path: str | os.PathLike[str], *, trust=None) -> Engine:
             "machine, or compile the engine again on this one"
         )
     weights = {key: t.to(device) for key, t in load(data.pop(WEIGHTS)).items()}
+    if manifest.get("lowbit"):
+        from specpass.kernels import load_kernels
+
+        load_kernels()  # the programs call torch.ops.specpass.lowbit_* (built here on first use)
     programs = {}
     for name, info in manifest["programs"].items():
         constants = {fqn: weights[key] for fqn, key in info["constants"].items()}

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
-from specpass.cli_args import MODEL_HELP
+from specpass.cli_args import EXACT_LOWBIT_HELP, MODEL_HELP
 from specpass.errors import SpecPassError
 
 
@@ -34,6 +35,7 @@ def add_compile_arguments(parser: argparse.ArgumentParser) -> None:
     plan.add_argument("--plan", metavar="PLAN.json", help="use this SpecPlan (from specpass.calibrate / SpecPlan.save)")
     plan.add_argument("--calibrate", action="store_true", help="calibrate now, even when a cached plan exists")
     plan.add_argument("--no-speculate", action="store_true", help="plain compiled decoding only")
+    parser.add_argument("--no-exact-lowbit", action="store_true", help=EXACT_LOWBIT_HELP)
     parser.add_argument(
         "--max-cache-len",
         type=int,
@@ -84,6 +86,7 @@ def run_compile(args: argparse.Namespace) -> int:
         tokenizer=tokenizer,
         max_cache_len=args.max_cache_len,
         recalibrate=args.calibrate,
+        exact_lowbit=not args.no_exact_lowbit,
     )
     manifest = write_engine(sm, out, tokenizer=tokenizer, sign_key=sign_key)
     size = out.stat().st_size
@@ -241,6 +244,8 @@ def run_inspect(args: argparse.Namespace) -> int:
         if plan.get("reason"):
             print(f"            {plan['reason']}")
     print(f"weights     {m['weight_bytes'] / 1e6:.1f} MB, stored once")
+    for line in _lowbit_lines(m.get("lowbit") or {}):
+        print(f"            {line}")
     for name, info in m["programs"].items():
         s = info["summary"]
         print(f"program     {name}: {s.get('nodes', '?')} nodes, {len(info['constants'])} constants")
@@ -264,6 +269,22 @@ def run_inspect(args: argparse.Namespace) -> int:
         "prove the file intact, not who wrote it: run only engines you trust (specpass run --trust KEY.pub)"
     )
     return 0
+
+
+def _lowbit_lines(lowbit: dict) -> list[str]:
+    """The weights stored as quantization blocks, one line per format and weight (layers collapsed)."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for name, info in lowbit.items():
+        pattern = re.sub(r"\.(\d+)\.", ".*.", name, count=1)
+        groups.setdefault((info["format"], pattern), []).append(info)
+    lines = []
+    for (fmt, pattern), infos in sorted(groups.items()):
+        fp32 = sum(i["fp32_blocks"] for i in infos)
+        blocks = sum(i["blocks"] for i in infos)
+        count = f" ({len(infos)} matrices)" if len(infos) > 1 else ""
+        kept = f", {fp32} of {blocks} blocks kept in fp32" if fp32 else ""
+        lines.append(f"{fmt:<5} {pattern}{count}: {sum(i['bytes'] for i in infos) / 1e6:.1f} MB{kept}")
+    return lines
 
 
 # ---- keygen ----------------------------------------------------------------------------------------------

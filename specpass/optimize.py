@@ -29,6 +29,7 @@ def optimize(
     progress: bool = True,
     recalibrate: bool = False,
     cuda_graphs: bool | None = None,
+    exact_lowbit: bool = True,
 ) -> SpecModel:
     """Compile ``model`` for lossless generation.
 
@@ -37,6 +38,9 @@ def optimize(
     ``False`` compiles plain decoding only. ``tokenizer``/``prompts`` feed calibration (see specpass.calibrate);
     ``recalibrate=True`` calibrates even when a cached plan exists (and replaces it). ``cuda_graphs``: replay
     the decode, verify and draft programs from CUDA graphs (runtime/cuda_graphs.py); default: on a CUDA model.
+    ``exact_lowbit``: read fp32 CPU weights that lie exactly on a quantization block grid (a model loaded from a
+    GGUF file) as their blocks (passes/exact_lowbit.py; lossless, the weights are the same numbers); False keeps
+    every weight in fp32.
 
     A bf16 or fp16 model is compiled in its own dtype (KV cache, masks, constants) and generates what HF
     ``generate`` does in that dtype, up to near-ties of its top-2 logits (bench.near_tie_threshold).
@@ -50,13 +54,20 @@ def optimize(
     if backend not in BACKENDS:
         raise SpecPassError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     t0 = time.perf_counter()
-    sm = compile_plain(model, backend=backend, max_cache_len=max_cache_len, progress=progress, cuda_graphs=cuda_graphs)
+    sm = compile_plain(
+        model,
+        backend=backend,
+        max_cache_len=max_cache_len,
+        progress=progress,
+        cuda_graphs=cuda_graphs,
+        exact_lowbit=exact_lowbit,
+    )
     if speculate is False:
         log.info("optimized %s with %s in %.1fs", type(model).__name__, backend, sm.compile_s)
         return sm
 
     if plan is None:
-        key = model_hash(model)
+        key = model_hash(model, exact_lowbit=exact_lowbit)
         plan = None if recalibrate else cached_plan(key)
         if plan is not None:
             log.info("using the cached SpecPlan %s: %s", plan_cache_dir() / f"{key}.json", plan.describe())

@@ -15,7 +15,7 @@ from specpass.capture import CapturedGraph, capture, example_inputs, program_dyn
 from specpass.errors import SpecPassError
 from specpass.graph_text import summary
 from specpass.lower import lower
-from specpass.passes import PIPELINES, DraftConfig, draft_pipeline, run_passes
+from specpass.passes import PIPELINES, DraftConfig, draft_pipeline, run_passes, with_options
 from specpass.runtime.cuda_graphs import waits_on_host
 from specpass.runtime.dynamic_exit import VERIFY_EXITS, draft_program_name
 from specpass.runtime.model import CompiledLM
@@ -42,10 +42,18 @@ class SpecModel(CompiledLM):
         self.compile_s = compile_s
         self._draft_key = None
         self.summaries: dict[str, dict] = {}  # program -> graph_text.summary of its rewritten graph
+        self.exact_lowbit = True  # passes/exact_lowbit.py in every pipeline (optimize(..., exact_lowbit=False))
+        self.lowbit: dict[str, dict] = {}  # weight -> what exact_lowbit matched (format, blocks, bytes)
 
 
 def compile_plain(
-    model: nn.Module, *, backend: str, max_cache_len: int | None, progress: bool, cuda_graphs: bool | None = None
+    model: nn.Module,
+    *,
+    backend: str,
+    max_cache_len: int | None,
+    progress: bool,
+    cuda_graphs: bool | None = None,
+    exact_lowbit: bool = True,
 ) -> SpecModel:
     """Capture ``model`` and lower its plain-decoding programs (prefill, and decode for any number of tokens)."""
     for p in model.parameters():
@@ -55,12 +63,25 @@ def compile_plain(
     device = next(model.parameters()).device
     if cuda_graphs and device.type != "cuda":
         raise SpecPassError(f"cuda_graphs=True needs a model on a CUDA device; this one is on {device}")
-    programs, summaries = {}, {}
+    programs, summaries, lowbit = {}, {}, {}
     for name in tqdm(("prefill", "decode"), desc=f"specpass: compiling ({backend})", disable=not progress):
         # decode takes any number of tokens: one in plain decoding, the verified chain in speculation.
-        programs[name], summaries[name] = build_program(captured, name, PIPELINES[name], backend, dynamic_q=True)
+        pipeline = with_options(PIPELINES[name], exact_lowbit=exact_lowbit)
+        programs[name], summaries[name] = build_program(
+            captured, name, pipeline, backend, dynamic_q=True, lowbit=lowbit
+        )
     sm = SpecModel(model, captured, programs, backend, time.perf_counter() - t0)
     sm.summaries = summaries
+    sm.exact_lowbit = exact_lowbit
+    sm.lowbit = lowbit
+    if lowbit:
+        packed = sum(v["bytes"] for v in lowbit.values())
+        log.info(
+            "exact_lowbit: %d weight matrices stored as blocks (%s), %.1f MB",
+            len(lowbit),
+            ", ".join(f"{n} {f}" for f, n in _count_formats(lowbit).items()),
+            packed / 1e6,
+        )
     if cuda_graphs is not None:
         sm.cuda_graphs = cuda_graphs
     return sm
@@ -74,17 +95,21 @@ def build_program(
     cfg: DraftConfig | None = None,
     *,
     dynamic_q: bool,
+    lowbit: dict | None = None,
 ) -> tuple:
     """Run ``pipeline`` on the captured graph and lower the result: (the program, its graph summary).
 
     ``dynamic_q``: the program takes any number of tokens per call, else one. A model captured per query
     length (recurrent state, see capture.py) gets a PiecewiseProgram whose pieces are built when first needed.
+    ``lowbit``: a dict that collects what exact_lowbit matched (weight name -> summary).
     """
     spec = captured.spec
     device = next(captured.gm.parameters()).device
 
     def build(graph: CapturedGraph, q: int | None):
         gm = run_passes(graph.gm, pipeline, graph.structure, cfg)
+        if lowbit is not None:
+            lowbit.update(gm.meta["specpass"].get("exact_lowbit", {}))
         program = lower(
             gm,
             backend,
@@ -117,7 +142,8 @@ def check_tree_verify(sm: SpecModel) -> None:
             "its own; chains (lookup, early exit, layer skipping) are"
         )
     if "verify" not in sm.summaries:
-        gm = run_passes(sm.captured.gm, PIPELINES["verify"], sm.captured.structure)
+        pipeline = with_options(PIPELINES["verify"], exact_lowbit=sm.exact_lowbit)
+        gm = run_passes(sm.captured.gm, pipeline, sm.captured.structure)
         sm.summaries["verify"] = summary(gm)
 
 
@@ -158,8 +184,9 @@ def _build_del_programs(sm: SpecModel, plan, device) -> None:
 
 def _add_program(sm: SpecModel, name: str, pipeline: tuple, cfg: DraftConfig, *, dynamic_q: bool) -> None:
     """Run ``pipeline`` on the captured graph and lower the result as ``sm.programs[name]``."""
+    pipeline = with_options(pipeline, exact_lowbit=sm.exact_lowbit)
     sm.programs[name], sm.summaries[name] = build_program(
-        sm.captured, name, pipeline, sm.backend, cfg, dynamic_q=dynamic_q
+        sm.captured, name, pipeline, sm.backend, cfg, dynamic_q=dynamic_q, lowbit=sm.lowbit
     )
 
 
@@ -183,3 +210,10 @@ def del_param_costs(captured: CapturedGraph, exits, vocab_ids=None) -> tuple[lis
     head = (vocab if vocab_ids is None else len(vocab_ids)) * hidden
     full = sum(per_layer) + vocab * hidden
     return [(sum(per_layer[: k + 1]) + head) / full for k in exits], 1 + len(exits) * head / full
+
+
+def _count_formats(lowbit: dict) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for info in lowbit.values():
+        counts[info["format"]] = counts.get(info["format"], 0) + 1
+    return counts

@@ -445,7 +445,16 @@ def test_specpass_methods_share_one_optimize_and_read_tau(monkeypatch):
     plain = bench.METHODS["specpass_plain"].setup(None, "tok", cfg)
     default = bench.METHODS["specpass"].setup(None, "tok", cfg)
     # one compile for both, with the plan that specpass needs
-    assert calls == [{"speculate": "auto", "tokenizer": "tok", "plan": None, "backend": "eager", "max_cache_len": 64}]
+    assert calls == [
+        {
+            "speculate": "auto",
+            "tokenizer": "tok",
+            "plan": None,
+            "backend": "eager",
+            "max_cache_len": 64,
+            "exact_lowbit": True,
+        }
+    ]
     assert default.tau() is None  # no generation yet
     default.generate(torch.zeros(1, 3, dtype=torch.long))
     assert default.tau() == 1.75
@@ -484,7 +493,11 @@ def test_bench_on_the_default_model(tmp_path):
 
     out_json, plan = tmp_path / "r.json", tmp_path / "plan.json"
     SpecPlan(speculate=True, lookup=3, max_draft=0).save(plan)
-    rc = main(["bench", "--num-prompts", "1", "--max-new-tokens", "8", "--plan", str(plan), "--json", str(out_json)])
+    # the e2e test's cache size: specpass's prefill and decode come from the program cache, whichever runs first
+    from test_default_model_e2e import SHARED_CACHE_LEN
+
+    args = ["--max-new-tokens", "8", "--max-cache-len", str(SHARED_CACHE_LEN), "--plan", str(plan)]
+    rc = main(["bench", "--num-prompts", "1", *args, "--json", str(out_json)])
     data = json.loads(out_json.read_text())
     assert rc == 0, data["mismatches"]
     assert data["config"]["methods"] == [n for n in bench.DEFAULT_METHODS if n not in data["skipped"]]

@@ -22,6 +22,7 @@ from specpass.passes import (
     PassResult,
     clone_graph_module,
     draft_pipeline,
+    exact_lowbit,
     exit_predictions,
     fold_gqa_heads,
     insert_early_exit,
@@ -576,13 +577,31 @@ def test_draft_passes_leave_the_target_path_bit_identical(tiny, arch):
 
 def test_draft_pipeline_keeps_only_the_configured_passes():
     names = lambda cfg: [p.__name__ for p in draft_pipeline(cfg)]  # noqa: E731
-    assert names(DraftConfig(exit_layer=3)) == ["fold_gqa_heads", "insert_early_exit", "linear_operand_order"]
+    assert names(DraftConfig(exit_layer=3)) == [
+        "fold_gqa_heads",
+        "insert_early_exit",
+        "exact_lowbit",
+        "linear_operand_order",
+    ]
     assert names(DraftConfig(skip_layers=(1,), vocab_ids=torch.arange(4))) == [
         "fold_gqa_heads",
         "skip_layers",
         "prune_lm_head",
+        "exact_lowbit",
         "linear_operand_order",
     ]
+
+
+# --------------------------------------------------------------------------------------------------------
+# exact_lowbit (tests/test_exact_lowbit.py has the formats, the kernels and a grid model end to end)
+# --------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
+def test_exact_lowbit_leaves_weights_off_a_grid_unchanged(tiny, arch):
+    cg = tiny(arch).cg
+    before = run_passes(cg.gm, PIPELINES["decode"][:1], cg.structure)
+    after = run_passes(cg.gm, (*PIPELINES["decode"][:1], exact_lowbit), cg.structure)
+    assert after.meta["specpass"]["history"][-1] == {"pass": "exact_lowbit", "modified": False, "n_matches": 0}
+    assert normalize(after) == normalize(before)
 
 
 # --------------------------------------------------------------------------------------------------------

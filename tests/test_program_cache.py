@@ -150,7 +150,7 @@ def test_cache_command_reports_and_clears(cache, capsys):
     assert "freed" in capsys.readouterr().out
     assert not cache.exists() and (cache.parent / "plans" / "x.json").exists()
     assert main(["cache", "clear", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["cleared"] == ["models", "plans", "programs"]
+    assert json.loads(capsys.readouterr().out)["cleared"] == ["models", "plans", "programs", "kernels"]
     assert not (cache.parent / "plans").exists()
     with pytest.raises(SystemExit) as e:
         main(["cache", "clear", "--only", "weights"])

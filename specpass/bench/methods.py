@@ -47,6 +47,7 @@ class BenchConfig:
     max_new_tokens: int
     max_cache_len: int
     backend: str = "inductor"  # specpass's lowering backend
+    exact_lowbit: bool = True  # specpass.optimize(exact_lowbit=...)
     device: torch.device = torch.device("cpu")
     plan: object = None  # a SpecPlan for the specpass methods (None: the cached or calibrated one)
     methods: tuple[str, ...] = ()  # the methods of the run
@@ -345,6 +346,7 @@ def _specpass_runner(model, tokenizer, cfg: BenchConfig, *, speculate: bool | No
             plan=cfg.plan,
             backend=cfg.backend,
             max_cache_len=cfg.max_cache_len,
+            exact_lowbit=cfg.exact_lowbit,
         )
         log.info("specpass.optimize(backend=%s) took %.1f s", cfg.backend, spec_model.compile_s)
         cfg.shared["spec_model"] = spec_model

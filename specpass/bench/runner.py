@@ -26,7 +26,7 @@ from specpass.bench.methods import (
     Runner,
 )
 from specpass.bench.report import report, write
-from specpass.cli_args import MODEL_HELP
+from specpass.cli_args import EXACT_LOWBIT_HELP, MODEL_HELP
 from specpass.errors import SpecPassError
 from specpass.lower import BACKENDS
 
@@ -78,6 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=BACKENDS,
         help="specpass lowering backend (default: %(default)s)",
     )
+    parser.add_argument("--no-exact-lowbit", action="store_true", help=EXACT_LOWBIT_HELP)
     parser.add_argument(
         "--threads", type=int, default=2, metavar="N", help="torch.set_num_threads (default: %(default)s)"
     )
@@ -154,6 +155,7 @@ def run_bench(args: argparse.Namespace, *, model=None, tokenizer=None, methods: 
         max_new_tokens=args.max_new_tokens,
         max_cache_len=max_cache_len,
         backend=args.backend,
+        exact_lowbit=not args.no_exact_lowbit,
         device=device,
         plan=_load_plan(args.plan),
         methods=tuple(names),

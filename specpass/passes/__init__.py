@@ -4,6 +4,7 @@ The order below is the only place passes are sequenced.
 """
 
 from specpass.passes.draft_config import DraftConfig
+from specpass.passes.exact_lowbit import exact_lowbit
 from specpass.passes.exit_predictions import exit_predictions
 from specpass.passes.fold_gqa_heads import fold_gqa_heads
 from specpass.passes.insert_early_exit import insert_early_exit
@@ -19,14 +20,15 @@ from specpass.passes.tree_verify import tree_verify
 #: speculative decoding. ``verify`` is decode's graph proven able to score a draft tree in one pass (it
 #: rewrites nothing, so the lowered decode program serves it). ``verify_exits`` is decode that also returns
 #: each DEL exit's token. ``draft`` and ``verify_exits`` passes take a DraftConfig (see draft_pipeline).
-#: ``linear_operand_order`` comes last wherever a program runs a few tokens per call (not in prefill): it rewrites
-#: every linear layer, those the passes before it added included.
+#: ``exact_lowbit`` runs after the passes that add linear layers (exits, a pruned head) and everywhere, prefill
+#: included, so that no program reads a packed matrix's fp32 copy; ``linear_operand_order`` comes last wherever a
+#: program runs a few tokens per call (not in prefill): it rewrites every linear layer left in fp32.
 PIPELINES = {
-    "prefill": (fold_gqa_heads, last_token_logits),
-    "decode": (fold_gqa_heads, linear_operand_order),
-    "verify": (fold_gqa_heads, linear_operand_order, tree_verify),
-    "verify_exits": (fold_gqa_heads, exit_predictions, linear_operand_order),
-    "draft": (fold_gqa_heads, insert_early_exit, skip_layers, prune_lm_head, linear_operand_order),
+    "prefill": (fold_gqa_heads, last_token_logits, exact_lowbit),
+    "decode": (fold_gqa_heads, exact_lowbit, linear_operand_order),
+    "verify": (fold_gqa_heads, exact_lowbit, linear_operand_order, tree_verify),
+    "verify_exits": (fold_gqa_heads, exit_predictions, exact_lowbit, linear_operand_order),
+    "draft": (fold_gqa_heads, insert_early_exit, skip_layers, prune_lm_head, exact_lowbit, linear_operand_order),
 }
 
 #: the draft passes a DraftConfig can leave out (what it does not configure)
@@ -42,12 +44,18 @@ def draft_pipeline(cfg: DraftConfig) -> tuple:
     return tuple(p for p in PIPELINES["draft"] if p not in _DRAFT_OPTIONAL or _DRAFT_OPTIONAL[p](cfg))
 
 
+def with_options(pipeline: tuple, *, exact_lowbit: bool = True) -> tuple:
+    """``pipeline`` without the passes the user turned off (``optimize(model, exact_lowbit=False)``)."""
+    return pipeline if exact_lowbit else tuple(p for p in pipeline if p.__name__ != "exact_lowbit")
+
+
 __all__ = [
     "PIPELINES",
     "DraftConfig",
     "PassResult",
     "clone_graph_module",
     "draft_pipeline",
+    "exact_lowbit",
     "exit_predictions",
     "fold_gqa_heads",
     "insert_early_exit",
@@ -57,4 +65,5 @@ __all__ = [
     "run_passes",
     "skip_layers",
     "tree_verify",
+    "with_options",
 ]

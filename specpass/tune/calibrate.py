@@ -558,14 +558,18 @@ def calibrate(
     max_cache_len: int | None = None,
     settings: CalibrationSettings | None = None,
     progress: bool = True,
+    exact_lowbit: bool = True,
 ) -> SpecPlan:
     """Calibrate ``model`` and return a SpecPlan (pass it back with ``optimize(model, plan=plan)``).
 
     ``prompts``: texts (with ``tokenizer``) or token-id lists; default: a built-in set of 24 prompts.
+    ``exact_lowbit``: as in optimize (the plan is timed with the programs optimize will build).
     """
-    sm = compile_plain(model, backend=backend, max_cache_len=max_cache_len, progress=progress)
+    sm = compile_plain(
+        model, backend=backend, max_cache_len=max_cache_len, progress=progress, exact_lowbit=exact_lowbit
+    )
     plan = calibrate_compiled(sm, prompts, tokenizer=tokenizer, settings=settings, progress=progress)
-    plan.model_hash = model_hash(model)
+    plan.model_hash = model_hash(model, exact_lowbit=exact_lowbit)
     return plan
 
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from specpass.cache import cache_root, write_atomic
 from specpass.errors import SpecPassError
-from specpass.passes import PIPELINES, DraftConfig
+from specpass.passes import PIPELINES, DraftConfig, with_options
 from specpass.runtime.dynamic_exit import VERIFY_EXITS, draft_program_name
 from specpass.runtime.generate import DraftPolicy
 from specpass.tune.adapter import ExitAdapter
@@ -236,9 +236,10 @@ def _decode(entry: dict) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------------
 # The on-disk cache
 # --------------------------------------------------------------------------------------------------------
-def model_hash(model: nn.Module) -> str:
+def model_hash(model: nn.Module, *, exact_lowbit: bool = True) -> str:
     """A hash of the model's config and every weight, plus what makes measured speeds comparable here (the
-    machine, threads, device, and the pass pipelines: a new pass changes what calibration timed)."""
+    machine, threads, device, and the pass pipelines: a new pass, or one turned off, changes what calibration
+    timed)."""
     h = hashlib.blake2b(digest_size=16)
     h.update(model.config.to_json_string(use_diff=False).encode())
     for name, p in sorted(model.state_dict().items()):
@@ -249,7 +250,11 @@ def model_hash(model: nn.Module) -> str:
     h.update(
         f"{PLAN_VERSION}|{platform.machine()}|{platform.processor()}|{torch.get_num_threads()}|{device.type}".encode()
     )
-    h.update(repr({name: [p.__name__ for p in passes] for name, passes in sorted(PIPELINES.items())}).encode())
+    pipelines = {
+        name: [p.__name__ for p in with_options(passes, exact_lowbit=exact_lowbit)]
+        for name, passes in PIPELINES.items()
+    }
+    h.update(repr(sorted(pipelines.items())).encode())
     return h.hexdigest()
 
 
