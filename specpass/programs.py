@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 
 from torch import nn
 from tqdm.auto import tqdm
@@ -79,7 +80,7 @@ def compile_plain(
         log.info(
             "exact_lowbit: %d weight matrices stored as blocks (%s), %.1f MB",
             len(lowbit),
-            ", ".join(f"{n} {f}" for f, n in _count_formats(lowbit).items()),
+            ", ".join(f"{n} {f}" for f, n in Counter(v["format"] for v in lowbit.values()).items()),
             packed / 1e6,
         )
     if cuda_graphs is not None:
@@ -210,10 +211,3 @@ def del_param_costs(captured: CapturedGraph, exits, vocab_ids=None) -> tuple[lis
     head = (vocab if vocab_ids is None else len(vocab_ids)) * hidden
     full = sum(per_layer) + vocab * hidden
     return [(sum(per_layer[: k + 1]) + head) / full for k in exits], 1 + len(exits) * head / full
-
-
-def _count_formats(lowbit: dict) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for info in lowbit.values():
-        counts[info["format"]] = counts.get(info["format"], 0) + 1
-    return counts

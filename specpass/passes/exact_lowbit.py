@@ -28,7 +28,7 @@ import logging
 import torch
 
 from specpass.kernels import load_kernels
-from specpass.passes.manager import PassResult, tag
+from specpass.passes.manager import PassResult, attr_of, tag
 
 log = logging.getLogger("specpass.passes")
 
@@ -115,7 +115,7 @@ def exact_lowbit(gm: torch.fx.GraphModule, structure=None, cfg=None) -> PassResu
         weight_node = _weight_of(node)
         if weight_node is None:
             continue
-        weight = _attr(gm, weight_node.target)
+        weight = attr_of(gm, weight_node.target)
         blocks = pack(weight)
         if blocks is None:
             continue
@@ -150,13 +150,6 @@ def _weight_of(node: torch.fx.Node) -> torch.fx.Node | None:
     if node.target is _LINEAR and xv.dtype != torch.float32:
         return None
     return weight
-
-
-def _attr(gm: torch.nn.Module, target: str) -> torch.Tensor:
-    value = gm
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value
 
 
 def pack(weight: torch.Tensor) -> Blocks | None:
@@ -304,23 +297,18 @@ def _rewrite(gm: torch.fx.GraphModule, node: torch.fx.Node, weight_node: torch.f
             attr.meta["val"] = t
             tag(attr, "exact_lowbit", node)
             inputs.append(attr)
-        val = node.meta["val"]
+
+        def call(target, args):
+            new = graph.call_function(target, args)
+            new.meta["val"] = node.meta["val"]
+            tag(new, "exact_lowbit", node)
+            return new
+
         if node.target is _LINEAR:
-            x = node.args[0]
-            new = graph.call_function(torch.ops.specpass.lowbit_linear.default, (x, *inputs, blocks.block, blocks.bits))
-            new.meta["val"] = val
-            tag(new, "exact_lowbit", node)
-            bias = node.args[2] if len(node.args) > 2 else None
-            if bias is not None:
-                out = graph.call_function(_aten.add.Tensor, (new, bias))
-                out.meta["val"] = val
-                tag(out, "exact_lowbit", node)
-                new = out
+            new = call(torch.ops.specpass.lowbit_linear.default, (node.args[0], *inputs, blocks.block, blocks.bits))
+            if len(node.args) > 2 and node.args[2] is not None:  # the bias
+                new = call(_aten.add.Tensor, (new, node.args[2]))
         else:
-            new = graph.call_function(
-                torch.ops.specpass.lowbit_embedding.default, (node.args[1], *inputs, blocks.block, blocks.bits)
-            )
-            new.meta["val"] = val
-            tag(new, "exact_lowbit", node)
+            new = call(torch.ops.specpass.lowbit_embedding.default, (node.args[1], *inputs, blocks.block, blocks.bits))
     node.replace_all_uses_with(new)
     graph.erase_node(node)

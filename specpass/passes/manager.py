@@ -56,6 +56,12 @@ def remap(obj: Any, node_map: dict) -> Any:
     return obj
 
 
+def attr_of(gm: torch.nn.Module, target: str) -> torch.Tensor:
+    """The tensor a ``get_attr`` node's ``target`` names on ``gm``."""
+    owner, _, name = target.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, name)
+
+
 def tag(node: torch.fx.Node, pass_name: str, anchor: torch.fx.Node | None = None) -> None:
     """Mark a node a pass created, with its anchor's module stack so structure lookups still work."""
     node.meta["specpass"] = {"pass": pass_name}

@@ -13,7 +13,7 @@ import torch
 
 from specpass.capture import module_path_of
 from specpass.errors import SpecPassError
-from specpass.passes.manager import PassResult, tag
+from specpass.passes.manager import PassResult, attr_of, tag
 
 _LINEAR = torch.ops.aten.linear.default
 
@@ -37,7 +37,7 @@ def prune_lm_head(gm: torch.fx.GraphModule, structure, cfg) -> PassResult:
             f"prune_lm_head: expected 1 aten.linear with a weight in '{head_path}', found {len(linears)}"
         )
     head = linears[0]
-    weight = _attr(gm, head.args[1].target)
+    weight = attr_of(gm, head.args[1].target)
     vocab = weight.shape[0]
     ids = ids.to(device=weight.device, dtype=torch.long)
     if int(ids.min()) < 0 or int(ids.max()) >= vocab or ids.unique().numel() != ids.numel():
@@ -48,7 +48,7 @@ def prune_lm_head(gm: torch.fx.GraphModule, structure, cfg) -> PassResult:
         w = gm.graph.get_attr("specpass_draft_head_weight")
         new_args = [head.args[0], w]
         if bias is not None:
-            gm.register_buffer("specpass_draft_head_bias", _attr(gm, bias.target).detach()[ids].contiguous())
+            gm.register_buffer("specpass_draft_head_bias", attr_of(gm, bias.target).detach()[ids].contiguous())
             b = gm.graph.get_attr("specpass_draft_head_bias")
             b.meta["val"] = gm.specpass_draft_head_bias
             new_args.append(b)
@@ -88,8 +88,3 @@ def prune_lm_head(gm: torch.fx.GraphModule, structure, cfg) -> PassResult:
         tag(n, "prune_lm_head", logits)
     output.replace_input_with(logits, full)
     return PassResult(gm, True, 1)
-
-
-def _attr(gm: torch.nn.Module, target: str) -> torch.Tensor:
-    owner, _, name = target.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, name)
