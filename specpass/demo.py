@@ -129,6 +129,7 @@ def run_demo(args: argparse.Namespace, *, model=None, tokenizer=None) -> int:
             "specpass": {"new_tokens": spec_new, "seconds": spec_s, "tokens_per_s": spec_tps},
             "speedup": speedup,
             "compile_s": compile_s,
+            "weights": weights_line(spec_model),
             "identical": identical,
             "mismatch": diff,
             "text": tokenizer.decode(out[0, n_prompt:], skip_special_tokens=True),
@@ -141,6 +142,7 @@ def run_demo(args: argparse.Namespace, *, model=None, tokenizer=None) -> int:
     print(f"specpass   {spec_tps:7.2f} tokens/s  ({spec_new} tokens in {spec_s:.2f} s)")
     print(f"speedup    {speedup:7.2f}x")
     print(f"compile    {compile_s:7.1f} s  (once per model and process)")
+    print(f"weights    {weights_line(spec_model)}")
     if identical:
         print("identical  yes: specpass produced exactly HF's tokens")
     else:
@@ -153,6 +155,22 @@ def run_demo(args: argparse.Namespace, *, model=None, tokenizer=None) -> int:
         else:
             print(f"identical  NO: {where} ({diff['reason']}); please report this as a bug")
     return 0 if ok else 1
+
+
+def weights_line(sm) -> str:
+    """How the compiled programs read the weights: as exact low-bit blocks (with which kernels, where they were
+    faster) or in fp32."""
+    from specpass import machine
+    from specpass.kernels import loaded_isa
+    from specpass.kernels.choice import summarize
+
+    if not getattr(sm, "lowbit", None):
+        return "fp32" + ("" if sm.exact_lowbit else " (exact_lowbit=False)")
+    packed = sum(v["bytes"] for v in sm.lowbit.values()) / 1e6
+    return (
+        f"{len(sm.lowbit)} matrices as exact low-bit blocks ({packed:.1f} MB), {loaded_isa()} kernels on "
+        f"{machine.cpu_model()}; {summarize(sm.lowbit_choices)}"
+    )
 
 
 def _say(message: str) -> None:

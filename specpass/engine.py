@@ -29,6 +29,7 @@ import os
 import tempfile
 import time
 import types
+import weakref
 import zipfile
 from pathlib import Path
 
@@ -75,22 +76,37 @@ def write_engine(sm, path: str | os.PathLike[str], *, tokenizer=None, sign_key=N
     stored: dict[str, torch.Tensor] = {}
     by_view: dict[tuple, str] = {}  # the same tensor (or a tied one) is stored once
     programs = {}
+
+    def store(name: str, fqn: str, t: torch.Tensor) -> str:
+        view = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        key = by_view.get(view)
+        if key is None:
+            key = fqn if fqn not in stored else f"{name}/{fqn}"  # a same-named but different constant
+            stored[key] = t
+            by_view[view] = key
+        return key
+
     for name, program in sm.programs.items():
         bindings = {}
         for fqn, t in program.constants.items():
             if not t.is_contiguous():  # stored contiguous, it would come back with other strides than compiled
                 raise SpecPassError(f"program {name!r}: constant {fqn} is not contiguous; an engine cannot hold it")
-            view = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
-            key = by_view.get(view)
-            if key is None:
-                key = fqn if fqn not in stored else f"{name}/{fqn}"  # a same-named but different constant
-                stored[key] = t
-                by_view[view] = key
-            bindings[fqn] = key
+            bindings[fqn] = store(name, fqn, t)
+        # low-bit parts the package holds inside itself (AOTInductor folds small ones in): loading checks the
+        # kernel against fp32 and needs every part to rebuild the weights
+        lowbit_parts = {
+            p: store(name, f"lowbit/{p}", sm.lowbit_params[p])
+            for call in getattr(sm, "lowbit_calls", {}).get(name, [])
+            for p in call["params"]
+            if p not in bindings and sm.lowbit_params[p].numel()
+        }
         programs[name] = {
             "package": f"programs/{name}.pt2",
             "constants": bindings,
             "summary": sm.summaries.get(name, {}),
+            # what loading checks against fp32 on the CPU it runs on (kernels/choice.py)
+            "lowbit_calls": getattr(sm, "lowbit_calls", {}).get(name, []),
+            "lowbit_parts": lowbit_parts,
         }
     # safetensors refuses tensors that share memory; distinct views of one storage become copies.
     seen_storage: dict[int, str] = {}
@@ -137,6 +153,8 @@ def write_engine(sm, path: str | os.PathLike[str], *, tokenizer=None, sign_key=N
         "recycled_tokens": len(sm.recycled.next),
         # weights the programs read as quantization blocks (passes/exact_lowbit.py): name -> format, blocks, bytes
         "lowbit": getattr(sm, "lowbit", {}),
+        # where the kernel was timed against fp32 when the engine was built (loading times it again on its CPU)
+        "lowbit_build": _lowbit_build(sm),
         "weight_bytes": sum(t.numel() * t.element_size() for t in stored.values()),
         "payloads": {name: hashlib.sha256(data).hexdigest() for name, data in payloads.items()},
     }
@@ -161,6 +179,15 @@ def write_engine(sm, path: str | os.PathLike[str], *, tokenizer=None, sign_key=N
         raise
     log.info("wrote engine %s (%.1f MB)", path, path.stat().st_size / 1e6)
     return manifest
+
+
+def _lowbit_build(sm) -> dict | None:
+    if not getattr(sm, "lowbit", None):
+        return None
+    from specpass import machine
+    from specpass.kernels import loaded_isa
+
+    return {"cpu": machine.cpu_model(), "isa": loaded_isa(), "choices": sm.lowbit_choices}
 
 
 def _spec_to_json(spec: CacheSpec) -> dict:
@@ -325,10 +352,12 @@ def load_engine(path: str | os.PathLike[str], *, trust=None) -> Engine:
             "machine, or compile the engine again on this one"
         )
     weights = {key: t.to(device) for key, t in load(data.pop(WEIGHTS)).items()}
+    lowbit_choices, dense = {}, []
     if manifest.get("lowbit"):
         from specpass.kernels import load_kernels
 
         load_kernels()  # the programs call torch.ops.specpass.lowbit_* (built here on first use)
+        lowbit_choices, dense = _lowbit_where_faster(manifest, weights, path)
     programs = {}
     for name, info in manifest["programs"].items():
         constants = {fqn: weights[key] for fqn, key in info["constants"].items()}
@@ -345,11 +374,45 @@ def load_engine(path: str | os.PathLike[str], *, trust=None) -> Engine:
     plan = SpecPlan.from_json(json.dumps(manifest["plan"])) if manifest["plan"] else None
     engine = Engine(programs, manifest, tokenizer_files, plan, device)
     engine.signer = signer
+    engine.lowbit_choices = lowbit_choices
+    if dense:  # the kernel library holds these fp32 weights for the engine: freed with it
+        from specpass.kernels.choice import forget_dense
+
+        weakref.finalize(engine, forget_dense, dense)
     if RECYCLED in data:
         engine.recycled.load_state_dict(load(data[RECYCLED]))
     engine.load_s = time.perf_counter() - t0
     log.info("loaded engine %s in %.2fs", path, engine.load_s)
     return engine
+
+
+def _lowbit_where_faster(manifest: dict, weights: dict[str, torch.Tensor], path) -> tuple[dict, list]:
+    """The engine's low-bit calls timed against fp32 on this CPU; where fp32 wins (a CPU without a fast path for
+    the kernel), the kernel multiplies by fp32 weights rebuilt from the blocks. Returns the measurements and the
+    codes tensors read as fp32."""
+    from specpass.kernels import choice
+
+    if choice.mode() == "always":
+        return {}, []
+    calls: dict[str, list[tuple]] = {}
+    for name, info in manifest["programs"].items():
+        regime = "prefill" if name == "prefill" else "few_tokens"
+        for call in info.get("lowbit_calls", []):
+            if call["op"] != "linear":
+                continue
+            blocks = []
+            for param, part in zip(call["params"], ("q", "scale", "shift", "exc_ids", "exc_values"), strict=True):
+                if part in call.get("empty", ()):  # no elements: the package holds no constant for it
+                    empty = {"exc_ids": (0,), "exc_values": (0, call["block"])}.get(part, (0,))
+                    blocks.append(torch.empty(empty, dtype=torch.int64 if part == "exc_ids" else torch.float32))
+                elif param in info["constants"]:
+                    blocks.append(weights[info["constants"][param]])
+                elif param in info.get("lowbit_parts", {}):
+                    blocks.append(weights[info["lowbit_parts"][param]])
+                else:
+                    raise SpecPassError(f"{path}: a low-bit call of program {name!r} names a missing weight {param}")
+            calls.setdefault(regime, []).append((*blocks, call["block"], call["bits"]))
+    return choice.use_dense_where_faster(calls)
 
 
 class Engine(CompiledLM):
@@ -368,6 +431,7 @@ class Engine(CompiledLM):
         self.manifest = manifest
         self.plan = plan
         self.load_s = 0.0
+        self.lowbit_choices: dict[str, dict] = {}  # kind of low-bit call -> kernel and fp32 times on this CPU
         self.signer: str | None = None  # the trusted key that signed it, when loaded with trust=
         self.tokenizer = None
         self._tokenizer_config: dict = {}

@@ -246,6 +246,12 @@ def run_inspect(args: argparse.Namespace) -> int:
     print(f"weights     {m['weight_bytes'] / 1e6:.1f} MB, stored once")
     for line in _lowbit_lines(m.get("lowbit") or {}):
         print(f"            {line}")
+    build = m.get("lowbit_build")
+    if build:
+        from specpass.kernels.choice import summarize
+
+        print(f"kernels     {build['isa']} on {build['cpu']}: {summarize(build['choices'])}")
+        print("            timed again against fp32 where the engine is loaded; fp32 is used there if faster")
     for name, info in m["programs"].items():
         s = info["summary"]
         print(f"program     {name}: {s.get('nodes', '?')} nodes, {len(info['constants'])} constants")

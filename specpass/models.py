@@ -280,11 +280,38 @@ def _convert(bundle: Bundled, target: Path, *, progress: bool) -> None:
             step("save")
             converted = staging / "model"
             _save(model, tokenizer, converted, bundle)
+            # kept beside the checkpoint: llama.cpp, the peer `specpass bench` compares with, reads it
+            shutil.move(gguf_path, converted / gguf_path.name)
             bar.update()
         _publish(converted, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log.info("converted %s in %.1f s", bundle.name, time.perf_counter() - started)
+
+
+def gguf_file(name_or_path: str | os.PathLike[str] | None, *, cache_dir=None, progress: bool = False) -> Path | None:
+    """The GGUF file a model was converted from, or None: a bundled model's (kept in its cache folder since
+    conversion; downloaded again where an older specpass did not keep it), or the one ``*.gguf`` in a model
+    directory. What llama.cpp runs in ``specpass bench``."""
+    source = DEFAULT_MODEL_NAME if name_or_path is None else os.fspath(name_or_path)
+    bundle = _bundled(source)
+    if bundle is not None and not Path(source).expanduser().exists():
+        folder = _model_dir(bundle, cache_dir)
+        found = sorted(folder.glob("*.gguf"))
+        if found or not _holds_checkpoint(folder):
+            return found[0] if found else None
+        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.gguf.", suffix=".partial", dir=folder.parent))
+        try:
+            with tqdm(total=1, desc=f"Fetching {bundle.name}'s GGUF", disable=not progress) as bar:
+                fetched = bundle.fetch(staging, folder.parent.parent, lambda name: bar.set_postfix_str(name))
+                os.replace(fetched, folder / fetched.name)
+                bar.update()
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return folder / fetched.name
+    path = Path(source).expanduser()
+    found = sorted(path.glob("*.gguf")) if path.is_dir() else []
+    return found[0] if len(found) == 1 else None
 
 
 def _fetch_smollm2(staging: Path, root: Path, step) -> Path:

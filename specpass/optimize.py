@@ -29,7 +29,7 @@ def optimize(
     progress: bool = True,
     recalibrate: bool = False,
     cuda_graphs: bool | None = None,
-    exact_lowbit: bool = True,
+    exact_lowbit: bool | str = True,
 ) -> SpecModel:
     """Compile ``model`` for lossless generation.
 
@@ -39,8 +39,9 @@ def optimize(
     ``recalibrate=True`` calibrates even when a cached plan exists (and replaces it). ``cuda_graphs``: replay
     the decode, verify and draft programs from CUDA graphs (runtime/cuda_graphs.py); default: on a CUDA model.
     ``exact_lowbit``: read fp32 CPU weights that lie exactly on a quantization block grid (a model loaded from a
-    GGUF file) as their blocks (passes/exact_lowbit.py; lossless, the weights are the same numbers); False keeps
-    every weight in fp32.
+    GGUF file) as their blocks (passes/exact_lowbit.py; lossless, the weights are the same numbers) wherever the
+    low-bit kernel is faster than fp32 on this CPU (timed once per CPU, kernels/choice.py); ``"always"``
+    wherever a weight lies on a grid, without timing; False keeps every weight in fp32.
 
     A bf16 or fp16 model is compiled in its own dtype (KV cache, masks, constants) and generates what HF
     ``generate`` does in that dtype, up to near-ties of its top-2 logits (bench.near_tie_threshold).

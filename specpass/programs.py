@@ -15,6 +15,8 @@ from tqdm.auto import tqdm
 from specpass.capture import CapturedGraph, capture, example_inputs, program_dynamic_shapes
 from specpass.errors import SpecPassError
 from specpass.graph_text import summary
+from specpass.kernels import choice, loaded_isa
+from specpass.kernels.choice import describe_choice
 from specpass.lower import lower
 from specpass.passes import PIPELINES, DraftConfig, draft_pipeline, run_passes, with_options
 from specpass.runtime.cuda_graphs import waits_on_host
@@ -43,8 +45,11 @@ class SpecModel(CompiledLM):
         self.compile_s = compile_s
         self._draft_key = None
         self.summaries: dict[str, dict] = {}  # program -> graph_text.summary of its rewritten graph
-        self.exact_lowbit = True  # passes/exact_lowbit.py in every pipeline (optimize(..., exact_lowbit=False))
+        self.exact_lowbit: bool | str = True  # optimize(..., exact_lowbit=True | "always" | False)
         self.lowbit: dict[str, dict] = {}  # weight -> what exact_lowbit matched (format, blocks, bytes)
+        self.lowbit_choices: dict[str, dict] = {}  # kind of call -> kernel and fp32 times here, and the choice
+        self.lowbit_calls: dict[str, list] = {}  # program -> its low-bit calls (parameters, block, bits, shapes)
+        self.lowbit_params: dict[str, object] = {}  # parameter name of a low-bit call -> its tensor
 
 
 def compile_plain(
@@ -54,9 +59,11 @@ def compile_plain(
     max_cache_len: int | None,
     progress: bool,
     cuda_graphs: bool | None = None,
-    exact_lowbit: bool = True,
+    exact_lowbit: bool | str = True,
 ) -> SpecModel:
     """Capture ``model`` and lower its plain-decoding programs (prefill, and decode for any number of tokens)."""
+    if exact_lowbit not in (True, False, "always"):
+        raise SpecPassError(f"exact_lowbit must be True, False or 'always', got {exact_lowbit!r}")
     for p in model.parameters():
         p.requires_grad_(False)
     t0 = time.perf_counter()
@@ -64,25 +71,24 @@ def compile_plain(
     device = next(model.parameters()).device
     if cuda_graphs and device.type != "cuda":
         raise SpecPassError(f"cuda_graphs=True needs a model on a CUDA device; this one is on {device}")
-    programs, summaries, lowbit = {}, {}, {}
+    sm = SpecModel(model, captured, {}, backend, 0.0)
+    sm.exact_lowbit = exact_lowbit
     for name in tqdm(("prefill", "decode"), desc=f"specpass: compiling ({backend})", disable=not progress):
         # decode takes any number of tokens: one in plain decoding, the verified chain in speculation.
-        pipeline = with_options(PIPELINES[name], exact_lowbit=exact_lowbit)
-        programs[name], summaries[name] = build_program(
-            captured, name, pipeline, backend, dynamic_q=True, lowbit=lowbit
-        )
-    sm = SpecModel(model, captured, programs, backend, time.perf_counter() - t0)
-    sm.summaries = summaries
-    sm.exact_lowbit = exact_lowbit
-    sm.lowbit = lowbit
-    if lowbit:
-        packed = sum(v["bytes"] for v in lowbit.values())
+        _add_program(sm, name, PIPELINES[name], None, dynamic_q=True)
+    sm.compile_s = time.perf_counter() - t0
+    if sm.lowbit:
+        packed = sum(v["bytes"] for v in sm.lowbit.values())
         log.info(
-            "exact_lowbit: %d weight matrices stored as blocks (%s), %.1f MB",
-            len(lowbit),
-            ", ".join(f"{n} {f}" for f, n in Counter(v["format"] for v in lowbit.values()).items()),
+            "exact_lowbit: %d weight matrices stored as blocks (%s), %.1f MB; kernels %s",
+            len(sm.lowbit),
+            ", ".join(f"{n} {f}" for f, n in Counter(v["format"] for v in sm.lowbit.values()).items()),
             packed / 1e6,
+            loaded_isa(),
         )
+    for what, result in sm.lowbit_choices.items():
+        if not result["lowbit"]:
+            log.info("exact_lowbit: %s stays fp32 on this CPU (%s)", what, describe_choice(result))
     if cuda_graphs is not None:
         sm.cuda_graphs = cuda_graphs
     return sm
@@ -96,21 +102,28 @@ def build_program(
     cfg: DraftConfig | None = None,
     *,
     dynamic_q: bool,
-    lowbit: dict | None = None,
+    sm: SpecModel | None = None,
 ) -> tuple:
     """Run ``pipeline`` on the captured graph and lower the result: (the program, its graph summary).
 
     ``dynamic_q``: the program takes any number of tokens per call, else one. A model captured per query
     length (recurrent state, see capture.py) gets a PiecewiseProgram whose pieces are built when first needed.
-    ``lowbit``: a dict that collects what exact_lowbit matched (weight name -> summary).
+    ``sm``: the SpecModel the program is for; it collects what exact_lowbit matched, chose and called.
     """
     spec = captured.spec
     device = next(captured.gm.parameters()).device
+    mode = "always" if sm is not None and sm.exact_lowbit == "always" else None
 
     def build(graph: CapturedGraph, q: int | None):
-        gm = run_passes(graph.gm, pipeline, graph.structure, cfg)
-        if lowbit is not None:
-            lowbit.update(gm.meta["specpass"].get("exact_lowbit", {}))
+        with choice.use_mode(mode):
+            gm = run_passes(graph.gm, pipeline, graph.structure, cfg)
+        if sm is not None:
+            found = gm.meta["specpass"]
+            sm.lowbit.update(found.get("exact_lowbit", {}))
+            sm.lowbit_choices.update(found.get("lowbit_choices", {}))
+            sm.lowbit_calls[name if q is None else f"{name}_q{q}"] = found.get("lowbit_calls", [])
+            for call in found.get("lowbit_calls", []):
+                sm.lowbit_params.update((p, getattr(gm, p)) for p in call["params"])
         program = lower(
             gm,
             backend,
@@ -144,7 +157,8 @@ def check_tree_verify(sm: SpecModel) -> None:
         )
     if "verify" not in sm.summaries:
         pipeline = with_options(PIPELINES["verify"], exact_lowbit=sm.exact_lowbit)
-        gm = run_passes(sm.captured.gm, pipeline, sm.captured.structure)
+        with choice.use_mode("always" if sm.exact_lowbit == "always" else None):
+            gm = run_passes(sm.captured.gm, pipeline, sm.captured.structure)
         sm.summaries["verify"] = summary(gm)
 
 
@@ -183,11 +197,11 @@ def _build_del_programs(sm: SpecModel, plan, device) -> None:
     _add_program(sm, VERIFY_EXITS, PIPELINES[VERIFY_EXITS], cfg, dynamic_q=True)
 
 
-def _add_program(sm: SpecModel, name: str, pipeline: tuple, cfg: DraftConfig, *, dynamic_q: bool) -> None:
+def _add_program(sm: SpecModel, name: str, pipeline: tuple, cfg: DraftConfig | None, *, dynamic_q: bool) -> None:
     """Run ``pipeline`` on the captured graph and lower the result as ``sm.programs[name]``."""
     pipeline = with_options(pipeline, exact_lowbit=sm.exact_lowbit)
     sm.programs[name], sm.summaries[name] = build_program(
-        sm.captured, name, pipeline, sm.backend, cfg, dynamic_q=dynamic_q, lowbit=sm.lowbit
+        sm.captured, name, pipeline, sm.backend, cfg, dynamic_q=dynamic_q, sm=sm
     )
 
 

@@ -272,10 +272,13 @@ def test_default_methods_are_all_registered_methods_in_order():
         "hf_early_exit",
         "economize_layer_skip",
         "flashspec_lookup",
+        "llamacpp",
+        "llamacpp_lookup",
         "specpass_plain",
         "specpass",
     )
     assert bench.DEFAULT_METHODS == tuple(bench.METHODS) == expected
+    assert [n for n, m in bench.METHODS.items() if not m.lossless] == ["llamacpp", "llamacpp_lookup"]
     assert bench_args().methods == ",".join(expected)
 
 
@@ -348,6 +351,81 @@ def test_a_missing_peer_package_is_reported_as_skipped(tiny_chat, prompts_file, 
     for text in (printed, md):
         assert "| economize_layer_skip | | | | | | skipped: economize is not installed" in text
         assert "SKIPPED: economize_layer_skip: economize is not installed" in text
+
+
+def fake_llama_cpp(model, wrong_last: bool = False) -> types.ModuleType:
+    """A stand-in for llama-cpp-python: ``Llama(...).generate(tokens)`` yields the tiny model's greedy tokens
+    forever (as llama.cpp does; the caller stops), the 6th one changed when ``wrong_last``. Records its calls and
+    refuses a generate whose KV cache was not reset."""
+    module = types.ModuleType("llama_cpp")
+    module.__version__ = "0.0-test"
+    module.created, module.prompts = [], []
+
+    class Llama:
+        def __init__(self, **kwargs):
+            module.created.append(kwargs)
+            self.cached = 0  # tokens in the KV cache: generate(reset=True) would reuse a shared prefix of them
+
+        def reset(self):
+            self.cached = 0
+
+        def generate(self, tokens, reset=True, **sampling):
+            assert reset and sampling["temp"] == 0.0 and sampling["repeat_penalty"] == 1.0
+            assert self.cached == 0, "every prompt is prefilled in full: reset() before generate()"
+            self.cached = len(tokens)
+            module.prompts.append(list(tokens))
+            ids = torch.tensor([tokens])
+            with torch.no_grad():
+                mask = torch.ones_like(ids)  # the prompt holds <|im_end|>, the pad id: not padding
+                out = model.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False, eos_token_id=None)
+            for i, t in enumerate(out[0, ids.shape[1] :].tolist()):
+                yield (t + 1) % model.config.vocab_size if wrong_last and i == 5 else t
+
+    speculative = types.ModuleType("llama_cpp.llama_speculative")
+    speculative.LlamaPromptLookupDecoding = lambda num_pred_tokens: ("lookup", num_pred_tokens)
+    module.Llama, module.llama_speculative = Llama, speculative
+    return module
+
+
+@pytest.mark.parametrize("wrong", [False, True])
+def test_llamacpp_gets_the_prompt_ids_and_its_differences_do_not_fail_the_run(
+    wrong, tiny_chat, prompts_file, tmp_path, monkeypatch, capsys
+):
+    model, tok = tiny_chat
+    fake = fake_llama_cpp(model, wrong_last=wrong)
+    monkeypatch.setitem(sys.modules, "llama_cpp", fake)
+    monkeypatch.setitem(sys.modules, "llama_cpp.llama_speculative", fake.llama_speculative)
+    gguf = tmp_path / "model.gguf"
+    extra = ("--gguf", str(gguf), "--max-new-tokens", "8")
+    rc, data, md = run_small(model, tok, prompts_file, tmp_path, "hf_eager,llamacpp,llamacpp_lookup", extra=extra)
+    assert rc == 0 and data["skipped"] == {}
+    first, lookup = fake.created
+    assert first["model_path"] == str(gguf) and first["n_threads"] == first["n_threads_batch"] == 1
+    assert "draft_model" not in first and lookup["draft_model"] == ("lookup", bench.methods.LLAMACPP_LOOKUP_TOKENS)
+    timed = {p["question_id"] for p in data["prompts"]}
+    expected = [chat_ids(tok, q["turns"][0])[0].tolist() for q in QUESTIONS if q["question_id"] in timed]
+    # exactly the ids every method gets (llama.cpp's own tokenizer is not in the loop), after the warm-ups
+    assert sorted(fake.prompts[-4:]) == sorted(expected * 2)
+    for name in ("llamacpp", "llamacpp_lookup"):
+        s = data["summary"][name]
+        assert s["lossless"] is False and s["new_tokens"] == data["summary"]["hf_eager"]["new_tokens"]
+        assert s["identical"] is not wrong
+    printed = capsys.readouterr().out
+    if wrong:
+        assert "no (2 prompt(s) differ; not lossless)" in printed and "FAILED" not in printed
+        assert "llamacpp is not lossless by design: its output equals hf_eager's on 0 of 2 prompts" in printed
+        assert "MISMATCH" not in printed  # listed for lossless methods only
+    assert "llama-cpp-python 0.0-test, model.gguf, 1 threads" in md
+
+
+def test_llamacpp_needs_its_package_and_a_gguf_file(tiny_chat, prompts_file, tmp_path, monkeypatch):
+    model, tok = tiny_chat
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    rc, data, _ = run_small(model, tok, prompts_file, tmp_path, "hf_eager,llamacpp")
+    assert rc == 0 and "pip install 'specpass[peers]'" in data["skipped"]["llamacpp"]
+    monkeypatch.setitem(sys.modules, "llama_cpp", fake_llama_cpp(model))
+    rc, data, _ = run_small(model, tok, prompts_file, tmp_path, "hf_eager,llamacpp")  # an injected model: no GGUF
+    assert rc == 0 and "llama.cpp runs GGUF files" in data["skipped"]["llamacpp"]
 
 
 def _failing(after: int):
@@ -501,9 +579,12 @@ def test_bench_on_the_default_model(tmp_path):
     data = json.loads(out_json.read_text())
     assert rc == 0, data["mismatches"]
     assert data["config"]["methods"] == [n for n in bench.DEFAULT_METHODS if n not in data["skipped"]]
-    assert set(data["skipped"]) <= {"economize_layer_skip", "flashspec_lookup"}  # peers that are not installed
+    # peers that are not installed (CI does not build llama.cpp: pip install 'specpass[peers]' takes ~10 minutes)
+    assert set(data["skipped"]) <= {"economize_layer_skip", "flashspec_lookup", "llamacpp", "llamacpp_lookup"}
+    assert data["config"]["lowbit"]["isa"] == data["machine"]["isa"].lower().replace("-", "")
+    assert data["config"]["lowbit"]["choices"]  # what was timed against fp32 on this CPU
     for name, s in data["summary"].items():
-        assert s["identical"], name
+        assert s["identical"] or not s["lossless"], name
         assert s["new_tokens"] == data["summary"]["hf_eager"]["new_tokens"] > 0
     assert data["summary"]["hf_static_compile"]["graphs_compiled_while_timed"] == 0
 

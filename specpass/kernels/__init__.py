@@ -2,15 +2,17 @@
 
 The operators' schemas and shape functions are defined here, so graphs that call them can be captured, passed
 and lowered (AOTInductor calls them through its proxy executor) wherever specpass is imported; their CPU code is
-``lowbit.cpp``, compiled with the system's C++ compiler (the one Inductor itself needs) on first use.
+``lowbit.cpp`` with the inner loops of one ISA level (``lowbit_avx512.cpp``, ``lowbit_avx2.cpp`` or
+``lowbit_generic.cpp``), compiled with the system's C++ compiler (the one Inductor itself needs) on first use:
+the best level this CPU runs, or the one ``$SPECPASS_KERNEL_ISA`` names.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
-import platform
 import shutil
 import subprocess
 import tempfile
@@ -19,13 +21,20 @@ from pathlib import Path
 
 import torch
 
+from specpass import machine
 from specpass.cache import cache_root
 from specpass.errors import SpecPassError
 
 log = logging.getLogger("specpass.kernels")
 
-_SOURCE = Path(__file__).with_name("lowbit.cpp")
-_FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-DNDEBUG"]
+_DIR = Path(__file__).parent
+#: the kernel ISA levels, best first: one source file each (lowbit_<isa>.cpp), compiled with lowbit.cpp into a
+#: library of its own
+ISAS = ("avx512", "avx2", "generic")
+_MARCH = {"avx512": "x86-64-v4", "avx2": "x86-64-v3", "generic": "x86-64"}
+_FLAGS = ["-O3", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC", "-std=c++20", "-DNDEBUG"]
+#: seconds a kernel build may take before it is stopped (a 2-core machine needs about 20)
+BUILD_TIMEOUT_S = 300
 
 _lib = torch.library.Library("specpass", "DEF")
 _BLOCKS = "Tensor q, Tensor scale, Tensor shift, Tensor exc_ids, Tensor exc_values, int block, int bits"
@@ -53,31 +62,75 @@ def _dequantize_fake(q, scale, shift, exc_ids, exc_values, block, bits):
     return scale.new_empty((q.shape[0], _columns(q, bits)))
 
 
-_loaded: str | None = None
+_loaded: tuple[str, str] | None = None  # (isa, library path) of the build this process loaded
 
 
-def load_kernels() -> str:
-    """Compile ``lowbit.cpp`` if this machine has no build of it yet, load it, and return the library's path.
+def kernel_isa() -> str:
+    """The ISA level of the kernels to use: ``$SPECPASS_KERNEL_ISA`` (avx512, avx2 or generic) if set, else the
+    best this CPU runs."""
+    forced = os.environ.get("SPECPASS_KERNEL_ISA", "").strip().lower()
+    if forced and forced not in ISAS:
+        raise SpecPassError(f"SPECPASS_KERNEL_ISA={forced!r} is not one of {', '.join(ISAS)}; unset it or pick one")
+    return forced or machine.kernel_isas()[0]
+
+
+def loaded_isa() -> str | None:
+    """The ISA level of the kernels this process loaded, or None before ``load_kernels()``."""
+    return _loaded[0] if _loaded else None
+
+
+def build_kernels(isa: str | None = None) -> Path:
+    """The library of the ``isa`` kernels (default: ``kernel_isa()``), compiled first if this machine has no build
+    of it. Builds for any level, also one this CPU cannot run (to check that it compiles).
 
     Raises SpecPassError (with the compiler's message) when there is no C++ compiler or the build fails.
     """
-    global _loaded
-    if _loaded is not None:
-        return _loaded
-    source = _SOURCE.read_bytes()
+    isa = isa or kernel_isa()
+    path, cxx, flags = library_path(isa)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _build(cxx, flags, _sources(isa), path, isa)
+    return path
+
+
+def library_path(isa: str) -> tuple[Path, str, list[str]]:
+    """(where the ``isa`` build lives in the cache, the compiler, its flags). The name holds a hash of everything
+    the build depends on: the sources, flags, compiler, torch, and this CPU's model and ISA extensions
+    (``-mtune=native``; and a cache shared between machines must never hand one CPU another's build)."""
+    if isa not in ISAS:
+        raise SpecPassError(f"unknown kernel ISA {isa!r}; choose from {', '.join(ISAS)}")
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if cxx is None:
         raise SpecPassError(
             "specpass's low-bit kernels need a C++ compiler (g++); install one, or pass exact_lowbit=False"
         )
-    # -march=native: a build is only good for this kind of CPU (a cache shared between machines keeps one each)
-    machine = f"{platform.machine()}|{torch.backends.cpu.get_cpu_capability()}|{platform.processor()}"
-    parts = [source, torch.__version__.encode(), " ".join(_FLAGS).encode(), cxx.encode(), machine.encode()]
-    key = hashlib.sha256(b"\0".join(parts))
-    path = cache_root() / "kernels" / f"lowbit-{key.hexdigest()[:16]}.so"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _build(cxx, path)
+    flags = [*_FLAGS, *_isa_flags(isa)]
+    parts = [torch.__version__, " ".join(flags), cxx, _compiler_version(cxx), machine.cpu_key()]
+    key = hashlib.sha256(b"\0".join([*(p.read_bytes() for p in _sources(isa)), *(p.encode() for p in parts)]))
+    return cache_root() / "kernels" / f"lowbit-{isa}-{key.hexdigest()[:16]}.so", cxx, flags
+
+
+def load_kernels() -> str:
+    """Build (once per machine) and load the kernels of ``kernel_isa()``; returns the library's path.
+
+    Raises SpecPassError when the build fails, or when the level was forced to one this CPU cannot run.
+    """
+    global _loaded
+    isa = kernel_isa()
+    if _loaded is not None:
+        if _loaded[0] != isa:
+            raise SpecPassError(
+                f"this process already loaded the {_loaded[0]} kernels; SPECPASS_KERNEL_ISA={isa} takes effect in a "
+                "new process"
+            )
+        return _loaded[1]
+    missing = machine.missing_flags(isa)
+    if missing:  # loading would be an illegal instruction: a dead process
+        raise SpecPassError(
+            f"this CPU ({machine.cpu_model()}) cannot run the {isa} kernels: it lacks {', '.join(missing)}; unset "
+            f"SPECPASS_KERNEL_ISA or choose one of {', '.join(machine.kernel_isas())}"
+        )
+    path = build_kernels(isa)
     try:
         torch.ops.load_library(str(path))
     except OSError as e:
@@ -85,11 +138,41 @@ def load_kernels() -> str:
             f"could not load specpass's low-bit kernels from {path} ({e}); delete that file to rebuild it, or pass "
             "exact_lowbit=False"
         ) from e
-    _loaded = str(path)
-    return _loaded
+    _loaded = (isa, str(path))
+    log.info("low-bit kernels: %s (%s)", isa, machine.cpu_model())
+    set_test_delay(int(os.environ.get("SPECPASS_KERNEL_TEST_DELAY_US", "0") or 0))
+    return str(path)
 
 
-def _build(cxx: str, path: Path) -> None:
+def set_test_delay(us: int) -> None:
+    """A test hook: every ``lowbit_linear`` call waits ``us`` microseconds more (0: none), so that the kernel loses
+    to fp32 on purpose and the measured choice (kernels/choice.py) can be seen to keep fp32. Also set for
+    processes started from this one, and applied by ``load_kernels``."""
+    os.environ["SPECPASS_KERNEL_TEST_DELAY_US"] = str(int(us))
+    if _loaded is not None:
+        torch.ops.specpass.lowbit_test_delay(int(us))
+
+
+def _sources(isa: str) -> list[Path]:
+    """The files of an ``isa`` build: the operators, the ISA's inner loops, and the headers both include."""
+    return [_DIR / "lowbit.cpp", _DIR / f"lowbit_{isa}.cpp", _DIR / "lowbit.h", _DIR / "lowbit_kernel.h"]
+
+
+def _isa_flags(isa: str) -> list[str]:
+    if not machine.is_x86():
+        return []  # generic only: the compiler's own target
+    return [f"-march={_MARCH[isa]}", "-mtune=native"]
+
+
+@functools.cache
+def _compiler_version(cxx: str) -> str:
+    try:
+        return subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _build(cxx: str, flags: list[str], sources: list[Path], path: Path, isa: str) -> None:
     from torch.utils import cpp_extension
 
     includes = [f"-I{p}" for p in cpp_extension.include_paths()]
@@ -98,15 +181,25 @@ def _build(cxx: str, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)  # renamed into place when complete
     os.close(fd)
     start = time.perf_counter()
-    log.info("building specpass's low-bit kernels (once per machine and torch version)")
+    log.info("building specpass's %s low-bit kernels (once per CPU and torch version)", isa)
+    compile_units = [str(p) for p in sources if p.suffix == ".cpp"]
     try:
-        proc = subprocess.run(
-            [cxx, *_FLAGS, abi, *includes, str(_SOURCE), "-o", tmp, *libs], capture_output=True, text=True
-        )
+        try:
+            proc = subprocess.run(
+                [cxx, *flags, abi, *includes, *compile_units, "-o", tmp, *libs],
+                capture_output=True,
+                text=True,
+                timeout=BUILD_TIMEOUT_S,
+            )
+        except subprocess.TimeoutExpired as e:
+            raise SpecPassError(
+                f"building specpass's low-bit kernels took over {BUILD_TIMEOUT_S} s ({cxx}) and was stopped; pass "
+                "exact_lowbit=False to run without them"
+            ) from e
         if proc.returncode != 0:
             raise SpecPassError(
-                f"building specpass's low-bit kernels failed ({cxx}); pass exact_lowbit=False to run without them:\n"
-                + proc.stderr[-2000:]
+                f"building specpass's {isa} low-bit kernels failed ({cxx}); pass exact_lowbit=False to run without "
+                "them:\n" + proc.stderr[-2000:]
             )
         os.replace(tmp, path)
     finally:

@@ -18,13 +18,13 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import sys
 import time
 
 import torch
 from torch import nn
 
+from specpass import machine
 from specpass.cache import cache_root, write_atomic
 from specpass.version import __version__
 
@@ -64,7 +64,9 @@ def _device_tag(device: torch.device) -> str:
         index = device.index if device.index is not None else torch.cuda.current_device()
         cap = torch.cuda.get_device_capability(index)
         return f"cuda|{torch.cuda.get_device_name(index)}|sm{cap[0]}{cap[1]}|cuda {torch.version.cuda}"
-    return f"{device.type}|{platform.machine()}|{torch.backends.cpu.get_cpu_capability()}"
+    # Inductor compiles for the ISA it detects: a program from another CPU of a cache shared between machines
+    # could be an illegal instruction here (a dead process, no error to catch)
+    return f"{device.type}|{machine.cpu_key()}|{torch.backends.cpu.get_cpu_capability()}"
 
 
 def _describe(value) -> str:

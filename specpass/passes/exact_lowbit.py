@@ -15,8 +15,20 @@ compiler fuses the multiply-add or not; tests rebuild every matched matrix and c
 
 ``linear(x, W[, b])`` becomes ``lowbit_linear(x, blocks...)[ + b]`` and ``embedding(W, ids)`` becomes
 ``lowbit_embedding(ids, blocks...)``; the blocks are parameters of the program (an engine stores them instead
-of the fp32 weight). The recovery runs once per weight tensor (cached on it) and is reported per matrix, by the
-model's parameter name, in ``gm.meta["specpass"]["exact_lowbit"]``.
+of the fp32 weight). Linear layers that read the same input with the same storage (q/k/v, gate/up) become one
+call over their blocks stacked by rows, whose output is sliced back::
+
+    q = linear(x, Wq); k = linear(x, Wk); v = linear(x, Wv)
+    ->  qkv = lowbit_linear(x, blocks of [Wq; Wk; Wv]); q = qkv[..., :Nq]; k = ...; v = ...
+
+(one call, one start of the threads and one pass over x instead of three: a decode step of the default model
+3-7% faster on the 2-core Zen 3 of 2026-12-03, docs/benchmarks.md).
+
+The kernel is used only where it is faster on this CPU (``kernels/choice.py``: each kind of call timed against
+the fp32 product it replaces, per program regime: prefill, or a few tokens; ``$SPECPASS_LOWBIT_CHOICE=always``
+skips the timing). The recovery runs once per weight tensor (cached on it) and is reported per matrix, by the
+model's parameter name, in ``gm.meta["specpass"]["exact_lowbit"]``; the timings in ``["lowbit_choices"]`` and the
+calls in ``["lowbit_calls"]``.
 """
 
 from __future__ import annotations
@@ -24,10 +36,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+from collections import defaultdict
 
 import torch
 
-from specpass.kernels import load_kernels
+from specpass.kernels import choice, load_kernels
 from specpass.passes.manager import PassResult, attr_of, tag
 
 log = logging.getLogger("specpass.passes")
@@ -35,6 +48,8 @@ log = logging.getLogger("specpass.passes")
 _aten = torch.ops.aten
 _LINEAR = _aten.linear.default
 _EMBEDDING = _aten.embedding.default
+_LOWBIT_LINEAR = torch.ops.specpass.lowbit_linear.default
+_LOWBIT_EMBEDDING = torch.ops.specpass.lowbit_embedding.default
 
 #: a matrix is stored as blocks when at least this share of its blocks is reproduced exactly
 MIN_MATCHED = 0.5
@@ -69,6 +84,7 @@ _STORAGES = (
 _SIGNED_RANGE = {"Q4_0": (-8, 7), "Q5_0": (-16, 15), "Q6_K": (-32, 31), "Q8_0": (-128, 127)}
 #: affine formats whose scales or minimums are not all fp16 values are K-quants (an fp16 x 6-bit product)
 _K_QUANT = {"Q4_1": "Q4_K", "Q5_1": "Q5_K"}
+_PARTS = ("q", "scale", "shift", "exc_ids", "exc_values")  # Blocks.tensors(), in the kernels' argument order
 _CHUNK = 1 << 18  # blocks searched at a time (bounds the fp64 temporaries of a 170M-weight embedding)
 
 
@@ -108,22 +124,61 @@ class Blocks:
 
 
 def exact_lowbit(gm: torch.fx.GraphModule, structure=None, cfg=None) -> PassResult:
-    """Read every fp32 CPU linear / embedding weight that lies on a block grid through the low-bit kernels."""
-    report = gm.meta.setdefault("specpass", {}).setdefault("exact_lowbit", {})
-    n = 0
+    """Read every fp32 CPU linear / embedding weight that lies on a block grid through the low-bit kernels, where
+    they are faster."""
+    meta = gm.meta.setdefault("specpass", {})
+    report = meta.setdefault("exact_lowbit", {})
+    matches = []  # (node, weight node, blocks), graph order
     for node in list(gm.graph.nodes):
         weight_node = _weight_of(node)
         if weight_node is None:
             continue
-        weight = attr_of(gm, weight_node.target)
-        blocks = pack(weight)
-        if blocks is None:
-            continue
-        load_kernels()  # built on first use; a SpecPassError (no compiler) names exact_lowbit=False
-        _rewrite(gm, node, weight_node, blocks)
-        report[weight_node.target.removeprefix(_WRAPPER)] = blocks.summary()
-        n += 1
-    return PassResult(gm, n > 0, n)
+        blocks = pack(attr_of(gm, weight_node.target))
+        if blocks is not None:
+            load_kernels()  # built on first use; a SpecPassError (no compiler) names exact_lowbit=False
+            matches.append((node, weight_node, blocks))
+    calls = [(members, _stacked([b for _, _, b in members])) for members in _one_call_each(matches)]
+    if choice.mode() == "measure":
+        calls = _faster_on_this_cpu(gm, calls, meta.setdefault("lowbit_choices", {}))
+    records = meta.setdefault("lowbit_calls", [])
+    for members, blocks in calls:
+        records.append(_rewrite(gm, members, blocks))
+        for _, weight_node, b in members:
+            report[weight_node.target.removeprefix(_WRAPPER)] = b.summary()
+    return PassResult(gm, bool(calls), sum(len(m) for m, _ in calls))
+
+
+def _one_call_each(matches: list) -> list[list]:
+    """The matches grouped into calls: linear layers of one input and one storage together, the rest alone."""
+    groups: dict[tuple, list] = defaultdict(list)
+    for match in matches:
+        node, _, b = match
+        key = (node.args[0], b.bits, b.block, b.shift.numel() > 0, b.shape[1]) if node.target is _LINEAR else (node,)
+        groups[key].append(match)
+    return list(groups.values())
+
+
+def _is_prefill(gm: torch.fx.GraphModule) -> bool:
+    """A prefill program keeps only the last position's logits (passes/last_token_logits.py ran before)."""
+    return any(h["pass"] == "last_token_logits" for h in gm.meta.get("specpass", {}).get("history", []))
+
+
+def _faster_on_this_cpu(gm: torch.fx.GraphModule, calls: list, choices: dict) -> list:
+    """The calls whose kind the kernel multiplies faster than fp32 here (embeddings always: one row a token)."""
+    regime = "prefill" if _is_prefill(gm) else "few_tokens"
+    kinds: dict[str, list] = defaultdict(list)
+    for members, blocks in calls:
+        if members[0][0].target is _LINEAR:
+            weights = [attr_of(gm, w.target) for _, w, _ in members]
+            call = choice.Call(blocks.tensors(), blocks.block, blocks.bits, weights)
+            kinds[choice.kind([call], regime)].append((members, blocks, call))
+    slower: set[int] = set()
+    for same in kinds.values():
+        result = choice.lowbit_faster([c for _, _, c in same], regime)
+        choices[result["kind"]] = result
+        if not result["lowbit"]:
+            slower.update(id(members) for members, _, _ in same)
+    return [(members, blocks) for members, blocks in calls if id(members) not in slower]
 
 
 def _weight_of(node: torch.fx.Node) -> torch.fx.Node | None:
@@ -193,7 +248,7 @@ def recover_blocks(w: torch.Tensor) -> Blocks | None:
             keep_shift = not signed
         else:
             q = codes.to(torch.int8).reshape(n_rows, k)
-            keep_shift = bool(shift.any())  # all +-0.0: the kernel adds -0.0, which changes no weight
+            keep_shift = not bool(_negative_zero(shift).all())  # all -0.0: the kernel adds -0.0 without one
         return Blocks(
             format=fmt,
             bits=bits,
@@ -236,6 +291,10 @@ def _match(wb: torch.Tensor, bits: int, signed: bool, candidates):
     return codes, scale, shift, found, names
 
 
+def _negative_zero(t: torch.Tensor) -> torch.Tensor:
+    return (t == 0) & torch.signbit(t)
+
+
 def _is_fp16(t: torch.Tensor) -> bool:
     return bool((t.half().float() == t).all())
 
@@ -275,40 +334,109 @@ def _symmetric(wb: torch.Tensor, k: int, qmin: int, qmax: int):
 
 
 def _reproduces(wb: torch.Tensor, u: torch.Tensor, s: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """Per block: every ``u * s + m`` in fp32 has ``wb``'s bits, with ``u * s`` exact where ``m`` is not 0."""
+    """Per block: every ``u * s + m`` in fp32 has ``wb``'s bits, with ``u * s`` exact where ``m`` is not -0.0.
+
+    Then a fused ``fma(u, s, m)`` gives the same value: with ``u * s`` exact there is one rounding either way, and
+    adding -0.0 changes no value, a product that underflows to a signed zero included (+0.0 would turn -0.0 into
+    +0.0 after a rounded product, not inside an fma)."""
     uf = u.float()
     prod = uf * s[:, None]
-    exact = (prod.double() == uf.double() * s.double()[:, None]) | (m == 0)[:, None]  # +-0: adds nothing
+    exact = (prod.double() == uf.double() * s.double()[:, None]) | _negative_zero(m)[:, None]
     value = prod + m[:, None]
     same = value.view(torch.int32) == wb.view(torch.int32)
     return (exact & same).all(1)
 
 
-def _rewrite(gm: torch.fx.GraphModule, node: torch.fx.Node, weight_node: torch.fx.Node, blocks: Blocks) -> None:
+def _stacked(parts: list[Blocks]) -> Blocks:
+    """One Blocks holding ``parts``' rows in turn (they share bits, block, shift and columns); cached, and each part
+    then views its rows of the stack, so the weights are held once."""
+    if len(parts) == 1:
+        return parts[0]
+    key = tuple((id(b.q), b.q.data_ptr()) for b in parts)
+    cached = getattr(parts[0].q, "_specpass_stacked", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    nb = parts[0].scale.shape[1]
+    offsets = [0]
+    for b in parts:
+        offsets.append(offsets[-1] + b.shape[0])
+    stacked = Blocks(
+        format=parts[0].format,
+        bits=parts[0].bits,
+        block=parts[0].block,
+        q=torch.cat([b.q for b in parts]),
+        scale=torch.cat([b.scale for b in parts]),
+        shift=torch.cat([b.shift for b in parts]) if parts[0].shift.numel() else parts[0].shift,
+        exc_ids=torch.cat([b.exc_ids + row * nb for b, row in zip(parts, offsets, strict=False)]),
+        exc_values=torch.cat([b.exc_values for b in parts]),
+        shape=(offsets[-1], parts[0].shape[1]),
+    )
+    for b, r0, r1 in zip(parts, offsets, offsets[1:], strict=False):  # the parts' own tensors now view the stack
+        b.q, b.scale = stacked.q[r0:r1], stacked.scale[r0:r1]
+        if b.shift.numel():
+            b.shift = stacked.shift[r0:r1]
+    with contextlib.suppress(AttributeError, RuntimeError):  # the next program's lookup finds the views
+        parts[0].q._specpass_stacked = (tuple((id(b.q), b.q.data_ptr()) for b in parts), stacked)
+    return stacked
+
+
+def _rewrite(gm: torch.fx.GraphModule, members: list, blocks: Blocks) -> dict:
+    """Replace ``members`` (linear or embedding nodes with their weight nodes) by one low-bit call; returns its
+    record (parameter names, block, bits, the matrices' shapes)."""
     graph = gm.graph
-    prefix = "specpass_lowbit_" + weight_node.target.replace(".", "_")
-    with graph.inserting_before(node):
+    first, first_weight, _ = members[0]
+    prefix = (
+        "specpass_lowbit_" + first_weight.target.replace(".", "_") + (f"_x{len(members)}" if len(members) > 1 else "")
+    )
+    names = [f"{prefix}_{part}" for part in _PARTS]
+    with graph.inserting_before(first), _fake_mode(first.meta["val"]):
         inputs = []
-        for part, t in zip(("q", "scale", "shift", "exc_ids", "exc_values"), blocks.tensors(), strict=True):
-            name = f"{prefix}_{part}"
+        for name, t in zip(names, blocks.tensors(), strict=True):
             if not hasattr(gm, name):  # a parameter: bound at load like the weight it replaces, not hashed
                 gm.register_parameter(name, torch.nn.Parameter(t, requires_grad=False))
             attr = graph.get_attr(name)
             attr.meta["val"] = t
-            tag(attr, "exact_lowbit", node)
+            tag(attr, "exact_lowbit", first)
             inputs.append(attr)
 
-        def call(target, args):
+        def call(target, args, val, anchor):
             new = graph.call_function(target, args)
-            new.meta["val"] = node.meta["val"]
-            tag(new, "exact_lowbit", node)
+            new.meta["val"] = val
+            tag(new, "exact_lowbit", anchor)
             return new
 
-        if node.target is _LINEAR:
-            new = call(torch.ops.specpass.lowbit_linear.default, (node.args[0], *inputs, blocks.block, blocks.bits))
-            if len(node.args) > 2 and node.args[2] is not None:  # the bias
-                new = call(_aten.add.Tensor, (new, node.args[2]))
+        if first.target is _EMBEDDING:
+            new = call(_LOWBIT_EMBEDDING, (first.args[1], *inputs, blocks.block, blocks.bits), first.meta["val"], first)
+            outputs = [new]
         else:
-            new = call(torch.ops.specpass.lowbit_embedding.default, (node.args[1], *inputs, blocks.block, blocks.bits))
-    node.replace_all_uses_with(new)
-    graph.erase_node(node)
+            val = first.meta["val"]
+            val = val.new_empty((*val.shape[:-1], blocks.shape[0]))
+            new = call(_LOWBIT_LINEAR, (first.args[0], *inputs, blocks.block, blocks.bits), val, first)
+            outputs, start = [], 0
+            for node, _, b in members:
+                out = new
+                if len(members) > 1:  # this member's columns of the stacked output
+                    end = start + b.shape[0]
+                    out = call(_aten.slice.Tensor, (new, -1, start, end), val[..., start:end], node)
+                    start = end
+                if len(node.args) > 2 and node.args[2] is not None:  # the bias
+                    out = call(_aten.add.Tensor, (out, node.args[2]), node.meta["val"], node)
+                outputs.append(out)
+    for (node, _, _), out in zip(members, outputs, strict=True):
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+    return {
+        "op": "embedding" if first.target is _EMBEDDING else "linear",
+        "params": names,
+        # parts without elements (no shift, no exceptions): AOTInductor keeps no constant for them
+        "empty": [part for part, t in zip(_PARTS, blocks.tensors(), strict=True) if t.numel() == 0],
+        "block": blocks.block,
+        "bits": blocks.bits,
+        "shapes": [list(b.shape) for _, _, b in members],
+    }
+
+
+def _fake_mode(val):
+    """The fake mode of the capture's shape values (symbolic shapes propagate only inside it)."""
+    mode = getattr(val, "fake_mode", None)
+    return mode if mode is not None else contextlib.nullcontext()

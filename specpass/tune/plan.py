@@ -7,12 +7,12 @@ import dataclasses
 import hashlib
 import json
 import os
-import platform
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from specpass import machine
 from specpass.cache import cache_root, write_atomic
 from specpass.errors import SpecPassError
 from specpass.passes import PIPELINES, DraftConfig, with_options
@@ -236,10 +236,10 @@ def _decode(entry: dict) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------------
 # The on-disk cache
 # --------------------------------------------------------------------------------------------------------
-def model_hash(model: nn.Module, *, exact_lowbit: bool = True) -> str:
+def model_hash(model: nn.Module, *, exact_lowbit: bool | str = True) -> str:
     """A hash of the model's config and every weight, plus what makes measured speeds comparable here (the
-    machine, threads, device, and the pass pipelines: a new pass, or one turned off, changes what calibration
-    timed)."""
+    CPU, threads, device, and the pass pipelines: a new pass, or one turned off, changes what calibration
+    timed; with exact_lowbit, the kernels' ISA and how their use is chosen)."""
     h = hashlib.blake2b(digest_size=16)
     h.update(model.config.to_json_string(use_diff=False).encode())
     for name, p in sorted(model.state_dict().items()):
@@ -247,9 +247,11 @@ def model_hash(model: nn.Module, *, exact_lowbit: bool = True) -> str:
         h.update(str(p.dtype).encode())
         h.update(p.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
     device = next(model.parameters()).device
-    h.update(
-        f"{PLAN_VERSION}|{platform.machine()}|{platform.processor()}|{torch.get_num_threads()}|{device.type}".encode()
-    )
+    h.update(f"{PLAN_VERSION}|{machine.cpu_key()}|{torch.get_num_threads()}|{device.type}".encode())
+    if exact_lowbit:
+        from specpass.kernels import kernel_isa
+
+        h.update(f"lowbit|{kernel_isa()}|{exact_lowbit}".encode())
     pipelines = {
         name: [p.__name__ for p in with_options(passes, exact_lowbit=exact_lowbit)]
         for name, passes in PIPELINES.items()

@@ -1,0 +1,238 @@
+"""Which multiplies a model's matrices faster on this CPU: the low-bit kernel or the fp32 product it replaces.
+
+Measured, not assumed: the kernel reads 3-5x fewer bytes but does more work per weight, and which wins depends on
+the CPU (the same source was 5x faster than fp32 on an AVX-512 Zen 4 and 3.4x slower on an AVX2 Zen 3 before it
+had an AVX2 path of its own). Each *kind* of call (its storage format and the shapes of the matrices it reads) is
+timed once per CPU, kernel build and thread count, over every matrix of that kind in the model in turn, so that
+the weights stream from memory as they do in a decode step instead of sitting in cache; the answer is cached in
+``<cache>/kernels/choices.json``.
+
+Two regimes, because one program runs one of them: ``few_tokens`` (decode, verify and draft programs: 1-4
+tokens, against fp32 ``W @ x.T`` as passes/linear_operand_order.py computes it) and ``prefill`` (a 128-token
+prompt tile, against fp32 ``linear``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+
+import torch
+
+from specpass import machine
+from specpass.cache import cache_root, write_atomic
+from specpass.errors import SpecPassError
+
+log = logging.getLogger("specpass.kernels")
+
+#: tokens per call timed in each regime
+REGIMES = {"few_tokens": (1, 2, 3, 4), "prefill": (128,)}
+#: how the low-bit/fp32 choice is made: "measure" (time both, keep the faster) or "always" (the kernel wherever
+#: a matrix lies on a grid). ``$SPECPASS_LOWBIT_CHOICE`` sets it for a process (the test suite uses "always", so
+#: that its graphs do not depend on the machine), ``optimize(..., exact_lowbit="always")`` for one compile.
+MODES = ("measure", "always")
+_REPEATS = 5
+_mode: contextvars.ContextVar[str | None] = contextvars.ContextVar("specpass_lowbit_choice", default=None)
+_memo: dict[str, dict] = {}
+
+
+@dataclasses.dataclass
+class Call:
+    """One low-bit call as a program would make it: its blocks, and the fp32 weights of the matrices it replaces
+    (several when q/k/v or gate/up are read in one call; empty: rebuilt from the blocks when they are timed)."""
+
+    blocks: tuple[torch.Tensor, ...]  # q, scale, shift, exc_ids, exc_values
+    block: int
+    bits: int
+    weights: list[torch.Tensor]
+
+    @property
+    def shapes(self) -> list[tuple[int, int]]:
+        if self.weights:
+            return [tuple(w.shape) for w in self.weights]
+        q = self.blocks[0]
+        return [(q.shape[0], q.shape[1] * (2 if self.bits == 4 else 1))]
+
+    def rebuilt(self) -> list[torch.Tensor]:
+        """The fp32 weights: given, or rebuilt from the blocks."""
+        return self.weights or [torch.ops.specpass.lowbit_dequantize(*self.blocks, self.block, self.bits)]
+
+
+def mode() -> str:
+    """The choice mode in effect: ``use_mode``'s, else ``$SPECPASS_LOWBIT_CHOICE``, else "measure"."""
+    value = _mode.get() or os.environ.get("SPECPASS_LOWBIT_CHOICE", "").strip().lower() or "measure"
+    if value not in MODES:
+        raise SpecPassError(f"SPECPASS_LOWBIT_CHOICE={value!r} is not one of {', '.join(MODES)}")
+    return value
+
+
+@contextlib.contextmanager
+def use_mode(value: str | None):
+    """Make the choice with ``value`` ("measure" or "always") inside the block; None changes nothing."""
+    if value is None:
+        yield
+        return
+    token = _mode.set(value)
+    try:
+        yield
+    finally:
+        _mode.reset(token)
+
+
+def kind(calls: list[Call], regime: str) -> str:
+    """What a measurement depends on besides the machine: the regime, the storage and the matrices' shapes."""
+    c = calls[0]
+    shift = c.blocks[2].numel() > 0
+    shapes = "+".join(f"{n}x{k}" for n, k in c.shapes)
+    return f"{regime}|{c.bits}bit/{c.block}{'+shift' if shift else ''}|{shapes}|x{len(calls)}"
+
+
+def lowbit_faster(calls: list[Call], regime: str) -> dict:
+    """Time ``calls`` (one kind: same storage and shapes) with the kernel and in fp32; cached per machine.
+
+    Returns ``{"kind", "lowbit_ms", "fp32_ms", "lowbit": bool}``: the time of one pass over every call (the
+    fastest of a few), summed over the regime's token counts.
+    """
+    from specpass.kernels import load_kernels
+
+    library = load_kernels()
+    delay = int(os.environ.get("SPECPASS_KERNEL_TEST_DELAY_US", "0") or 0)
+    what = kind(calls, regime)
+    key = hashlib.sha256(
+        "\0".join(
+            [what, machine.cpu_key(), os.path.basename(library), str(torch.get_num_threads()), str(delay)]
+        ).encode()
+    ).hexdigest()[:24]
+    if key in _memo:
+        return _memo[key]
+    path = choices_path()
+    stored = _read(path)
+    if key in stored:
+        _memo[key] = stored[key]
+        return stored[key]
+    lowbit_ms, fp32_ms = _time(calls, REGIMES[regime])
+    result = {
+        "kind": what,
+        "lowbit_ms": round(lowbit_ms, 4),
+        "fp32_ms": round(fp32_ms, 4),
+        "lowbit": lowbit_ms <= fp32_ms,
+    }
+    log.info("exact_lowbit: %s: %s", what, describe_choice(result))
+    stored = _read(path)  # another process may have added entries meanwhile
+    stored[key] = result
+    write_atomic(path, json.dumps(stored, indent=1, sort_keys=True).encode())
+    _memo[key] = result
+    return result
+
+
+def choices_path():
+    """Where the measurements are kept: ``<cache>/kernels/choices.json``."""
+    return cache_root() / "kernels" / "choices.json"
+
+
+def _read(path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _time(calls: list[Call], tokens: tuple[int, ...]) -> tuple[float, float]:
+    """(kernel ms, fp32 ms): per token count, the fastest of a few passes over every call (the least disturbed
+    by whatever else runs), summed."""
+    lowbit_total = fp32_total = 0.0
+    k = calls[0].shapes[0][1]
+    weights = [c.rebuilt() for c in calls]
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for t in tokens:
+            x = torch.randn(1, t, k, generator=gen)
+            _kernel_pass(calls, x), _fp32_pass(weights, x)  # warm-up
+            lowbit, dense = [], []
+            for _ in range(_REPEATS):  # alternating, so that a slow moment of the machine hits both
+                lowbit.append(_kernel_pass(calls, x))
+                dense.append(_fp32_pass(weights, x))
+            lowbit_total += min(lowbit)
+            fp32_total += min(dense)
+    return 1e3 * lowbit_total, 1e3 * fp32_total
+
+
+def _kernel_pass(calls: list[Call], x: torch.Tensor) -> float:
+    start = time.perf_counter()
+    for c in calls:
+        torch.ops.specpass.lowbit_linear(x, *c.blocks, c.block, c.bits)
+    return time.perf_counter() - start
+
+
+def _fp32_pass(weights: list[list[torch.Tensor]], x: torch.Tensor) -> float:
+    """Seconds of the fp32 products the calls replace, computed as the programs would compute them."""
+    t, k = x.shape[1], x.shape[2]
+    cols = torch.cat([x.reshape(t, k), x.new_zeros(1, k)]).t()  # passes/linear_operand_order.py's columns
+    start = time.perf_counter()
+    for call in weights:
+        for w in call:
+            torch.nn.functional.linear(x, w) if t > 16 else torch.mm(w, cols)
+    return time.perf_counter() - start
+
+
+def describe_choice(result: dict) -> str:
+    """``kernel 1.234 ms, fp32 5.678 ms: kernel`` for a ``lowbit_faster`` result."""
+    chosen = "kernel" if result["lowbit"] else "fp32"
+    return f"kernel {result['lowbit_ms']:.3f} ms, fp32 {result['fp32_ms']:.3f} ms: {chosen}"
+
+
+def use_dense_where_faster(calls: dict[str, list[tuple]]) -> tuple[dict[str, dict], list[torch.Tensor]]:
+    """For blocks that only exist as blocks (an engine file's): where fp32 is faster on this CPU, rebuild the fp32
+    weights once and have ``lowbit_linear`` multiply by them instead (``lowbit_use_dense``).
+
+    ``calls``: regime -> [(q, scale, shift, exc_ids, exc_values, block, bits), ...]. Returns the measurements by
+    kind of call, as ``lowbit_faster`` gives them, and the codes tensors now read as fp32 (``forget_dense``).
+    """
+    kinds: dict[tuple[str, str], list[Call]] = {}  # (regime, kind of one call) -> the calls
+    for regime, entries in calls.items():
+        seen = set()
+        for *blocks, block, bits in entries:
+            if blocks[0].data_ptr() in seen:  # the same blocks in two programs of one regime
+                continue
+            seen.add(blocks[0].data_ptr())
+            call = Call(tuple(blocks), block, bits, [])
+            kinds.setdefault((regime, kind([call], regime)), []).append(call)
+    results: dict[str, dict] = {}
+    dense_for: dict[int, list] = {}  # q's address -> [q, fp32 weights, regimes where they are faster]
+    for (regime, _), same in kinds.items():
+        result = lowbit_faster(same, regime)
+        results[result["kind"]] = result
+        if result["lowbit"]:
+            continue
+        for c in same:
+            entry = dense_for.get(c.blocks[0].data_ptr())
+            if entry is None:
+                entry = dense_for[c.blocks[0].data_ptr()] = [c.blocks[0], c.rebuilt()[0], set()]
+            entry[2].add(regime)
+    for q, dense, regimes in dense_for.values():
+        torch.ops.specpass.lowbit_use_dense(q, dense, "few_tokens" in regimes, "prefill" in regimes)
+    if dense_for:
+        log.info("exact_lowbit: %d block matrices multiply as fp32 on this CPU (faster here)", len(dense_for))
+    return results, [q for q, _, _ in dense_for.values()]
+
+
+def forget_dense(codes: list[torch.Tensor]) -> None:
+    """Undo ``use_dense_where_faster`` for these codes tensors (their fp32 weights are freed)."""
+    for q in codes:
+        torch.ops.specpass.lowbit_use_dense(q, q.new_empty((q.shape[0], 0), dtype=torch.float32), False, False)
+
+
+def summarize(choices: dict[str, dict]) -> str:
+    """One line: which kinds of call use the kernel and which stay fp32, from ``lowbit_faster`` results."""
+    if not choices:
+        return "kernel wherever a weight is on a grid (not timed)"
+    fp32 = [what for what, r in choices.items() if not r["lowbit"]]
+    line = f"kernel for {len(choices) - len(fp32)} of {len(choices)} kinds of call (timed against fp32 here)"
+    return line + (f"; fp32 for {', '.join(fp32)}" if fp32 else "")
