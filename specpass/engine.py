@@ -411,7 +411,7 @@ def _lowbit_where_faster(manifest: dict, weights: dict[str, torch.Tensor], path)
                     blocks.append(weights[info["lowbit_parts"][param]])
                 else:
                     raise SpecPassError(f"{path}: a low-bit call of program {name!r} names a missing weight {param}")
-            calls.setdefault(regime, []).append((*blocks, call["block"], call["bits"]))
+            calls.setdefault(regime, []).append((*blocks, call["block"], call["bits"], call["shapes"]))
     return choice.use_dense_where_faster(calls)
 
 

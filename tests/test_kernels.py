@@ -217,3 +217,23 @@ def test_an_engine_uses_fp32_where_the_kernel_loses_here(measured, tmp_path):
     assert time.perf_counter() - start < 0.8  # the kernel's 9 calls a step would take 9 x 20 ms a step
     assert torch.equal(out, _hf(model, ids, 8))
     assert set(sm.lowbit) >= set(PERTURBED)
+
+
+def test_an_engine_on_the_cpu_it_was_compiled_on_reuses_the_measurements(measured, monkeypatch):
+    """Loading an engine times its calls as the same kinds as its compile did: on the same CPU it finds those
+    measurements (no second timing, which could flip a close call and change the engine's rounding)."""
+    from specpass.engine import _lowbit_where_faster
+
+    model = grid_llama()
+    monkeypatch.setattr(choice, "_time", lambda calls, tokens: (1.0, 2.0))  # the kernel wins every kind
+    sm = specpass.optimize(model, speculate=False, backend="eager", max_cache_len=32, progress=False)
+    assert {c["op"] for c in sm.lowbit_calls["decode"]} == {"linear", "embedding"}
+    monkeypatch.setattr(choice, "_memo", {})  # a new process: from the file
+    monkeypatch.setattr(choice, "_time", lambda calls, tokens: pytest.fail(f"timed again: {calls[0].shapes}"))
+    # the manifest's view of the two programs: every low-bit parameter stored under its own name
+    programs = {
+        name: {"lowbit_calls": sm.lowbit_calls[name], "constants": {p: p for p in sm.lowbit_params}}
+        for name in ("prefill", "decode")
+    }
+    results, dense = _lowbit_where_faster({"programs": programs}, dict(sm.lowbit_params), "grid.specpass")
+    assert results == sm.lowbit_choices and dense == []

@@ -363,7 +363,9 @@ def _llamacpp_runner(cfg: BenchConfig, *, lookup: bool) -> Runner:
         kwargs["draft_model"] = LlamaPromptLookupDecoding(num_pred_tokens=LLAMACPP_LOOKUP_TOKENS)
     llm = llama_cpp.Llama(
         model_path=str(cfg.gguf),
-        n_ctx=cfg.max_cache_len,
+        # room past the bench's cache: its lookup evaluates drafts, and llama-cpp-python sizes its logits array
+        # by n_ctx (a long prompt's drafts overflowed it at exactly max_cache_len)
+        n_ctx=cfg.max_cache_len + 512,
         n_batch=512,
         n_threads=threads,
         n_threads_batch=threads,

@@ -251,7 +251,12 @@ def _lowbit_info(cfg: BenchConfig) -> dict | None:
     from specpass.kernels import loaded_isa
 
     forced = os.environ.get("SPECPASS_KERNEL_ISA")
-    return {"isa": loaded_isa(), "forced": bool(forced), "choices": dict(sm.lowbit_choices), "mode": sm.exact_lowbit}
+    return {
+        "isa": loaded_isa(),
+        "forced": bool(forced),
+        "choices": dict(sm.lowbit_choices),
+        "exact_lowbit": sm.exact_lowbit,
+    }
 
 
 def _lowbit_note(info: dict) -> str:

@@ -51,11 +51,16 @@ class Call:
     block: int
     bits: int
     weights: list[torch.Tensor]
+    #: the matrices' shapes when there are no weights (an engine's call): the same kind as when it was compiled,
+    #: so that the same CPU finds the same measurement
+    parts: list[tuple[int, int]] | None = None
 
     @property
     def shapes(self) -> list[tuple[int, int]]:
         if self.weights:
             return [tuple(w.shape) for w in self.weights]
+        if self.parts:
+            return [tuple(s) for s in self.parts]
         q = self.blocks[0]
         return [(q.shape[0], q.shape[1] * (2 if self.bits == 4 else 1))]
 
@@ -192,17 +197,18 @@ def use_dense_where_faster(calls: dict[str, list[tuple]]) -> tuple[dict[str, dic
     """For blocks that only exist as blocks (an engine file's): where fp32 is faster on this CPU, rebuild the fp32
     weights once and have ``lowbit_linear`` multiply by them instead (``lowbit_use_dense``).
 
-    ``calls``: regime -> [(q, scale, shift, exc_ids, exc_values, block, bits), ...]. Returns the measurements by
-    kind of call, as ``lowbit_faster`` gives them, and the codes tensors now read as fp32 (``forget_dense``).
+    ``calls``: regime -> [(q, scale, shift, exc_ids, exc_values, block, bits, shapes of the matrices), ...].
+    Returns the measurements by kind of call, as ``lowbit_faster`` gives them, and the codes tensors now read as
+    fp32 (``forget_dense``).
     """
     kinds: dict[tuple[str, str], list[Call]] = {}  # (regime, kind of one call) -> the calls
     for regime, entries in calls.items():
         seen = set()
-        for *blocks, block, bits in entries:
+        for *blocks, block, bits, shapes in entries:
             if blocks[0].data_ptr() in seen:  # the same blocks in two programs of one regime
                 continue
             seen.add(blocks[0].data_ptr())
-            call = Call(tuple(blocks), block, bits, [])
+            call = Call(tuple(blocks), block, bits, [], shapes)
             kinds.setdefault((regime, kind([call], regime)), []).append(call)
     results: dict[str, dict] = {}
     dense_for: dict[int, list] = {}  # q's address -> [q, fp32 weights, regimes where they are faster]
