@@ -402,6 +402,7 @@ def test_llamacpp_gets_the_prompt_ids_and_its_differences_do_not_fail_the_run(
     first, lookup = fake.created
     assert first["model_path"] == str(gguf) and first["n_threads"] == first["n_threads_batch"] == 1
     assert "draft_model" not in first and lookup["draft_model"] == ("lookup", bench.methods.LLAMACPP_LOOKUP_TOKENS)
+    assert lookup["logits_all"] is True  # verification reads every drafted position's logits
     timed = {p["question_id"] for p in data["prompts"]}
     expected = [chat_ids(tok, q["turns"][0])[0].tolist() for q in QUESTIONS if q["question_id"] in timed]
     # exactly the ids every method gets (llama.cpp's own tokenizer is not in the loop), after the warm-ups

@@ -361,11 +361,12 @@ def _llamacpp_runner(cfg: BenchConfig, *, lookup: bool) -> Runner:
         from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
         kwargs["draft_model"] = LlamaPromptLookupDecoding(num_pred_tokens=LLAMACPP_LOOKUP_TOKENS)
+        # verifying drafts reads every position's logits; without this, llama-cpp-python sizes its logits array by
+        # n_batch and a draft past position 512 overflows it
+        kwargs["logits_all"] = True
     llm = llama_cpp.Llama(
         model_path=str(cfg.gguf),
-        # room past the bench's cache: its lookup evaluates drafts, and llama-cpp-python sizes its logits array
-        # by n_ctx (a long prompt's drafts overflowed it at exactly max_cache_len)
-        n_ctx=cfg.max_cache_len + 512,
+        n_ctx=cfg.max_cache_len,
         n_batch=512,
         n_threads=threads,
         n_threads_batch=threads,
