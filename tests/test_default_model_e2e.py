@@ -91,8 +91,23 @@ def test_inductor_greedy_equals_hf_on_default_model(reference, speculate, tmp_pa
         # every matrix is stored as its GGUF blocks (exact_lowbit): 111.5 MB of weights instead of 538 MB
         assert {info["format"] for info in manifest["lowbit"].values()} == {"Q4_1", "Q8_0"}
         assert sum(info["fp32_blocks"] for info in manifest["lowbit"].values()) == 0
-        assert path.stat().st_size < 150e6, path.stat().st_size
+        # plus the fp32 weights of any kind of call this CPU measured faster in fp32 (a close prefill call can go
+        # either way: kernels/choice.py)
+        assert path.stat().st_size < 150e6 + _fp32_bytes(fast.lowbit_choices), (
+            path.stat().st_size,
+            fast.lowbit_choices,
+        )
         engine = load_engine(path)
         for (q, ids, _), want in list(zip(cases, outputs, strict=True))[:6]:
             assert torch.equal(engine.chat_ids(q["turns"][0]), ids)
             assert torch.equal(engine.generate(ids, max_new_tokens=NEW_TOKENS), want), q["question_id"]
+
+
+def _fp32_bytes(choices: dict) -> int:
+    """Bytes of the fp32 matrices of the kinds of call kept in fp32 (kind: regime|storage|NxK+NxK|xCOUNT)."""
+    total = 0
+    for kind, result in choices.items():
+        if not result["lowbit"]:
+            _, _, shapes, count = kind.split("|")
+            total += 4 * int(count[1:]) * sum(int(n) * int(k) for n, k in (s.split("x") for s in shapes.split("+")))
+    return total
