@@ -390,7 +390,7 @@ def _lowbit_where_faster(manifest: dict, weights: dict[str, torch.Tensor], path)
     """The engine's low-bit calls timed against fp32 on this CPU; where fp32 wins (a CPU without a fast path for
     the kernel), the kernel multiplies by fp32 weights rebuilt from the blocks. Returns the measurements and the
     codes tensors read as fp32."""
-    from specpass.kernels import choice
+    from specpass.kernels import BLOCK_PARTS, choice
 
     if choice.mode() == "always":
         return {}, []
@@ -401,7 +401,7 @@ def _lowbit_where_faster(manifest: dict, weights: dict[str, torch.Tensor], path)
             if call["op"] != "linear":
                 continue
             blocks = []
-            for param, part in zip(call["params"], ("q", "scale", "shift", "exc_ids", "exc_values"), strict=True):
+            for param, part in zip(call["params"], BLOCK_PARTS, strict=True):
                 if part in call.get("empty", ()):  # no elements: the package holds no constant for it
                     empty = {"exc_ids": (0,), "exc_values": (0, call["block"])}.get(part, (0,))
                     blocks.append(torch.empty(empty, dtype=torch.int64 if part == "exc_ids" else torch.float32))

@@ -69,12 +69,10 @@ def kernel_isas() -> list[str]:
     if is_x86():
         flags = _cpuinfo()[1]
         if flags:
-            levels = [lvl for lvl, need in X86_LEVELS.items() if all(f in flags for f in need)]
+            levels = [lvl for lvl in X86_LEVELS if all(f in flags for f in _needs(lvl))]
         else:  # no /proc/cpuinfo (not Linux): what torch's own dispatch found
             cap = torch.backends.cpu.get_cpu_capability()
             levels = {"AVX512": ["avx512", "avx2"], "AVX2": ["avx2"]}.get(cap, [])
-        if "avx512" in levels and "avx2" not in levels:  # x86-64-v4 includes v3; a CPU without it is not one
-            levels.remove("avx512")
     return [*levels, "generic"]
 
 
@@ -85,8 +83,14 @@ def missing_flags(level: str) -> list[str]:
     if not is_x86():
         return [f"an x86-64 CPU (this is {platform.machine()})"]
     flags = _cpuinfo()[1]
-    need = X86_LEVELS[level] + (X86_LEVELS["avx2"] if level == "avx512" else ())
+    need = _needs(level)
     return [f for f in need if f not in flags] if flags else ([] if level in kernel_isas() else list(need))
+
+
+def _needs(level: str) -> tuple[str, ...]:
+    """Every flag of ``level`` and of the levels below it (x86-64-v4 includes v3)."""
+    below = list(X86_LEVELS)[list(X86_LEVELS).index(level) + 1 :]
+    return tuple(f for lvl in (level, *below) for f in X86_LEVELS[lvl])
 
 
 @functools.cache

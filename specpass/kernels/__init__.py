@@ -37,7 +37,9 @@ _FLAGS = ["-O3", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC", "-std=c++
 BUILD_TIMEOUT_S = 300
 
 _lib = torch.library.Library("specpass", "DEF")
-_BLOCKS = "Tensor q, Tensor scale, Tensor shift, Tensor exc_ids, Tensor exc_values, int block, int bits"
+#: the tensors of a block matrix, in the operators' argument order
+BLOCK_PARTS = ("q", "scale", "shift", "exc_ids", "exc_values")
+_BLOCKS = ", ".join(f"Tensor {p}" for p in BLOCK_PARTS) + ", int block, int bits"
 _lib.define(f"lowbit_linear(Tensor x, {_BLOCKS}) -> Tensor")
 _lib.define(f"lowbit_embedding(Tensor ids, {_BLOCKS}) -> Tensor")
 _lib.define(f"lowbit_dequantize({_BLOCKS}) -> Tensor")

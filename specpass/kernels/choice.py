@@ -33,6 +33,8 @@ log = logging.getLogger("specpass.kernels")
 
 #: tokens per call timed in each regime
 REGIMES = {"few_tokens": (1, 2, 3, 4), "prefill": (128,)}
+#: more tokens than this are a prefill: lowbit.cpp's kPrefillTokens, and F.linear in the fp32 programs
+PREFILL_TOKENS = 16
 #: how the low-bit/fp32 choice is made: "measure" (time both, keep the faster) or "always" (the kernel wherever
 #: a matrix lies on a grid). ``$SPECPASS_LOWBIT_CHOICE`` sets it for a process (the test suite uses "always", so
 #: that its graphs do not depend on the machine), ``optimize(..., exact_lowbit="always")`` for one compile.
@@ -183,7 +185,7 @@ def _fp32_pass(weights: list[list[torch.Tensor]], x: torch.Tensor) -> float:
     start = time.perf_counter()
     for call in weights:
         for w in call:
-            torch.nn.functional.linear(x, w) if t > 16 else torch.mm(w, cols)
+            torch.nn.functional.linear(x, w) if t > PREFILL_TOKENS else torch.mm(w, cols)
     return time.perf_counter() - start
 
 

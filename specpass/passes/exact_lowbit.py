@@ -40,7 +40,7 @@ from collections import defaultdict
 
 import torch
 
-from specpass.kernels import choice, load_kernels
+from specpass.kernels import BLOCK_PARTS, choice, load_kernels
 from specpass.passes.manager import PassResult, attr_of, tag
 
 log = logging.getLogger("specpass.passes")
@@ -84,7 +84,6 @@ _STORAGES = (
 _SIGNED_RANGE = {"Q4_0": (-8, 7), "Q5_0": (-16, 15), "Q6_K": (-32, 31), "Q8_0": (-128, 127)}
 #: affine formats whose scales or minimums are not all fp16 values are K-quants (an fp16 x 6-bit product)
 _K_QUANT = {"Q4_1": "Q4_K", "Q5_1": "Q5_K"}
-_PARTS = ("q", "scale", "shift", "exc_ids", "exc_values")  # Blocks.tensors(), in the kernels' argument order
 _CHUNK = 1 << 18  # blocks searched at a time (bounds the fp64 temporaries of a 170M-weight embedding)
 
 
@@ -388,7 +387,7 @@ def _rewrite(gm: torch.fx.GraphModule, members: list, blocks: Blocks) -> dict:
     prefix = (
         "specpass_lowbit_" + first_weight.target.replace(".", "_") + (f"_x{len(members)}" if len(members) > 1 else "")
     )
-    names = [f"{prefix}_{part}" for part in _PARTS]
+    names = [f"{prefix}_{part}" for part in BLOCK_PARTS]
     with graph.inserting_before(first), _fake_mode(first.meta["val"]):
         inputs = []
         for name, t in zip(names, blocks.tensors(), strict=True):
@@ -429,7 +428,7 @@ def _rewrite(gm: torch.fx.GraphModule, members: list, blocks: Blocks) -> dict:
         "op": "embedding" if first.target is _EMBEDDING else "linear",
         "params": names,
         # parts without elements (no shift, no exceptions): AOTInductor keeps no constant for them
-        "empty": [part for part, t in zip(_PARTS, blocks.tensors(), strict=True) if t.numel() == 0],
+        "empty": [part for part, t in zip(BLOCK_PARTS, blocks.tensors(), strict=True) if t.numel() == 0],
         "block": blocks.block,
         "bits": blocks.bits,
         "shapes": [list(b.shape) for _, _, b in members],
