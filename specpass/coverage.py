@@ -676,9 +676,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_coverage(args: argparse.Namespace) -> int:
     """Check the architectures, write the report(s); exit 1 if any result is a specpass bug (crash/mismatch)."""
-    from tqdm import tqdm
-
     from specpass.errors import SpecPassError
+    from specpass.progress import progress_bar
 
     known = all_model_types()
     only = getattr(args, "only", None)
@@ -689,7 +688,7 @@ def run_coverage(args: argparse.Namespace) -> int:
         model_types = [m for m in known if m in set(only)]
     else:
         model_types = known
-    bar = tqdm(total=len(model_types), desc="coverage", unit="arch")
+    bar = progress_bar(total=len(model_types), desc="coverage", unit="arch")
 
     def show(res: CoverageResult) -> None:
         bar.set_postfix_str(f"{res.model_type}: {res.status}")

@@ -130,6 +130,8 @@ def run_demo(args: argparse.Namespace, *, model=None, tokenizer=None) -> int:
             "speedup": speedup,
             "compile_s": compile_s,
             "weights": weights_line(spec_model),
+            "plan": plan_line(spec_model, args.model),
+            "search": spec_model.plan.search if spec_model.plan is not None else None,
             "identical": identical,
             "mismatch": diff,
             "text": tokenizer.decode(out[0, n_prompt:], skip_special_tokens=True),
@@ -143,6 +145,7 @@ def run_demo(args: argparse.Namespace, *, model=None, tokenizer=None) -> int:
     print(f"speedup    {speedup:7.2f}x")
     print(f"compile    {compile_s:7.1f} s  (once per model and process)")
     print(f"weights    {weights_line(spec_model)}")
+    print(f"plan       {plan_line(spec_model, args.model)}")
     if identical:
         print("identical  yes: specpass produced exactly HF's tokens")
     else:
@@ -155,6 +158,16 @@ def run_demo(args: argparse.Namespace, *, model=None, tokenizer=None) -> int:
         else:
             print(f"identical  NO: {where} ({diff['reason']}); please report this as a bug")
     return 0 if ok else 1
+
+
+def plan_line(sm, model: str) -> str:
+    """The speculation plan used, and which search chose it."""
+    plan = sm.plan
+    if plan is None:
+        return "no speculation"
+    if plan.search == "quick":
+        return f"{plan.describe()} (quick search; `specpass tune {model}` runs the full one, minutes)"
+    return f"{plan.describe()} (full search)"
 
 
 def weights_line(sm) -> str:

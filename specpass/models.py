@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -38,12 +39,12 @@ from pathlib import Path
 import torch
 import transformers
 from tokenizers import pre_tokenizers
-from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 from transformers.utils import logging as hf_logging
 
 from specpass.cache import cache_root
 from specpass.errors import SpecPassError
+from specpass.progress import progress_bar, style
 
 __all__ = ["DEFAULT_MODEL_NAME", "available", "bundled_model", "chat_ids", "default_model", "load"]
 
@@ -262,8 +263,8 @@ def _convert(bundle: Bundled, target: Path, *, progress: bool) -> None:
     log.info("converting %s into %s (first use only)", bundle.name, target)
     started = time.perf_counter()
     try:
-        with tqdm(
-            total=len(_CONVERSION_STEPS), desc=f"Preparing {bundle.name}", unit="step", disable=not progress
+        with progress_bar(
+            total=len(_CONVERSION_STEPS), desc=f"Preparing {bundle.name}", unit="step", enabled=progress
         ) as bar:
             started_steps: list[str] = []
 
@@ -279,7 +280,8 @@ def _convert(bundle: Bundled, target: Path, *, progress: bool) -> None:
             model, tokenizer = _convert_gguf(gguf_path, bundle, progress=progress)
             step("save")
             converted = staging / "model"
-            _save(model, tokenizer, converted, bundle)
+            with _transformers_progress(progress):
+                _save(model, tokenizer, converted, bundle)
             # kept beside the checkpoint: llama.cpp, the peer `specpass bench` compares with, reads it
             shutil.move(gguf_path, converted / gguf_path.name)
             bar.update()
@@ -302,7 +304,7 @@ def gguf_file(name_or_path: str | os.PathLike[str] | None, *, cache_dir=None, pr
             return found[0] if found else None
         staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.gguf.", suffix=".partial", dir=folder.parent))
         try:
-            with tqdm(total=1, desc=f"Fetching {bundle.name}'s GGUF", disable=not progress) as bar:
+            with progress_bar(total=1, desc=f"Fetching {bundle.name}'s GGUF", enabled=progress) as bar:
                 fetched = bundle.fetch(staging, folder.parent.parent, lambda name: bar.set_postfix_str(name))
                 os.replace(fetched, folder / fetched.name)
                 bar.update()
@@ -550,15 +552,24 @@ def _ensure_pad_token(model: transformers.PreTrainedModel, tokenizer: transforme
 
 @contextlib.contextmanager
 def _transformers_progress(enabled: bool) -> Iterator[None]:
-    """Hide transformers' own progress bars while ``enabled`` is false."""
-    hide = not enabled and hf_logging.is_progress_bar_enabled()
+    """Hide transformers' own progress bars while ``enabled`` is false, or where specpass draws no bars (a log):
+    its switch, and the GGUF loader's own tqdm, which that switch does not reach."""
+    if enabled and style() == "bar":
+        yield
+        return
+    from transformers import modeling_gguf_pytorch_utils as gguf_loader
+
+    hide = hf_logging.is_progress_bar_enabled()
+    bar = gguf_loader.tqdm
     if hide:
         hf_logging.disable_progress_bar()
+    gguf_loader.tqdm = functools.partial(bar, disable=True)
     try:
         yield
     finally:
         if hide:
             hf_logging.enable_progress_bar()
+        gguf_loader.tqdm = bar
 
 
 def _first_line(error: BaseException, limit: int = 300) -> str:

@@ -9,16 +9,17 @@ import logging
 import time
 from collections import Counter
 
+import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from specpass.capture import CapturedGraph, capture, example_inputs, program_dynamic_shapes
 from specpass.errors import SpecPassError
 from specpass.graph_text import summary
-from specpass.kernels import choice, loaded_isa
+from specpass.kernels import build_in_background, choice, loaded_isa
 from specpass.kernels.choice import describe_choice
-from specpass.lower import lower
+from specpass.lower import cancel, lower, resolve
 from specpass.passes import PIPELINES, DraftConfig, draft_pipeline, run_passes, with_options
+from specpass.progress import progress_bar
 from specpass.runtime.cuda_graphs import waits_on_host
 from specpass.runtime.dynamic_exit import VERIFY_EXITS, draft_program_name
 from specpass.runtime.model import CompiledLM
@@ -67,15 +68,25 @@ def compile_plain(
     for p in model.parameters():
         p.requires_grad_(False)
     t0 = time.perf_counter()
+    if exact_lowbit and _on_a_grid(model):
+        build_in_background()  # the compiler works while the model is captured
     captured = capture(model, max_cache_len=max_cache_len)
     device = next(model.parameters()).device
     if cuda_graphs and device.type != "cuda":
         raise SpecPassError(f"cuda_graphs=True needs a model on a CUDA device; this one is on {device}")
     sm = SpecModel(model, captured, {}, backend, 0.0)
     sm.exact_lowbit = exact_lowbit
-    for name in tqdm(("prefill", "decode"), desc=f"specpass: compiling ({backend})", disable=not progress):
-        # decode takes any number of tokens: one in plain decoding, the verified chain in speculation.
-        _add_program(sm, name, PIPELINES[name], None, dynamic_q=True)
+    with progress_bar(total=2, desc=f"specpass: compiling ({backend})", unit="program", enabled=progress) as bar:
+        # decode takes any number of tokens: one in plain decoding, the verified chain in speculation. Prefill
+        # compiles in a child process meanwhile (lower/inductor.py), where the backend can.
+        _add_program(sm, "prefill", PIPELINES["prefill"], None, dynamic_q=True, background=True)
+        try:
+            _add_program(sm, "decode", PIPELINES["decode"], None, dynamic_q=True)
+            bar.update()
+            sm.programs["prefill"] = resolve(sm.programs["prefill"])
+        finally:
+            cancel(sm.programs["prefill"])  # still compiling only if this failed or was interrupted
+        bar.update()
     sm.compile_s = time.perf_counter() - t0
     if sm.lowbit:
         packed = sum(v["bytes"] for v in sm.lowbit.values())
@@ -94,6 +105,18 @@ def compile_plain(
     return sm
 
 
+def _on_a_grid(model: nn.Module) -> bool:
+    """Whether some fp32 CPU matrix of ``model`` lies on a block grid (a GGUF model's): exact_lowbit will need the
+    kernels. The packing found is kept on the tensor for the pass."""
+    from specpass.passes.exact_lowbit import pack
+
+    return any(
+        pack(p) is not None
+        for p in model.parameters()
+        if p.dim() == 2 and p.dtype == torch.float32 and p.device.type == "cpu"
+    )
+
+
 def build_program(
     captured: CapturedGraph,
     name: str,
@@ -103,12 +126,14 @@ def build_program(
     *,
     dynamic_q: bool,
     sm: SpecModel | None = None,
+    background: bool = False,
 ) -> tuple:
     """Run ``pipeline`` on the captured graph and lower the result: (the program, its graph summary).
 
     ``dynamic_q``: the program takes any number of tokens per call, else one. A model captured per query
     length (recurrent state, see capture.py) gets a PiecewiseProgram whose pieces are built when first needed.
     ``sm``: the SpecModel the program is for; it collects what exact_lowbit matched, chose and called.
+    ``background``: the program may come back still compiling in a child process (lower.resolve waits for it).
     """
     spec = captured.spec
     device = next(captured.gm.parameters()).device
@@ -131,6 +156,7 @@ def build_program(
             example_args=example_inputs(spec, q=q or (2 if dynamic_q else 1), device=device),
             dynamic_shapes=program_dynamic_shapes(spec, dynamic_q=dynamic_q and q is None, rewritten=True),
             pipeline=pipeline,
+            background=background and q is None,
         )
         if waits_on_host(gm):
             program.waits_on_host = True  # CompiledLM runs it without CUDA graphs
@@ -186,6 +212,25 @@ def build_draft_programs(sm: SpecModel, plan) -> None:
     sm._draft_key = key
 
 
+def start_draft_program(sm: SpecModel, plan):
+    """Start compiling ``plan``'s draft program in a child process, into the program cache, where
+    ``build_draft_programs`` then finds it: the caller compiles another draft meanwhile. Returns what to
+    ``resolve`` before timing anything, or None where nothing was started (no draft program, DEL, another
+    backend, no program cache, a model captured per query length)."""
+    from specpass.lower import program_cache
+
+    if not plan.has_draft or plan.del_exits or sm.backend != "inductor" or not program_cache.enabled():
+        return None
+    if sm.captured.query_len is not None:
+        return None
+    cfg = plan.draft_config(next(sm.model.parameters()).device, sm.spec.dtype)
+    pipeline = with_options(draft_pipeline(cfg), exact_lowbit=sm.exact_lowbit)
+    program, _ = build_program(
+        sm.captured, "draft", pipeline, sm.backend, cfg, dynamic_q=plan.tree_draft, sm=sm, background=True
+    )
+    return program
+
+
 def _build_del_programs(sm: SpecModel, plan, device) -> None:
     """DEL (runtime/dynamic_exit.py): one early-exit draft program per candidate exit, a one-token step each,
     and the verify program that also returns each exit's tokens (passes/exit_predictions.py)."""
@@ -197,11 +242,13 @@ def _build_del_programs(sm: SpecModel, plan, device) -> None:
     _add_program(sm, VERIFY_EXITS, PIPELINES[VERIFY_EXITS], cfg, dynamic_q=True)
 
 
-def _add_program(sm: SpecModel, name: str, pipeline: tuple, cfg: DraftConfig | None, *, dynamic_q: bool) -> None:
+def _add_program(
+    sm: SpecModel, name: str, pipeline: tuple, cfg: DraftConfig | None, *, dynamic_q: bool, background: bool = False
+) -> None:
     """Run ``pipeline`` on the captured graph and lower the result as ``sm.programs[name]``."""
     pipeline = with_options(pipeline, exact_lowbit=sm.exact_lowbit)
     sm.programs[name], sm.summaries[name] = build_program(
-        sm.captured, name, pipeline, sm.backend, cfg, dynamic_q=dynamic_q, sm=sm
+        sm.captured, name, pipeline, sm.backend, cfg, dynamic_q=dynamic_q, sm=sm, background=background
     )
 
 

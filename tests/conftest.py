@@ -202,6 +202,17 @@ def _session_plan_cache(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True, scope="session")
+def _session_tune_ledgers(tmp_path_factory):
+    """Measurements of resumable calibration searches, likewise."""
+    from specpass.tune import timing
+
+    ledgers = tmp_path_factory.mktemp("tune")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(timing, "ledger_path", lambda key: ledgers / f"{key}.json")
+        yield ledgers
+
+
+@pytest.fixture(autouse=True, scope="session")
 def _session_program_cache(tmp_path_factory):
     """Compiled programs go to a session directory too: within the session, tests that compile the same tiny
     graph share one compile (as processes of one user do); none come from an earlier run."""

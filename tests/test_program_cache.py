@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from conftest import tiny_llama
 import specpass
 from specpass.cli import main
 from specpass.lower import program_cache
+from specpass.lower.inductor import PendingProgram
 
 N_NEW = 12
 
@@ -48,6 +50,7 @@ def _no_compile(monkeypatch):
         raise AssertionError("AOTInductor compiled a program that the cache holds")
 
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", refuse)
+    monkeypatch.setattr(PendingProgram, "start", refuse)  # nor a child process
 
 
 def test_a_second_model_of_the_same_graph_loads_its_programs_and_binds_its_own_weights(cache, monkeypatch, caplog):
@@ -155,3 +158,38 @@ def test_cache_command_reports_and_clears(cache, capsys):
     with pytest.raises(SystemExit) as e:
         main(["cache", "clear", "--only", "weights"])
     assert e.value.code == 2
+
+
+def test_prefill_compiles_in_a_child_process_and_a_failed_child_is_compiled_here(cache, tmp_path, monkeypatch, caplog):
+    """compile_plain compiles prefill in a child process while it compiles decode; the child's program is the
+    one a process compiles itself. A child that fails costs a compile here, with a warning, not an error."""
+    import os
+
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("one core: programs compile one after the other, in this process")
+    started = []
+    real_start = PendingProgram.start
+
+    def start(self):
+        started.append(self.name)
+        real_start(self)
+
+    monkeypatch.setattr(PendingProgram, "start", start)
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    model = tiny_llama().eval()
+    sm = _optimize(model)
+    assert started == ["prefill"]
+    assert torch.equal(sm.generate(ids, max_new_tokens=N_NEW), _hf(model, ids))
+
+    monkeypatch.setattr(program_cache, "program_dir", lambda: tmp_path / "other")
+    monkeypatch.setattr(
+        PendingProgram,
+        "command",
+        staticmethod(lambda *a: [sys.executable, "-c", "raise SystemExit('failed on purpose')"]),
+    )
+    with caplog.at_level(logging.WARNING, logger="specpass.lower"):
+        sm = _optimize(model)
+    assert "compiling program prefill in a child process failed (failed on purpose); compiling it here" in caplog.text
+    assert started == ["prefill", "prefill"]
+    assert torch.equal(sm.generate(ids, max_new_tokens=N_NEW), _hf(model, ids))
+    assert len([p for p in (tmp_path / "other").iterdir() if p.suffix == ".pt2"]) == 2  # both cached

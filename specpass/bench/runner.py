@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from specpass.bench.compare import Results
 from specpass.bench.methods import (
@@ -30,6 +29,7 @@ from specpass.bench.report import report, write
 from specpass.cli_args import EXACT_LOWBIT_HELP, MODEL_HELP
 from specpass.errors import SpecPassError
 from specpass.lower import BACKENDS
+from specpass.progress import progress_bar
 
 log = logging.getLogger("specpass.bench")
 
@@ -216,7 +216,7 @@ def run_bench(args: argparse.Namespace, *, model=None, tokenizer=None, methods: 
     results.warm_up_s.update(warm_up_s)
     results.notes = {n: runners[n].note for n in names if runners[n].note}
 
-    with tqdm(total=len(prompts) * len(names), desc="bench", unit="gen", leave=False) as bar:
+    with progress_bar(total=len(prompts) * len(names), desc="bench", unit="gen") as bar:
         for i, (q, ids) in enumerate(zip(questions, prompts, strict=True)):
             live = results.names  # a method that fails is dropped from it (Results.drop), not from this copy
             shift = i % len(live)

@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -65,6 +66,7 @@ def _dequantize_fake(q, scale, shift, exc_ids, exc_values, block, bits):
 
 
 _loaded: tuple[str, str] | None = None  # (isa, library path) of the build this process loaded
+_building = threading.Lock()
 
 
 def kernel_isa() -> str:
@@ -89,10 +91,26 @@ def build_kernels(isa: str | None = None) -> Path:
     """
     isa = isa or kernel_isa()
     path, cxx, flags = library_path(isa)
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _build(cxx, flags, _sources(isa), path, isa)
+    with _building:  # one build at a time: a second caller waits for the first's library
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _build(cxx, flags, _sources(isa), path, isa)
     return path
+
+
+def build_in_background() -> None:
+    """Start building this CPU's kernels in a thread, if they are not built yet: the compiler runs on another
+    core while the caller captures the model, and ``load_kernels`` later waits for it. A build that fails
+    here fails again, with its message, where the kernels are loaded."""
+
+    def build() -> None:
+        try:
+            build_kernels()
+        except SpecPassError:
+            pass
+
+    if _loaded is None:
+        threading.Thread(target=build, name="specpass-kernel-build", daemon=True).start()
 
 
 def library_path(isa: str) -> tuple[Path, str, list[str]]:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 
 from specpass.errors import SpecPassError
-from specpass.lower.inductor import lower_inductor
+from specpass.lower.inductor import PendingProgram, lower_inductor
 
 BACKENDS = ("inductor", "compile", "eager", "tensorrt")
 
@@ -21,14 +21,16 @@ def lower(
     example_args: tuple,
     dynamic_shapes: tuple,
     pipeline: tuple = (),
+    background: bool = False,
 ) -> Callable[..., torch.Tensor]:
     """One program -> a callable with the same signature (``dynamic_shapes`` as for torch.export).
 
-    ``pipeline``: the passes that rewrote ``gm`` (part of the program cache's key)."""
+    ``pipeline``: the passes that rewrote ``gm`` (part of the program cache's key). ``background``: the inductor
+    backend may return a ``PendingProgram`` compiling in a child process (``resolve`` gives the program)."""
     if backend == "eager":
         return _eager_layouts(gm)
     if backend == "inductor":
-        return lower_inductor(gm, example_args, dynamic_shapes, name, pipeline)
+        return lower_inductor(gm, example_args, dynamic_shapes, name, pipeline, background=background)
     if backend == "compile":
         from specpass.lower.torch_compile import lower_torch_compile
 
@@ -38,6 +40,22 @@ def lower(
 
         return lower_tensorrt(gm, example_args, dynamic_shapes, name)
     raise SpecPassError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def resolve(program):
+    """The program itself, once compiled: waits for a ``PendingProgram`` of ``lower(..., background=True)``."""
+    if not isinstance(program, PendingProgram):
+        return program
+    done = program.result()
+    if getattr(program, "waits_on_host", False):  # set by the caller while it was compiling
+        done.waits_on_host = True
+    return done
+
+
+def cancel(program) -> None:
+    """Stop a ``PendingProgram``'s child process, if it still runs (nothing for any other program)."""
+    if isinstance(program, PendingProgram):
+        program.cancel()
 
 
 def _eager_layouts(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -61,4 +79,4 @@ def _eager_layouts(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return gm
 
 
-__all__ = ["BACKENDS", "lower"]
+__all__ = ["BACKENDS", "cancel", "lower", "resolve"]

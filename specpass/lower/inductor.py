@@ -13,6 +13,7 @@ files needs them on disk for as long as the runner lives.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -139,15 +140,26 @@ def inductor_configs(device: torch.device, dtype: torch.dtype) -> dict:
 
 
 def lower_inductor(
-    gm: torch.fx.GraphModule, example_args: tuple, dynamic_shapes: tuple, name: str, pipeline: tuple = ()
-) -> AOTIProgram:
+    gm: torch.fx.GraphModule,
+    example_args: tuple,
+    dynamic_shapes: tuple,
+    name: str,
+    pipeline: tuple = (),
+    *,
+    background: bool = False,
+):
     """Re-export the rewritten program and compile it with AOTInductor, or load it from the program cache
-    (lower/program_cache.py); returns the loaded program."""
+    (lower/program_cache.py); returns the loaded program.
+
+    ``background``: compile in a child process and return a PendingProgram at once (``result()`` waits for it),
+    so that the caller compiles another program meanwhile: Inductor's compile is mostly single-threaded Python,
+    and on a 2-core CPU two programs compile in about the time of one.
+    """
     t0 = time.perf_counter()
     # The KV cache (the last input) sets device and dtype: ids, positions and slots are integers.
     device, dtype = example_args[-1].device, example_args[-1].dtype
     configs = inductor_configs(device, dtype)
-    key = None
+    key, constants = None, None
     if program_cache.enabled():
         constants = program_cache.constants_of(gm)
         key = program_cache.program_key(gm, example_args, dynamic_shapes, configs, pipeline, constants)
@@ -164,19 +176,88 @@ def lower_inductor(
         exported = export_program(gm, example_args, dynamic_shapes)
     except Exception as e:  # noqa: BLE001 - a rewritten graph that cannot be exported again is our bug
         raise SpecPassError(f"program '{name}' could not be re-exported for Inductor: {type(e).__name__}: {e}") from e
-    with tempfile.TemporaryDirectory(prefix="specpass-") as tmp, quiet_compile():
-        path = torch._inductor.aoti_compile_and_package(
-            exported, package_path=os.path.join(tmp, f"{name}.pt2"), inductor_configs=configs
+    pending = PendingProgram(exported, configs, name, device, key, constants, t0)
+    if background and device.type == "cpu" and os.cpu_count() and os.cpu_count() > 1:
+        pending.start()
+        return pending
+    return pending.result()
+
+
+class PendingProgram:
+    """An exported program being compiled, in a child process (``start``) or here (``result`` without one)."""
+
+    def __init__(self, exported, configs: dict, name: str, device, key: str | None, constants, t0: float):
+        self.exported, self.configs, self.name, self.device = exported, configs, name, device
+        self.key, self.constants, self.t0 = key, constants, t0
+        self.child: subprocess.Popen | None = None
+        self.tmp: tempfile.TemporaryDirectory | None = None
+
+    def start(self) -> None:
+        """Save the exported program and start a child process compiling it (lower/aoti_worker.py)."""
+        self.tmp = tempfile.TemporaryDirectory(prefix="specpass-")
+        src, configs = os.path.join(self.tmp.name, "in.pt2"), os.path.join(self.tmp.name, "configs.json")
+        with quiet_compile():
+            torch.export.save(self.exported, src)
+        with open(configs, "w") as f:
+            json.dump(self.configs, f)
+        out = os.path.join(self.tmp.name, f"{self.name}.pt2")
+        self.child = subprocess.Popen(
+            self.command(src, out, configs),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
         )
-        with open(path, "rb") as f:
-            package = f.read()
-    program = load_aoti_program(package, {**exported.state_dict, **exported.constants}, name, device)
-    log.info("compiled program %s with AOTInductor in %.1fs", name, time.perf_counter() - t0)
-    if key is not None:
-        # An entry is only worth keeping if a later process can bind it from the graph's own tensors.
-        unbound = set(program.runner.get_constant_fqns()) - set(constants)
-        if unbound:
-            log.debug("program %s not cached: constants %s are not attributes of its graph", name, sorted(unbound)[:5])
-        else:
-            program_cache.store(key, package, name)
-    return program
+        self.out = out
+
+    @staticmethod
+    def command(src: str, out: str, configs: str) -> list[str]:
+        """The child process: lower/aoti_worker.py."""
+        return [sys.executable, "-m", "specpass.lower.aoti_worker", src, out, configs]
+
+    def cancel(self) -> None:
+        """Stop the child process (if it still runs) and remove its files."""
+        if self.child is not None and self.child.poll() is None:
+            self.child.kill()
+            self.child.wait()
+        if self.tmp is not None:
+            self.tmp.cleanup()
+
+    def result(self) -> AOTIProgram:
+        """The loaded program: the child's package, or (no child, or a child that failed) compiled here."""
+        package = None
+        if self.child is not None:
+            try:
+                _, err = self.child.communicate()
+                if self.child.returncode == 0:
+                    with open(self.out, "rb") as f:
+                        package = f.read()
+                else:
+                    last = (err.strip().splitlines() or ["no message"])[-1][:300]
+                    log.warning(
+                        "compiling program %s in a child process failed (%s); compiling it here", self.name, last
+                    )
+            finally:
+                self.tmp.cleanup()
+        if package is None:
+            with tempfile.TemporaryDirectory(prefix="specpass-") as tmp, quiet_compile():
+                path = torch._inductor.aoti_compile_and_package(
+                    self.exported, package_path=os.path.join(tmp, f"{self.name}.pt2"), inductor_configs=self.configs
+                )
+                with open(path, "rb") as f:
+                    package = f.read()
+        exported = self.exported
+        program = load_aoti_program(package, {**exported.state_dict, **exported.constants}, self.name, self.device)
+        log.info("compiled program %s with AOTInductor in %.1fs", self.name, time.perf_counter() - self.t0)
+        if self.key is not None:
+            # An entry is only worth keeping if a later process can bind it from the graph's own tensors.
+            unbound = set(program.runner.get_constant_fqns()) - set(self.constants)
+            if unbound:
+                log.debug(
+                    "program %s not cached: constants %s are not attributes of its graph",
+                    self.name,
+                    sorted(unbound)[:5],
+                )
+            else:
+                program_cache.store(self.key, package, self.name)
+        return program

@@ -21,6 +21,8 @@ from specpass.runtime.generate import DraftPolicy
 from specpass.tune.adapter import ExitAdapter
 
 PLAN_VERSION = 3  # 2: context lookup fields; 3: draft trees
+#: the searches that make plans (tune/calibrate.py): seconds on a first run, or minutes within a budget
+SEARCHES = ("quick", "full")
 
 
 @dataclasses.dataclass
@@ -52,6 +54,7 @@ class SpecPlan:
     del_exits: list[int] = dataclasses.field(default_factory=list)  # DEL: candidate exit layers (chains)
     del_costs: list[float] = dataclasses.field(default_factory=list)  # DEL: a draft token's cost per exit
     model_hash: str = ""
+    search: str = "full"  # what chose it: "quick" (context lookup timed on a few prompts) or "full" (specpass tune)
     reason: str = ""
     measurements: dict = dataclasses.field(default_factory=dict)
     version: int = PLAN_VERSION
