@@ -24,9 +24,9 @@ NEW_TOKENS = 128
 #: the KV cache of this file's programs, and of test_bench.py's default-model run, so that the second of the two
 #: loads the first's compiled prefill and decode from the program cache (2-3 minutes of CI)
 SHARED_CACHE_LEN = 960
-#: A shorter calibration than optimize()'s default (6.5 minutes in the first demo on the 2-core EPYC): fewer candidates
-#: timed on fewer tokens. It runs the same code and its plan drafts through the same programs, which is what
-#: this test checks; how fast the default calibration's plan is, the benchmarks say (docs/benchmarks.md).
+#: A shorter full search than `specpass tune`'s (4-6 minutes on the 2-core EPYC): fewer candidates timed on fewer
+#: tokens. It runs the same code and its plan drafts through a draft program (the quick search's plans have none),
+#: which is what this test checks; how fast the searches' plans are, the benchmarks say (docs/benchmarks.md).
 QUICK = CalibrationSettings(
     new_tokens=32,
     train_seconds=15.0,
