@@ -1,4 +1,4 @@
-"""The ``specpass`` command line: demo, tune, bench, coverage, compile, run, inspect, keygen, cache.
+"""The ``specpass`` command line: demo, tune, bench, coverage, compile, run, inspect, graphs, keygen, cache.
 
 Exit codes: 0 success, 1 a check failed (e.g. outputs differ), 2 bad usage or a SpecPassError.
 """
@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_keygen_arguments,
         add_run_arguments,
     )
+    from specpass.graphs_cli import add_arguments as graphs_args
     from specpass.tune_cli import add_arguments as tune_args
 
     demo_args(sub.add_parser("demo", help="generate with the default model and print the speedup over HF eager"))
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_compile_arguments(sub.add_parser("compile", help="compile a model into an engine file"))
     add_run_arguments(sub.add_parser("run", help="generate from an engine file"))
     add_inspect_arguments(sub.add_parser("inspect", help="show an engine file's manifest and programs"))
+    graphs_args(sub.add_parser("graphs", help="snapshot the graphs specpass compiles for a model, or check them (CI)"))
     add_keygen_arguments(sub.add_parser("keygen", help="write an Ed25519 key pair for signing engine files"))
     tune_args(sub.add_parser("tune", help="run the full calibration search for a model within a time budget"))
     cache_args(sub.add_parser("cache", help="show the size of specpass's cache, or clear it"))
@@ -53,6 +55,7 @@ _COMMANDS = {
     "compile": ("specpass.engine_cli", "run_compile"),
     "run": ("specpass.engine_cli", "run_run"),
     "inspect": ("specpass.engine_cli", "run_inspect"),
+    "graphs": ("specpass.graphs_cli", "run_graphs"),
     "keygen": ("specpass.engine_cli", "run_keygen"),
     "tune": ("specpass.tune_cli", "run_tune"),
     "cache": ("specpass.cache", "run_cache"),

@@ -191,7 +191,8 @@ def load(
     name_or_path: str | os.PathLike[str] | None,
     *,
     dtype: torch.dtype = torch.float32,
-) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase]:
+    tokenizer: bool = True,
+) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase | None]:
     """Return a causal LM and its tokenizer.
 
     Args:
@@ -200,6 +201,8 @@ def load(
             (``available()``, e.g. ``"gemma-3-270m"``); otherwise a local model directory or a
             Hugging Face Hub model id.
         dtype: dtype of the returned model's parameters.
+        tokenizer: False where the caller needs none: a model directory without one then loads (None in its
+            place).
 
     Returns:
         ``(model, tokenizer)``, the model in eval mode, with a pad token id set.
@@ -220,7 +223,8 @@ def load(
         if not path.is_dir():
             raise SpecPassError(f"{source} is a file, not a model directory. {_LOAD_ADVICE}")
         source = str(path)
-    return _load_pretrained(source, dtype=dtype, advice=_LOAD_ADVICE)
+    with _transformers_progress(True):  # its bars on a terminal only, as specpass's own
+        return _load_pretrained(source, dtype=dtype, advice=_LOAD_ADVICE, tokenizer=tokenizer)
 
 
 def _model_dir(bundle: Bundled, cache_dir: str | os.PathLike[str] | None) -> Path:
@@ -522,8 +526,8 @@ def _publish(converted: Path, target: Path) -> None:
 
 
 def _load_pretrained(
-    source: str, *, dtype: torch.dtype, advice: str
-) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase]:
+    source: str, *, dtype: torch.dtype, advice: str, tokenizer: bool = True
+) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase | None]:
     """`from_pretrained` model and tokenizer, ready for inference, errors as SpecPassError."""
     # transformers reports missing files, unreachable hosts and unsupported architectures
     # through many exception types (OSError, ValueError, ImportError, ...), so any failure is
@@ -532,6 +536,8 @@ def _load_pretrained(
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     except Exception as e:
         raise SpecPassError(f"could not load {source!r} as a causal language model: {_first_line(e)}. {advice}") from e
+    if not tokenizer:
+        return model.eval(), None
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except Exception as e:

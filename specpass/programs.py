@@ -201,14 +201,8 @@ def build_draft_programs(sm: SpecModel, plan) -> None:
     if not plan.has_draft:
         return
     device = next(sm.model.parameters()).device
-    if plan.del_exits:
-        _build_del_programs(sm, plan, device)
-        sm._draft_key = key
-        return
-    # A chain draft runs one token per pass; a tree draft runs a level of nodes. The draft passes leave
-    # attention and positions as they are, so check_tree_verify's proof for decode covers it.
-    cfg = plan.draft_config(device, sm.spec.dtype)
-    _add_program(sm, "draft", draft_pipeline(cfg), cfg, dynamic_q=plan.tree_draft)
+    for name, (pipeline, cfg, dynamic_q) in draft_programs(plan, device, sm.spec.dtype).items():
+        _add_program(sm, name, pipeline, cfg, dynamic_q=dynamic_q)
     sm._draft_key = key
 
 
@@ -231,15 +225,28 @@ def start_draft_program(sm: SpecModel, plan):
     return program
 
 
-def _build_del_programs(sm: SpecModel, plan, device) -> None:
-    """DEL (runtime/dynamic_exit.py): one early-exit draft program per candidate exit, a one-token step each,
-    and the verify program that also returns each exit's tokens (passes/exit_predictions.py)."""
+def draft_programs(plan, device=None, dtype=None) -> dict[str, tuple[tuple, DraftConfig, bool]]:
+    """The draft programs ``plan`` needs: name -> (passes, their DraftConfig, whether the program takes any
+    number of tokens per call); none for a plan without one (lookup only).
+
+    A chain draft runs one token per pass; a tree draft runs a level of nodes: the draft passes leave attention
+    and positions as they are, so check_tree_verify's proof for decode covers it. DEL (runtime/dynamic_exit.py):
+    one early-exit draft program per candidate exit, a one-token step each, and the verify program that also
+    returns each exit's tokens (passes/exit_predictions.py).
+    """
+    if not plan.has_draft:
+        return {}
+    if not plan.del_exits:
+        cfg = plan.draft_config(device, dtype)
+        return {"draft": (draft_pipeline(cfg), cfg, plan.tree_draft)}
     vocab_ids = plan.draft_config(device).vocab_ids
+    programs = {}
     for k in plan.del_exits:
         cfg = DraftConfig(exit_layer=k, vocab_ids=vocab_ids)
-        _add_program(sm, draft_program_name(k), draft_pipeline(cfg), cfg, dynamic_q=False)
+        programs[draft_program_name(k)] = (draft_pipeline(cfg), cfg, False)
     cfg = DraftConfig(exits=tuple(plan.del_exits), vocab_ids=vocab_ids)
-    _add_program(sm, VERIFY_EXITS, PIPELINES[VERIFY_EXITS], cfg, dynamic_q=True)
+    programs[VERIFY_EXITS] = (PIPELINES[VERIFY_EXITS], cfg, True)
+    return programs
 
 
 def _add_program(

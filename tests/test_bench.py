@@ -627,3 +627,73 @@ def test_near_tie_threshold_is_two_ulps_in_half_precision():
     assert bench.near_tie_threshold(-20.0, torch.bfloat16) == 2 * 2**-3
     assert bench.near_tie_threshold(3.0, torch.float16) == max(bench.NEAR_TIE, 2 * 2**-9)
     assert bench.near_tie_threshold(0.0, torch.bfloat16) == bench.NEAR_TIE
+
+
+# --------------------------------------------------------------------------------------------------------
+# Repeats and the speed gate
+# --------------------------------------------------------------------------------------------------------
+def _flaky(model, tokenizer, cfg):
+    """HF eager, except that from its second timed repeat on it answers with a different last token."""
+    reference = bench.METHODS["hf_eager"].setup(model, tokenizer, cfg).generate
+    calls = {"n": 0}
+
+    def run(ids):
+        calls["n"] += 1
+        out = reference(ids).clone()
+        if calls["n"] > 1 + 2:  # one warm-up, then the first repeat's 2 prompts
+            out[0, -1] = (out[0, -1] + 1) % model.config.vocab_size
+        return out
+
+    return bench.Runner(run)
+
+
+EXTRA = {**bench.METHODS, "with_tau": WITH_TAU, "flaky": bench.Method("flaky", "changes after a repeat", _flaky)}
+
+
+def test_repeats_report_the_median_ratio(tiny_chat, prompts_file, tmp_path):
+    model, tok = tiny_chat
+    rc, data, _ = run_small(model, tok, prompts_file, tmp_path, "hf_eager,with_tau", EXTRA, ("--repeats", "3"))
+    assert rc == 0 and data["config"]["repeats"] == 3 and "--repeats 3" in data["command"]
+    s = data["summary"]["with_tau"]
+    assert len(s["ratios"]) == 3 and s["ratio"] == pytest.approx(sorted(s["ratios"])[1])
+    assert data["summary"]["hf_eager"]["ratios"] == [1.0, 1.0, 1.0]
+    assert data["repeat_differences"] == []
+
+
+def test_output_that_changes_between_repeats_fails(tiny_chat, prompts_file, tmp_path, capsys):
+    model, tok = tiny_chat
+    rc, data, _ = run_small(model, tok, prompts_file, tmp_path, "hf_eager,flaky", EXTRA, ("--repeats", "2"))
+    assert rc == 1
+    assert [d["repeat"] for d in data["repeat_differences"]] == [2, 2]
+    assert "MISMATCH: flaky on question 1: repeat 2 gave other tokens than the first" in capsys.readouterr().out
+
+
+def test_speed_gate_fails_a_method_slower_than_its_baseline(tiny_chat, prompts_file, tmp_path, capsys):
+    model, tok = tiny_chat
+    _, data, _ = run_small(model, tok, prompts_file, tmp_path, "hf_eager,with_tau", EXTRA)
+    base = tmp_path / "base.json"
+
+    def gate(ratio: float, **machine) -> int:
+        summary = {**data["summary"], "with_tau": {**data["summary"]["with_tau"], "ratio": ratio}}
+        base.write_text(json.dumps({**data, "summary": summary, "machine": {**data["machine"], **machine}}))
+        extra = ("--baseline", str(base), "--max-slowdown", "0.1")
+        return run_small(model, tok, prompts_file, tmp_path / "gate", "hf_eager,with_tau", EXTRA, extra)[0]
+
+    (tmp_path / "gate").mkdir()
+    assert gate(1000.0) == 1
+    printed = capsys.readouterr().out
+    assert "speed gate: with_tau 1000.00x -> " in printed and "SLOWER by more than 10%" in printed
+    assert "FAILED: with_tau" in printed
+    assert json.loads((tmp_path / "gate" / "r.json").read_text())["gate"]["slower"] == ["with_tau"]
+
+    assert gate(0.001) == 0
+    printed = capsys.readouterr().out
+    assert "speed gate: with_tau 0.00x -> " in printed and "): ok" in printed and printed.rstrip().endswith("passed")
+    with pytest.raises(SpecPassError, match="ran with cpu 'Another CPU'"):
+        gate(1.0, cpu="Another CPU")
+    with pytest.raises(SpecPassError, match="ran with threads 2, this run has 1"):
+        gate(1.0, threads=2)
+    with pytest.raises(SpecPassError, match="no such file"):
+        run_small(model, tok, prompts_file, tmp_path, "hf_eager", EXTRA, ("--baseline", str(tmp_path / "none")))
+    with pytest.raises(SpecPassError, match="max-slowdown is a fraction"):
+        run_small(model, tok, prompts_file, tmp_path, "hf_eager", EXTRA, ("--max-slowdown", "1.5"))

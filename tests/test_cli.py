@@ -14,7 +14,7 @@ from specpass.cli import main
 from specpass.errors import SpecPassError
 
 ROOT = Path(__file__).resolve().parent.parent
-SUBCOMMANDS = ("demo", "tune", "bench", "coverage", "compile", "run", "inspect")
+SUBCOMMANDS = ("demo", "tune", "bench", "coverage", "compile", "run", "inspect", "graphs")
 
 
 def test_help_exits_0(capsys):

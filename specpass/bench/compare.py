@@ -26,22 +26,38 @@ class Results:
         self.names = names
         self.setup_s: dict[str, float] = {}
         self.warm_up_s: dict[str, float] = {}
-        self.runs: list[dict[str, Run]] = []
+        self.repeats: list[list[dict[str, Run]]] = [[]]  # per repeat of the prompts: per prompt, method -> run
         self.skipped: dict[str, str] = {}  # method -> why its setup could not run
         self.notes: dict[str, str] = {}  # method -> its runner's note
 
+    @property
+    def runs(self) -> list[dict[str, Run]]:
+        """The first repeat's runs (the report's per-prompt table and its comparison with HF eager)."""
+        return self.repeats[0]
+
     def record(
-        self, i: int, name: str, out: torch.Tensor, seconds: float, compiled: int, tau: float | None = None
+        self,
+        i: int,
+        name: str,
+        out: torch.Tensor,
+        seconds: float,
+        compiled: int,
+        tau: float | None = None,
+        repeat: int = 0,
     ) -> None:
-        while len(self.runs) <= i:
-            self.runs.append({})
-        self.runs[i][name] = Run(out.detach().cpu().reshape(1, -1), seconds, compiled, tau)
+        while len(self.repeats) <= repeat:
+            self.repeats.append([])
+        runs = self.repeats[repeat]
+        while len(runs) <= i:
+            runs.append({})
+        runs[i][name] = Run(out.detach().cpu().reshape(1, -1), seconds, compiled, tau)
 
     def drop(self, name: str, why: str) -> None:
         """Removes a method that failed part way, its runs so far included; the report lists it as skipped."""
         self.names = [n for n in self.names if n != name]
-        for runs in self.runs:
-            runs.pop(name, None)
+        for repeat in self.repeats:
+            for runs in repeat:
+                runs.pop(name, None)
         for per_method in (self.setup_s, self.warm_up_s, self.notes):
             per_method.pop(name, None)
         self.skipped[name] = why

@@ -440,7 +440,8 @@ def _specpass_runner(model, tokenizer, cfg: BenchConfig, *, speculate: bool | No
     plan = spec_model.plan
     if speculate is False or plan is None:
         return Runner(run, tau=tau, note="the same compiled programs as specpass, one token per step")
-    return Runner(run, tau=tau, note=f"plan: {plan.describe()}; {plan.reason}")
+    why = f"; {plan.reason}" if plan.speculate and plan.reason else ""  # describe() says why it does not
+    return Runner(run, tau=tau, note=f"plan: {plan.describe()}{why}")
 
 
 METHODS: dict[str, Method] = {

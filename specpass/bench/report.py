@@ -7,6 +7,7 @@ import logging
 import os
 import platform
 import shlex
+import statistics
 from pathlib import Path
 
 import torch
@@ -89,6 +90,7 @@ def report(
             "tau": mean_tau(name),
             "note": results.notes.get(name, ""),
         }
+    repeat_differences = _over_repeats(results, prompts, questions, summary) if len(results.repeats) > 1 else []
     categories = {}
     for cat in dict.fromkeys(q["category"] for q in questions):
         entries = [e for e in per_prompt if e["category"] == cat]
@@ -101,6 +103,7 @@ def report(
             },
         }
     failed = any(not m["near_tie"] and m["method"] not in lossy for m in mismatches)
+    failed |= any(d["method"] not in lossy for d in repeat_differences)
     machine = machine_info(args.threads, cfg.device)
     command = _command_line(args, cfg, prompts_path)
     data = {
@@ -117,6 +120,7 @@ def report(
             "device": str(cfg.device),
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
             "max_cache_len": cfg.max_cache_len,
+            "repeats": len(results.repeats),
             "near_tie": NEAR_TIE,
             "near_tie_ulps": NEAR_TIE_ULPS,
             "lowbit": _lowbit_info(cfg),
@@ -125,6 +129,7 @@ def report(
         "skipped": dict(results.skipped),
         "categories": categories,
         "mismatches": mismatches,
+        "repeat_differences": repeat_differences,
         "prompts": per_prompt,
         "exit_code": 1 if failed else 0,
     }
@@ -134,6 +139,16 @@ def report(
         notes.append(_lowbit_note(data["config"]["lowbit"]))
     notes += [f"SKIPPED: {name}: {why}" for name, why in results.skipped.items()]
     notes += _mismatch_lines([m for m in mismatches if m["method"] not in lossy], tokenizer)
+    notes += [
+        f"MISMATCH: {d['method']} on question {d['question_id']}: repeat {d['repeat']} gave other tokens than the first"
+        for d in repeat_differences
+        if d["method"] not in lossy
+    ]
+    if len(results.repeats) > 1:
+        notes.append(
+            f"tokens/s and ratios: the median over {len(results.repeats)} repeats of the prompts; "
+            "per-prompt figures and categories: the first repeat"
+        )
     for name in sorted(lossy & set(names)):
         differ = len({m["question_id"] for m in mismatches if m["method"] == name})
         notes.append(
@@ -151,6 +166,28 @@ def report(
         text += "\n\nFAILED: some outputs differ from hf_eager's beyond near-ties of its top-2 logits."
     markdown = _markdown(data, tables, notes)
     return {"json": data, "text": text, "markdown": markdown}
+
+
+def _over_repeats(results: Results, prompts, questions, summary: dict) -> list[dict]:
+    """With several repeats: each method's tokens/s and ratio become the median over the repeats (its
+    ``ratios`` kept), and the outputs of later repeats that differ from the first's are returned."""
+    differences = []
+    per_repeat: dict[str, list[float]] = {n: [] for n in results.names}
+    for r, runs in enumerate(results.repeats):
+        for name in results.names:
+            tokens = sum(run[name].out.shape[1] - ids.shape[1] for run, ids in zip(runs, prompts, strict=True))
+            seconds = sum(run[name].seconds for run in runs)
+            per_repeat[name].append(tokens / seconds if seconds else 0.0)
+            for q, run, first in zip(questions, runs, results.runs, strict=True):
+                if r and not torch.equal(run[name].out, first[name].out):
+                    differences.append({"question_id": q["question_id"], "method": name, "repeat": r + 1})
+    reference = per_repeat[REFERENCE]
+    for name in results.names:
+        ratios = [tps / ref if ref else 0.0 for tps, ref in zip(per_repeat[name], reference, strict=True)]
+        summary[name].update(
+            tokens_per_s=statistics.median(per_repeat[name]), ratio=statistics.median(ratios), ratios=ratios
+        )
+    return differences
 
 
 def _summary_table(names, summary, skipped: dict[str, str] | None = None) -> str:
@@ -326,6 +363,7 @@ def _command_line(args, cfg: BenchConfig, prompts_path: Path) -> str:
         *(["--plan", args.plan] if args.plan else []),
         *(["--gguf", str(args.gguf)] if getattr(args, "gguf", None) else []),
         *(["--no-exact-lowbit"] if getattr(args, "no_exact_lowbit", False) else []),
+        *(["--repeats", str(args.repeats)] if getattr(args, "repeats", 1) > 1 else []),
         "--max-cache-len",
         str(cfg.max_cache_len),
     ]

@@ -113,6 +113,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the GGUF file llama.cpp runs (llamacpp, llamacpp_lookup; default: the one a bundled model was "
         "converted from)",
     )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        metavar="N",
+        help="time the prompts N times; each method's ratio to HF eager is the median over the repeats "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--baseline",
+        default=None,
+        metavar="PATH",
+        help="a JSON report (--json) of an earlier run on this CPU with the same threads: exit 1 when a method's "
+        "ratio to HF eager fell by more than --max-slowdown from it (a speed gate for CI)",
+    )
+    parser.add_argument(
+        "--max-slowdown",
+        type=float,
+        default=0.05,
+        metavar="F",
+        help="with --baseline: the fall of a ratio tolerated, as a fraction (default: %(default)s)",
+    )
     parser.add_argument("--json", default=None, metavar="PATH", help="write the full results as JSON")
     parser.add_argument(
         "--markdown",
@@ -134,7 +156,12 @@ def run_bench(args: argparse.Namespace, *, model=None, tokenizer=None, methods: 
         raise SpecPassError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.threads < 1:
         raise SpecPassError(f"--threads must be >= 1, got {args.threads}")
+    if args.repeats < 1:
+        raise SpecPassError(f"--repeats must be >= 1, got {args.repeats}")
+    if not 0 <= args.max_slowdown < 1:
+        raise SpecPassError(f"--max-slowdown is a fraction in [0, 1), got {args.max_slowdown:g}")
     device = bench_device(args.device)
+    baseline = load_baseline(args.baseline, args.threads, device) if args.baseline else None
     prompts_path = resolve_prompts(args.prompts)
     questions = stratified_sample(load_questions(prompts_path), args.num_prompts)
     torch.set_num_threads(args.threads)
@@ -216,40 +243,94 @@ def run_bench(args: argparse.Namespace, *, model=None, tokenizer=None, methods: 
     results.warm_up_s.update(warm_up_s)
     results.notes = {n: runners[n].note for n in names if runners[n].note}
 
-    with progress_bar(total=len(prompts) * len(names), desc="bench", unit="gen") as bar:
-        for i, (q, ids) in enumerate(zip(questions, prompts, strict=True)):
-            live = results.names  # a method that fails is dropped from it (Results.drop), not from this copy
-            shift = i % len(live)
-            for name in live[shift:] + live[:shift]:
-                bar.set_postfix_str(f"{q['category']} {name}")
-                graphs = _graphs_compiled()
-                _synchronize(device)
-                t0 = time.perf_counter()
-                try:
-                    out = runners[name].generate(ids)
-                except Exception as e:  # noqa: BLE001 - as in warm-up: the other methods still get their table
-                    results.drop(name, _failure(name, f"on question {q['question_id']} ({q['category']})", e))
-                    failed_own |= registry[name].own
-                    bar.update(len(prompts) - i)
-                    continue
-                _synchronize(device)  # a method may return before its last kernels have run
-                seconds = time.perf_counter() - t0
-                compiled = _graphs_compiled() - graphs
-                if compiled:
-                    log.warning("%s compiled %d graph(s) during timed prompt %s", name, compiled, q["question_id"])
-                tau = runners[name].tau() if runners[name].tau is not None else None
-                results.record(i, name, out, seconds, compiled, tau)
-                bar.update()
+    total = len(prompts) * len(names) * args.repeats
+    with progress_bar(total=total, desc="bench", unit="gen") as bar:
+        for repeat in range(args.repeats):
+            for i, (q, ids) in enumerate(zip(questions, prompts, strict=True)):
+                live = results.names  # a method that fails is dropped from it (Results.drop), not from this copy
+                shift = i % len(live)
+                for name in live[shift:] + live[:shift]:
+                    bar.set_postfix_str(f"{q['category']} {name}")
+                    graphs = _graphs_compiled()
+                    _synchronize(device)
+                    t0 = time.perf_counter()
+                    try:
+                        out = runners[name].generate(ids)
+                    except Exception as e:  # noqa: BLE001 - as in warm-up: the other methods still get their table
+                        results.drop(name, _failure(name, f"on question {q['question_id']} ({q['category']})", e))
+                        failed_own |= registry[name].own
+                        bar.update((args.repeats - repeat) * len(prompts) - i)
+                        continue
+                    _synchronize(device)  # a method may return before its last kernels have run
+                    seconds = time.perf_counter() - t0
+                    compiled = _graphs_compiled() - graphs
+                    if compiled:
+                        log.warning("%s compiled %d graph(s) during timed prompt %s", name, compiled, q["question_id"])
+                    tau = runners[name].tau() if runners[name].tau is not None else None
+                    results.record(i, name, out, seconds, compiled, tau, repeat)
+                    bar.update()
 
     data = report(args, results, questions, prompts, model, tokenizer, cfg, prompts_path, lossy=set(lossy))
     if failed_own:
         data["json"]["exit_code"] = 1
+    if baseline is not None:
+        gate = speed_gate(baseline, data["json"]["summary"], args.max_slowdown)
+        data["json"]["gate"] = gate
+        data["text"] += "\n\n" + "\n".join(gate["lines"])
+        if gate["slower"]:
+            data["json"]["exit_code"] = 1
     print(data["text"])
     if args.json:
         write(args.json, json.dumps(data["json"], indent=2) + "\n")
     if args.markdown:
         write(args.markdown, data["markdown"])
     return data["json"]["exit_code"]
+
+
+def load_baseline(path: str, threads: int, device: torch.device) -> dict:
+    """``--baseline``: an earlier run's JSON report, refused unless it ran on this CPU model with these threads
+    (a ratio to HF eager measured elsewhere says nothing about this machine)."""
+    from specpass.bench.report import machine_info
+
+    try:
+        data = json.loads(Path(path).expanduser().read_text(encoding="utf-8"))
+        old, summary = data["machine"], data["summary"]
+        ratios = {name: float(s["ratio"]) for name, s in summary.items()}
+    except FileNotFoundError:
+        raise SpecPassError(f"--baseline {path}: no such file") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SpecPassError(f"--baseline {path} is not a JSON report of `specpass bench --json` ({e!r})") from e
+    here = machine_info(threads, device)
+    for key in ("cpu", "threads", "gpu"):
+        if old.get(key) != here[key]:
+            raise SpecPassError(
+                f"--baseline {path} ran with {key} {old.get(key)!r}, this run has {here[key]!r}: "
+                "compare runs of one machine (make a baseline here with --json)"
+            )
+    return {"path": path, "ratios": ratios, "date": old.get("date")}
+
+
+def speed_gate(baseline: dict, summary: dict, max_slowdown: float) -> dict:
+    """Each method's ratio to HF eager against the baseline's; ``slower``: those that fell by more than
+    ``max_slowdown`` (a fraction of the baseline's ratio)."""
+    lines, slower = [], []
+    for name, s in summary.items():
+        if name == REFERENCE or name not in baseline["ratios"]:
+            continue
+        was, now = baseline["ratios"][name], s["ratio"]
+        change = now / was - 1 if was else 0.0
+        fell = change < -max_slowdown
+        slower += [name] if fell else []
+        verdict = f"SLOWER by more than {max_slowdown:.0%}" if fell else "ok"
+        lines.append(f"speed gate: {name} {was:.2f}x -> {now:.2f}x HF eager ({change:+.1%}): {verdict}")
+    missing = [n for n in baseline["ratios"] if n != REFERENCE and n not in summary]
+    if missing:
+        lines.append(f"speed gate: not in this run: {', '.join(missing)}")
+    lines.append(
+        f"speed gate: baseline {baseline['path']} ({baseline['date']}); "
+        + (f"FAILED: {', '.join(slower)}" if slower else "passed")
+    )
+    return {"baseline": baseline["path"], "max_slowdown": max_slowdown, "slower": slower, "lines": lines}
 
 
 def _failure(name: str, where: str, e: Exception) -> str:

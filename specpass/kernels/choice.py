@@ -41,6 +41,8 @@ PREFILL_TOKENS = 16
 MODES = ("measure", "always")
 _REPEATS = 5
 _mode: contextvars.ContextVar[str | None] = contextvars.ContextVar("specpass_lowbit_choice", default=None)
+#: kind of call -> kernel (True) or fp32, decided elsewhere (a graph snapshot's: ``specpass graphs --check``)
+_fixed: contextvars.ContextVar[dict[str, bool] | None] = contextvars.ContextVar("specpass_lowbit_fixed", default=None)
 _memo: dict[str, dict] = {}
 
 
@@ -92,6 +94,23 @@ def use_mode(value: str | None):
         _mode.reset(token)
 
 
+@contextlib.contextmanager
+def use_choices(choices: dict[str, bool]):
+    """Inside the block, ``lowbit_faster`` times nothing: each kind of call gets the choice ``choices`` holds for
+    it, and a kind it does not hold the kernel (as in mode "always"). So that a graph snapshot's rewrite is the
+    same on any machine."""
+    token = _fixed.set(dict(choices))
+    try:
+        yield
+    finally:
+        _fixed.reset(token)
+
+
+def fixed() -> bool:
+    """Whether ``use_choices`` is in effect (no kernel is needed to make the choice)."""
+    return _fixed.get() is not None
+
+
 def kind(calls: list[Call], regime: str) -> str:
     """What a measurement depends on besides the machine: the regime, the storage and the matrices' shapes."""
     c = calls[0]
@@ -106,11 +125,14 @@ def lowbit_faster(calls: list[Call], regime: str) -> dict:
     Returns ``{"kind", "lowbit_ms", "fp32_ms", "lowbit": bool}``: the time of one pass over every call (the
     fastest of a few), summed over the regime's token counts.
     """
+    what = kind(calls, regime)
+    given = _fixed.get()
+    if given is not None:
+        return {"kind": what, "lowbit_ms": None, "fp32_ms": None, "lowbit": given.get(what, True)}
     from specpass.kernels import load_kernels
 
     library = load_kernels()
     delay = int(os.environ.get("SPECPASS_KERNEL_TEST_DELAY_US", "0") or 0)
-    what = kind(calls, regime)
     key = hashlib.sha256(
         "\0".join(
             [what, machine.cpu_key(), os.path.basename(library), str(torch.get_num_threads()), str(delay)]
@@ -192,6 +214,8 @@ def _fp32_pass(weights: list[list[torch.Tensor]], x: torch.Tensor) -> float:
 def describe_choice(result: dict) -> str:
     """``kernel 1.234 ms, fp32 5.678 ms: kernel`` for a ``lowbit_faster`` result."""
     chosen = "kernel" if result["lowbit"] else "fp32"
+    if result.get("lowbit_ms") is None:
+        return f"{chosen} (given, not timed)"
     return f"kernel {result['lowbit_ms']:.3f} ms, fp32 {result['fp32_ms']:.3f} ms: {chosen}"
 
 

@@ -134,10 +134,11 @@ def exact_lowbit(gm: torch.fx.GraphModule, structure=None, cfg=None) -> PassResu
             continue
         blocks = pack(attr_of(gm, weight_node.target))
         if blocks is not None:
-            load_kernels()  # built on first use; a SpecPassError (no compiler) names exact_lowbit=False
+            if not choice.fixed():  # a snapshot's rewrite with given choices runs no kernel
+                load_kernels()  # built on first use; a SpecPassError (no compiler) names exact_lowbit=False
             matches.append((node, weight_node, blocks))
     calls = [(members, _stacked([b for _, _, b in members])) for members in _one_call_each(matches)]
-    if choice.mode() == "measure":
+    if choice.mode() == "measure" or choice.fixed():  # a snapshot's given choices win over the mode
         calls = _faster_on_this_cpu(gm, calls, meta.setdefault("lowbit_choices", {}))
     records = meta.setdefault("lowbit_calls", [])
     for members, blocks in calls:

@@ -70,9 +70,16 @@ def tag(node: torch.fx.Node, pass_name: str, anchor: torch.fx.Node | None = None
 
 
 def run_passes(
-    gm: torch.fx.GraphModule, passes: Sequence[Pass], structure: Any, cfg: Any = None
+    gm: torch.fx.GraphModule,
+    passes: Sequence[Pass],
+    structure: Any,
+    cfg: Any = None,
+    observe: Callable[[str, torch.fx.GraphModule, PassResult], None] | None = None,
 ) -> torch.fx.GraphModule:
-    """Apply passes in order to a copy of gm; record each result in ``gm.meta["specpass"]["history"]``."""
+    """Apply passes in order to a copy of gm; record each result in ``gm.meta["specpass"]["history"]``.
+
+    ``observe(pass name, graph module, result)`` runs after each pass (graph snapshots: specpass/snapshot.py).
+    """
     gm, node_map = clone_graph_module(gm)
     structure = remap(structure, node_map)
     history = gm.meta.setdefault("specpass", {}).setdefault("history", [])
@@ -93,6 +100,8 @@ def run_passes(
         history.append({"pass": name, "modified": result.modified, "n_matches": result.n_matches})
         log.debug("pass %s: %d matches", name, result.n_matches)
         done.append(name)
+        if observe is not None:
+            observe(name, gm, result)
     return gm
 
 
