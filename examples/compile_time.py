@@ -20,10 +20,10 @@ import torch  # noqa: E402
 
 import specpass  # noqa: E402
 from specpass.kernels import build_kernels, loaded_isa  # noqa: E402
+from specpass.lower import resolve  # noqa: E402
 from specpass.models import default_model  # noqa: E402
 from specpass.passes import PIPELINES  # noqa: E402
 from specpass.programs import build_program  # noqa: E402
-from specpass.lower import resolve  # noqa: E402
 
 
 def main() -> None:
