@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
@@ -36,9 +37,51 @@ def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     return base / "specpass"
 
 
+def private_dirs(path: Path) -> Path:
+    """Create the folder ``path`` and any missing folder above it with mode 0700 (what specpass caches is loaded as
+    native code, or steers what is); returns ``path``."""
+    missing = []
+    for folder in [path, *path.parents]:
+        if folder.exists():
+            break
+        missing.append(folder)
+    for folder in reversed(missing):
+        folder.mkdir(mode=0o700, exist_ok=True)
+    return path
+
+
+def check_private(path: Path) -> Path:
+    """``path`` if it and every folder above it belong to this user or root and no one else can write to them (a
+    folder others may write counts only with the sticky bit, as /tmp), as ssh checks its keys; else a
+    SpecPassError naming what is wrong and the fix. Run before loading native code or a plan from the cache:
+    whoever can write there could run code in this process."""
+    if not hasattr(os, "getuid"):  # pragma: no cover - no POSIX owners (Windows)
+        return path
+    uid = os.getuid()
+    fix = "make it private (chmod 700 DIR; chown it to yourself), or set SPECPASS_CACHE to a private folder"
+    target = Path(os.path.realpath(path))
+    for p in [target, *target.parents]:
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            continue
+        if st.st_uid not in (uid, 0):
+            raise SpecPassError(
+                f"{p} belongs to another user (uid {st.st_uid}); specpass loads code from its cache only where "
+                f"nobody else can write: {fix}"
+            )
+        if st.st_mode & 0o022 and not (stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX):
+            raise SpecPassError(
+                f"{p} can be written by other users (mode {stat.S_IMODE(st.st_mode):o}); specpass loads code from "
+                f"its cache only where nobody else can write: {fix}"
+            )
+    return path
+
+
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a reader sees the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``data`` to ``path`` so that a reader sees the old file or the new one, never half of one; missing
+    folders are created private (``private_dirs``)."""
+    private_dirs(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:

@@ -26,6 +26,7 @@ import io
 import json
 import logging
 import os
+import re
 import tempfile
 import time
 import types
@@ -206,8 +207,27 @@ def _spec_to_json(spec: CacheSpec) -> dict:
     }
 
 
+#: the dtypes a manifest may name (read by name, never through getattr on torch)
+_DTYPES = {
+    name: getattr(torch, name)
+    for name in ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")
+}
+#: a program's name becomes a file name when it is loaded: letters, digits and underscores only
+_PROGRAM_NAME = re.compile(r"[A-Za-z0-9_]{1,64}")
+
+
+def _dtype(name) -> torch.dtype:
+    if name not in _DTYPES:
+        raise _Malformed(f"names the dtype {name!r}, not one of {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+class _Malformed(ValueError):
+    """A manifest field that is not what specpass writes (raised as a SpecPassError naming the engine)."""
+
+
 def _spec_from_json(data: dict) -> CacheSpec:
-    dtype = getattr(torch, data["dtype"])
+    dtype = _dtype(data["dtype"])
     if "tensors" not in data:  # format 1: one K/V shape for every layer
         return CacheSpec.uniform(
             data["num_layers"],
@@ -219,7 +239,7 @@ def _spec_from_json(data: dict) -> CacheSpec:
             data["sliding_window"],
         )
     tensors = tuple(
-        CacheTensor(t["layer"], t["kind"], tuple(t["shape"]), getattr(torch, t["dtype"]), t.get("index", 0))
+        CacheTensor(t["layer"], t["kind"], tuple(t["shape"]), _dtype(t["dtype"]), t.get("index", 0))
         for t in data["tensors"]
     )
     return CacheSpec(
@@ -266,15 +286,27 @@ def _check_signature(z: zipfile.ZipFile, trust, path) -> str:
 
 
 def _open(path) -> zipfile.ZipFile:
+    """The engine's archive; refused unless every entry is stored uncompressed (as write_engine stores them), so
+    that no entry expands past the size of the file."""
     path = Path(path)
     if not path.is_file():
         raise SpecPassError(f"{path}: no such engine file")
     try:
-        return zipfile.ZipFile(path)
+        z = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as e:
         raise SpecPassError(
             f"{path} is not a specpass engine, or it is truncated ({e}); write it again with specpass compile"
         ) from e
+    packed = next(
+        (i for i in z.infolist() if i.compress_type != zipfile.ZIP_STORED or i.file_size != i.compress_size), None
+    )
+    if packed is not None:
+        z.close()
+        raise SpecPassError(
+            f"{path}: entry {packed.filename!r} is compressed ({packed.compress_size} bytes expanding to "
+            f"{packed.file_size}); specpass engines store entries uncompressed, so it is not one: refusing it"
+        )
+    return z
 
 
 def _manifest(z: zipfile.ZipFile, path) -> dict:
@@ -292,7 +324,46 @@ def _manifest(z: zipfile.ZipFile, path) -> dict:
             f"{path} has engine format {version}, newer than this specpass reads ({FORMAT_VERSION}): "
             "upgrade specpass, or compile the engine again with this one"
         )
+    try:
+        _check_fields(manifest)
+    except _Malformed as e:
+        raise SpecPassError(f"{path}: its manifest {e}; the engine is damaged or was not written by specpass") from e
     return manifest
+
+
+def _check_fields(m: dict) -> None:
+    """The manifest's fields that loading reads, checked for what write_engine puts there."""
+
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise _Malformed(what)
+
+    def strings(value) -> bool:
+        return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+
+    need(isinstance(m.get("versions"), dict) and isinstance(m["versions"].get("torch"), str), "has no torch version")
+    payloads = m.get("payloads")
+    need(strings(payloads) and all(re.fullmatch(r"[0-9a-f]{64}", v) for v in payloads.values()), "lists bad checksums")
+    programs = m.get("programs")
+    need(isinstance(programs, dict) and bool(programs), "lists no programs")
+    for name, info in programs.items():
+        need(bool(_PROGRAM_NAME.fullmatch(name)), f"names a program {name!r} (not a plain name)")
+        need(isinstance(info, dict) and info.get("package") in payloads, f"gives program {name!r} no package")
+        need(strings(info.get("constants")), f"gives program {name!r} bad constants")
+        need(strings(info.get("lowbit_parts", {})), f"gives program {name!r} bad low-bit parts")
+    need(isinstance(m.get("vocab_size"), int) and m["vocab_size"] > 0, "has no vocabulary size")
+    need(isinstance(m.get("generation_config"), dict), "has no generation config")
+    need(m.get("plan") is None or isinstance(m["plan"], dict), "has a plan that is not an object")
+    need(m.get("device", "cpu") in ("cpu", "cuda"), f"names the device {m.get('device')!r}")
+    cache = m.get("cache")
+    need(
+        isinstance(cache, dict) and all(isinstance(cache.get(k), int) for k in ("num_layers", "max_cache_len")),
+        "has no cache layout",
+    )
+    _dtype(cache.get("dtype"))
+    for t in cache.get("tensors", []):
+        need(isinstance(t, dict) and isinstance(t.get("shape"), list), "has a bad cache tensor")
+        _dtype(t.get("dtype"))
 
 
 def _check_torch(manifest: dict, path) -> None:
@@ -354,12 +425,23 @@ def load_engine(path: str | os.PathLike[str], *, trust=None) -> Engine:
     weights = {key: t.to(device) for key, t in load(data.pop(WEIGHTS)).items()}
     lowbit_choices, dense = {}, []
     if manifest.get("lowbit"):
-        from specpass.kernels import load_kernels
+        from specpass.kernels import KernelBuildError, load_kernels
 
-        load_kernels()  # the programs call torch.ops.specpass.lowbit_* (built here on first use)
+        try:
+            load_kernels()  # the programs call torch.ops.specpass.lowbit_* (built here on first use)
+        except KernelBuildError as e:
+            raise SpecPassError(
+                f"{path} stores weights as low-bit blocks, read by specpass's C++ kernels, which cannot be built "
+                f"here: {str(e).splitlines()[0]} (an engine compiled with --no-exact-lowbit needs none)"
+            ) from e
         lowbit_choices, dense = _lowbit_where_faster(manifest, weights, path)
     programs = {}
     for name, info in manifest["programs"].items():
+        missing = sorted(set(info["constants"].values()) - set(weights))
+        if missing:
+            raise SpecPassError(
+                f"{path}: program {name!r} names weights the engine lacks ({missing[:3]}); it is damaged"
+            )
         constants = {fqn: weights[key] for fqn, key in info["constants"].items()}
         try:
             programs[name] = load_aoti_program(data.pop(info["package"]), constants, name, device)

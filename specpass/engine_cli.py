@@ -165,10 +165,17 @@ class _TextStream:
 def run_run(args: argparse.Namespace) -> int:
     import torch
 
-    from specpass.engine import load_engine
+    from specpass.engine import load_engine, read_manifest
 
     if args.temperature < 0:
         raise SpecPassError(f"--temperature must be >= 0, got {args.temperature}")
+    if not args.trust:
+        read_manifest(args.engine)  # a file that is no engine gets its one line first, without the note
+        print(
+            "specpass: note: an engine file is native code that runs in this process; run only engines you trust "
+            "(--trust KEY.pub accepts only engines signed by that key)",
+            file=sys.stderr,
+        )
     engine = load_engine(args.engine, trust=args.trust)
     ids = engine.encode(args.prompt) if args.raw else engine.chat_ids(args.prompt)
     sampling = {"do_sample": args.temperature > 0}

@@ -42,7 +42,7 @@ from tokenizers import pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 from transformers.utils import logging as hf_logging
 
-from specpass.cache import cache_root
+from specpass.cache import cache_root, private_dirs
 from specpass.errors import SpecPassError
 from specpass.progress import progress_bar, style
 
@@ -255,7 +255,7 @@ def _convert(bundle: Bundled, target: Path, *, progress: bool) -> None:
     whether the conversion succeeded or not.
     """
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
+        private_dirs(target.parent)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
     except OSError as e:
         raise SpecPassError(

@@ -19,10 +19,11 @@ from specpass.kernels import build_in_background, choice, loaded_isa
 from specpass.kernels.choice import describe_choice
 from specpass.lower import cancel, lower, resolve
 from specpass.passes import PIPELINES, DraftConfig, draft_pipeline, run_passes, with_options
+from specpass.passes.exact_lowbit import pack, packing
 from specpass.progress import progress_bar
 from specpass.runtime.cuda_graphs import waits_on_host
 from specpass.runtime.dynamic_exit import VERIFY_EXITS, draft_program_name
-from specpass.runtime.model import CompiledLM
+from specpass.runtime.model import NO_TREES_WITH_STATE, CompiledLM
 from specpass.runtime.pieces import PiecewiseProgram
 
 log = logging.getLogger("specpass")
@@ -51,6 +52,7 @@ class SpecModel(CompiledLM):
         self.lowbit_choices: dict[str, dict] = {}  # kind of call -> kernel and fp32 times here, and the choice
         self.lowbit_calls: dict[str, list] = {}  # program -> its low-bit calls (parameters, block, bits, shapes)
         self.lowbit_params: dict[str, object] = {}  # parameter name of a low-bit call -> its tensor
+        self.packs: dict = {}  # the blocks exact_lowbit recovered, shared by this model's programs (packing)
 
 
 def compile_plain(
@@ -68,14 +70,16 @@ def compile_plain(
     for p in model.parameters():
         p.requires_grad_(False)
     t0 = time.perf_counter()
-    if exact_lowbit and _on_a_grid(model):
-        build_in_background()  # the compiler works while the model is captured
+    packs: dict = {}
+    with packing(packs):
+        if exact_lowbit and _on_a_grid(model):
+            build_in_background()  # the compiler works while the model is captured
     captured = capture(model, max_cache_len=max_cache_len)
     device = next(model.parameters()).device
     if cuda_graphs and device.type != "cuda":
         raise SpecPassError(f"cuda_graphs=True needs a model on a CUDA device; this one is on {device}")
     sm = SpecModel(model, captured, {}, backend, 0.0)
-    sm.exact_lowbit = exact_lowbit
+    sm.exact_lowbit, sm.packs = exact_lowbit, packs
     with progress_bar(total=2, desc=f"specpass: compiling ({backend})", unit="program", enabled=progress) as bar:
         # decode takes any number of tokens: one in plain decoding, the verified chain in speculation. Prefill
         # compiles in a child process meanwhile (lower/inductor.py), where the backend can.
@@ -107,9 +111,7 @@ def compile_plain(
 
 def _on_a_grid(model: nn.Module) -> bool:
     """Whether some fp32 CPU matrix of ``model`` lies on a block grid (a GGUF model's): exact_lowbit will need the
-    kernels. The packing found is kept on the tensor for the pass."""
-    from specpass.passes.exact_lowbit import pack
-
+    kernels. The packing found is kept for the pass (in the ``packing`` cache in effect)."""
     return any(
         pack(p) is not None
         for p in model.parameters()
@@ -140,7 +142,7 @@ def build_program(
     mode = "always" if sm is not None and sm.exact_lowbit == "always" else None
 
     def build(graph: CapturedGraph, q: int | None):
-        with choice.use_mode(mode):
+        with choice.use_mode(mode), packing(sm.packs if sm is not None else {}):
             gm = run_passes(graph.gm, pipeline, graph.structure, cfg)
         if sm is not None:
             found = gm.meta["specpass"]
@@ -176,14 +178,10 @@ def build_program(
 def check_tree_verify(sm: SpecModel) -> None:
     """Raise SpecPassError unless the decode program can verify draft trees (passes/tree_verify.py)."""
     if sm.spec.has_state:
-        raise SpecPassError(
-            "draft trees are not supported for models with recurrent state (linear attention, state-space "
-            "layers): such a layer reads its tokens in sequence, so each branch of a tree would need a state of "
-            "its own; chains (lookup, early exit, layer skipping) are"
-        )
+        raise SpecPassError(NO_TREES_WITH_STATE)
     if "verify" not in sm.summaries:
         pipeline = with_options(PIPELINES["verify"], exact_lowbit=sm.exact_lowbit)
-        with choice.use_mode("always" if sm.exact_lowbit == "always" else None):
+        with choice.use_mode("always" if sm.exact_lowbit == "always" else None), packing(sm.packs):
             gm = run_passes(sm.captured.gm, pipeline, sm.captured.structure)
         sm.summaries["verify"] = summary(gm)
 

@@ -40,6 +40,7 @@ from specpass.errors import SpecPassError
 from specpass.graph_text import normalize, signature, summary
 from specpass.kernels import choice
 from specpass.passes import PIPELINES, run_passes, with_options
+from specpass.passes.exact_lowbit import packing
 from specpass.passes.manager import attr_of
 from specpass.programs import draft_programs
 from specpass.tune.plan import SpecPlan
@@ -94,7 +95,7 @@ def take(
     chosen: dict[str, bool] = {}
     timings: dict[str, dict] = {}
     given = choice.use_choices(choices) if choices is not None else contextlib.nullcontext()
-    with given, torch.no_grad():
+    with given, packing({}), torch.no_grad():
         for name, (pipeline, cfg) in program_pipelines(plan, device, captured.spec.dtype).items():
             pipeline = with_options(pipeline, exact_lowbit=exact_lowbit)
             stages: list[dict] = []

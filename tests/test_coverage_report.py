@@ -74,3 +74,39 @@ def test_markdown_round_trip():
     text = coverage.render_markdown(rows, versions="torch x, transformers y")
     assert "`specpass coverage`" in text
     assert coverage.parse_markdown(text) == {"a": ("lossless", ""), "b": ("failed", "x | y: unsupported")}
+
+
+def test_speculative_output_is_judged_even_when_plain_decoding_hit_a_near_tie(monkeypatch):
+    import importlib
+
+    import torch
+
+    class Fake:
+        """HF's greedy tokens with the last one changed (plain decoding: a near-tie, below) or the first new one
+        changed (speculative decoding: a real difference)."""
+
+        def __init__(self, model):
+            self.model = model
+
+        def generate(self, prompt, max_new_tokens, speculate=None, **_):
+            with torch.no_grad():
+                out = self.model.generate(
+                    prompt,
+                    attention_mask=torch.ones_like(prompt),
+                    max_new_tokens=max_new_tokens,
+                    min_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    eos_token_id=None,
+                    pad_token_id=0,
+                ).clone()
+            at = -1 if speculate is False else coverage.PROMPT_LEN
+            out[0, at] = (out[0, at] + 1) % 8
+            return out
+
+    def near_tie_only_at_the_end(model, expected, got):
+        return 1e-7 if torch.equal(got[0, :-1], expected[0, :-1]) else None
+
+    monkeypatch.setattr(importlib.import_module("specpass.optimize"), "optimize", lambda model, **_: Fake(model))
+    monkeypatch.setattr(coverage, "_tie_gap", near_tie_only_at_the_end)
+    result = coverage.check_architecture("llama")
+    assert result.status == coverage.MISMATCH and result.reason.startswith("speculative decoding: specpass")

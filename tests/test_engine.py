@@ -158,6 +158,7 @@ def test_run_cli_streams_and_samples(compiled, capsys):
     assert main(["run", str(path), "--prompt", PROMPT, "--max-new-tokens", "8", "--stream"]) == 0
     streamed = capsys.readouterr()
     assert "tokens/s" in streamed.err
+    assert streamed.err.count("an engine file is native code") == 1  # said once, without --trust
     assert main(["run", str(path), "--prompt", PROMPT, "--max-new-tokens", "8", "--json"]) == 0
     assert streamed.out.strip() == json.loads(capsys.readouterr().out)["text"].strip()
     runs = []
@@ -237,7 +238,22 @@ def _bad_files(src, tmp):
         z.writestr("hello.txt", "hi")
     text = tmp / "notes.txt"
     text.write_text("not an engine")
+    compressed = tmp / "compressed.specpass"
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(compressed, "w", zipfile.ZIP_DEFLATED) as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, zin.read(info.filename))
+
+    def rename_program(m):
+        m["programs"]["../../evil"] = m["programs"].pop("decode")
+
     return {
+        "compressed": (compressed, "is compressed"),
+        "program_name": (_rewrite(src, tmp / "name.specpass", rename_program), "names a program '../../evil'"),
+        "dtype": (
+            _rewrite(src, tmp / "dtype.specpass", _set(["cache", "dtype"], "Tensor")),
+            "names the dtype 'Tensor'",
+        ),
+        "no_vocab": (_rewrite(src, tmp / "vocab.specpass", _set(["vocab_size"], None)), "has no vocabulary size"),
         "truncated": (truncated, "truncated"),
         "corrupted": (corrupted, "damaged"),
         "checksum": (
@@ -263,6 +279,10 @@ def _bad_files(src, tmp):
 
 
 BAD = [
+    "compressed",
+    "program_name",
+    "dtype",
+    "no_vocab",
     "truncated",
     "corrupted",
     "checksum",
@@ -285,7 +305,9 @@ def test_bad_engine_files_are_refused_clearly(compiled, tmp_path, capsys, case):
         load_engine(bad)
     assert main(["run", str(bad), "--prompt", "hi"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("specpass: error:") and message in err and "Traceback" not in err
+    *notes, last = err.strip().splitlines()  # at most the note that an engine is native code, then the error
+    assert last.startswith("specpass: error:") and message in last and "Traceback" not in err
+    assert all(line.startswith("specpass: note: an engine file is native code") for line in notes) and len(notes) <= 1
     if case not in ("checksum", "corrupted", "other_torch", "truncated", "gpu_engine"):  # inspect reads the manifest
         with pytest.raises(SpecPassError, match=message):
             read_manifest(bad)

@@ -12,9 +12,9 @@ from test_speculative import _hf
 
 import specpass
 from specpass.graph_text import normalize
-from specpass.kernels import load_kernels
+from specpass.kernels import choice, load_kernels
 from specpass.passes import PIPELINES, run_passes
-from specpass.passes.exact_lowbit import recover_blocks
+from specpass.passes.exact_lowbit import exact_lowbit, pack, recover_blocks
 
 pytestmark = pytest.mark.compat
 
@@ -65,6 +65,29 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and torch.equal(a.contiguous().view(torch.int32), b.contiguous().view(torch.int32))
 
 
+def assert_matches_rebuild_exactly(model) -> dict[str, int]:
+    """Every 2-D fp32 weight of ``model`` the pass would store as blocks, rebuilt from them, equals the weight bit
+    for bit; returns how many matrices of each format. A copy of the first matrix's blocks with one code changed
+    must rebuild differently (so the comparison can fail)."""
+    from collections import Counter
+
+    formats: Counter = Counter()
+    controlled = False
+    for name, p in model.named_parameters():
+        blocks = pack(p) if p.dim() == 2 and p.dtype == torch.float32 else None
+        if blocks is None:
+            continue
+        assert same_bits(rebuilt(blocks), p), f"{name} ({blocks.format}) does not rebuild bit for bit"
+        formats[blocks.format] += 1
+        if not controlled:
+            q = blocks.q.clone()
+            q.view(-1)[0] ^= 1  # one code of the first block, as a damaged block would hold
+            broken = torch.ops.specpass.lowbit_dequantize(q, *blocks.tensors()[1:], blocks.block, blocks.bits)
+            assert not same_bits(broken, p), "a changed code rebuilt the same weights: the check cannot fail"
+            controlled = True
+    return dict(formats)
+
+
 @pytest.fixture(autouse=True)
 def _kernels(monkeypatch):
     load_kernels()
@@ -84,6 +107,28 @@ def test_recovers_every_block_format_bit_for_bit(fmt, bits, block):
     assert (blocks.format, blocks.bits, blocks.block) == (fmt, bits, block)
     assert blocks.exc_ids.numel() == 0
     assert same_bits(rebuilt(blocks), w)  # the contract: not one weight changes
+
+
+def k_quant(w: torch.Tensor, levels: int) -> torch.Tensor:
+    """``w`` on a K-quant's affine grid, as gguf-py dequantizes Q4_K / Q5_K: per 32 values an fp32 scale and
+    minimum that are each an fp16 super-block factor times a 6-bit integer, ``d * q + m`` with codes 0..levels."""
+    torch.manual_seed(1)
+    b = w.reshape(-1, 32).double()
+    sc, mc = torch.randint(1, 63, (b.shape[0],)).double(), torch.randint(1, 63, (b.shape[0],)).double()
+    m = ((b.min(1).values / mc).half().double() * mc).float().double()
+    d = (((b.max(1).values - m) / levels / sc).half().double() * sc).float().double()
+    q = torch.round((b - m[:, None]) / d[:, None]).clamp(0, levels)
+    q[:, 0], q[:, 1] = 0, levels  # codes 0 and levels occur (the blocks the pass recovers)
+    return (d[:, None].float() * q.float() + m[:, None].float()).reshape(w.shape)
+
+
+@pytest.mark.parametrize(("fmt", "levels"), [("Q4_K", 15), ("Q5_K", 31)])
+def test_k_quant_blocks_are_named_as_k_quants(fmt, levels):
+    torch.manual_seed(0)
+    w = k_quant(torch.randn(48, 128) * 0.05, levels)
+    blocks = recover_blocks(w)
+    assert blocks is not None and blocks.format == fmt and blocks.exc_ids.numel() == 0
+    assert same_bits(rebuilt(blocks), w)
 
 
 def test_weights_off_the_grid_stay_fp32():
@@ -118,7 +163,7 @@ def test_mostly_off_grid_matrix_stays_fp32():
     assert recover_blocks(perturb(w, list(range(0, 32, 2)) + [1, 3])) is None  # 18 of 32 blocks off the grid
 
 
-@pytest.mark.parametrize("fmt", ["Q4_1", "Q8_0", "Q6_K"])
+@pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q6_K"])
 @pytest.mark.parametrize("tokens", [1, 2, 3, 4, 5, 8, 17, 40])
 def test_kernel_matches_linear_on_the_same_weights(fmt, tokens):
     torch.manual_seed(tokens)
@@ -189,6 +234,22 @@ def test_pass_rewrites_every_matched_matrix(grid, golden):
     golden("exact_lowbit/decode-grid_llama", normalize(gm))
 
 
+@pytest.mark.parametrize("program", [p for p in PIPELINES if p != "decode"])  # decode: the test above
+def test_pass_rewrites_every_program_of_the_grid_model(grid, golden, program):
+    from test_goldens import golden_draft_config
+
+    model, cg = grid
+    gm = run_passes(cg.gm, PIPELINES[program], cg.structure, golden_draft_config(model.config.vocab_size))
+    ops = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert LOWBIT_LINEAR in ops and LOWBIT_EMBEDDING in ops
+    assert torch.ops.aten.embedding.default not in ops
+    # every linear layer reads blocks, but DEL's exit head: its rows of the head, gathered in the graph, stay fp32
+    fp32 = [n.args[1] for n in gm.graph.nodes if n.target is torch.ops.aten.linear.default]
+    assert all(w.target is torch.ops.aten.index_select.default for w in fp32)
+    assert len(fp32) == (1 if program == "verify_exits" else 0)
+    golden(f"exact_lowbit/{program}-grid_llama", normalize(gm))
+
+
 def test_pass_output_matches_eager(grid):
     model, cg = grid
     from specpass.capture import example_inputs
@@ -207,6 +268,50 @@ def test_pass_leaves_other_weights_alone(model):
     gm = run_passes(cg.gm, PIPELINES["decode"], cg.structure)
     assert LOWBIT_LINEAR not in [n.target for n in gm.graph.nodes]
     assert gm.meta["specpass"]["history"][1] == {"pass": "exact_lowbit", "modified": False, "n_matches": 0}
+
+
+def test_a_weight_edited_in_place_is_packed_again_and_nothing_stays_on_the_weights():
+    model = grid_llama()
+    ids = torch.tensor([[3, 14, 15, 92, 65, 35]])
+    first = specpass.optimize(model, speculate=False, backend="eager", max_cache_len=32, progress=False)
+    before = first.generate(ids, max_new_tokens=10, eos_token_id=[])
+    # nothing of the packing hangs on the user's parameters (it is the compile's, freed with it)
+    assert not [n for n, p in model.named_parameters() if any(a.startswith("_specpass") for a in vars(p))]
+    w = model.model.layers[0].mlp.down_proj.weight
+    version = w._version
+    w.data.copy_(w.data.flip(0))  # rows swapped: still on the grid; through .data, the version does not move
+    assert w._version == version
+    want = _hf(model, ids, 10)
+    assert not torch.equal(want, before), "the edit must change the output for this test to mean anything"
+    again = specpass.optimize(model, speculate=False, backend="eager", max_cache_len=32, progress=False)
+    assert torch.equal(again.generate(ids, max_new_tokens=10, eos_token_id=[]), want)
+
+
+def test_weight_names_that_collide_as_parameter_names_keep_their_own_blocks():
+    # "a.b_c" and "a_b.c" would both become the parameter name "specpass_lowbit_a_b_c_weight_..."
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.ModuleDict({"b_c": torch.nn.Linear(64, 32, bias=False)})
+            self.a_b = torch.nn.ModuleDict({"c": torch.nn.Linear(64, 32, bias=False)})
+
+        def forward(self, x, y):
+            return self.a["b_c"](x) + self.a_b["c"](y)
+
+    torch.manual_seed(0)
+    model = Two().eval().requires_grad_(False)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(on_grid(torch.randn_like(p) * 0.05, "Q4_1"))
+    x, y = torch.randn(1, 2, 64), torch.randn(1, 2, 64)
+    gm = torch.export.export(model, (x, y)).module()
+    with choice.use_mode("always"):
+        result = exact_lowbit(gm)
+    assert result.n_matches == 2
+    gm.recompile()
+    calls = [n for n in gm.graph.nodes if n.target is LOWBIT_LINEAR]
+    assert len({n.args[1].target for n in calls}) == 2  # two matrices, two sets of blocks
+    torch.testing.assert_close(gm(x, y), model(x, y), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", ["eager", "inductor", "compile"])

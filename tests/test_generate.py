@@ -113,6 +113,32 @@ def test_streamer_gets_prompt_then_each_token(llama):
     assert [c[0] for c in rec.calls[1:]] == out[0, 4:].tolist() and rec.ended
 
 
+def test_a_failed_generate_ends_its_stream_and_the_next_one_works(llama):
+    model, sm = llama
+    ids = torch.randint(0, VOCAB, (1, 5), generator=torch.Generator().manual_seed(7))
+    sm.generate(ids, max_new_tokens=3)
+    assert sm.last_stats is not None
+    decode, calls = sm.programs["decode"], []
+
+    def fails_at_the_third_step(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("step failed")
+        return decode(*args)
+
+    sm.programs["decode"] = fails_at_the_third_step
+    rec = _Recorder()
+    try:
+        with pytest.raises(RuntimeError, match="step failed"):
+            sm.generate(ids, max_new_tokens=8, streamer=rec)
+    finally:
+        sm.programs["decode"] = decode
+    assert rec.ended and len(rec.calls) == 4  # the prompt, prefill's token and two steps', then the end
+    assert sm.last_stats is None  # not the previous call's numbers
+    assert torch.equal(sm.generate(ids, max_new_tokens=8), _hf(model, ids, 8))
+    assert sm.last_stats is not None and sm.last_stats.new_tokens == 8
+
+
 class _CharTokenizer:
     """Each id decodes to one letter: enough to test stop strings."""
 

@@ -157,6 +157,20 @@ def test_random_accept_reject_rounds_match_recomputation(compiled, model_type):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+def test_compiled_lm_refuses_cuda_graphs_and_trees_for_recurrent_state(compiled):
+    # What optimize() checks, enforced by the object itself: set directly, neither may take effect.
+    model, sm = compiled("mamba")
+    with pytest.raises(SpecPassError, match="cuda_graphs=True is refused for a model with recurrent state"):
+        sm.cuda_graphs = True
+    assert sm.cuda_graphs is False
+    plan = sm.plan
+    with pytest.raises(SpecPassError, match="draft trees are not supported for models with recurrent state"):
+        sm.plan = SpecPlan(speculate=True, lookup=2, tree_budget=4)
+    assert sm.plan is plan
+    ids = torch.tensor([[5, 17, 9, 5, 17, 30]])
+    assert torch.equal(sm.generate(ids, max_new_tokens=12, eos_token_id=[]), _hf(model, ids, 12))
+
+
 def test_trees_and_engines_are_refused_with_a_reason(compiled, tmp_path):
     from specpass.engine import write_engine
 

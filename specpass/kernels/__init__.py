@@ -13,6 +13,7 @@ import functools
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 
 from specpass import machine
-from specpass.cache import cache_root
+from specpass.cache import cache_root, check_private, private_dirs
 from specpass.errors import SpecPassError
 
 log = logging.getLogger("specpass.kernels")
@@ -33,7 +34,17 @@ _DIR = Path(__file__).parent
 #: library of its own
 ISAS = ("avx512", "avx2", "generic")
 _MARCH = {"avx512": "x86-64-v4", "avx2": "x86-64-v3", "generic": "x86-64"}
-_FLAGS = ["-O3", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC", "-std=c++20", "-DNDEBUG"]
+#: at::parallel_for's threads come from OpenMP where torch uses it; Apple's clang has no -fopenmp (the loops then
+#: run on one thread there)
+_FLAGS = [
+    "-O3",
+    "-ffp-contract=fast",
+    *([] if platform.system() == "Darwin" else ["-fopenmp"]),
+    "-shared",
+    "-fPIC",
+    "-std=c++20",
+    "-DNDEBUG",
+]
 #: seconds a kernel build may take before it is stopped (a 2-core machine needs about 20)
 BUILD_TIMEOUT_S = 300
 
@@ -83,17 +94,22 @@ def loaded_isa() -> str | None:
     return _loaded[0] if _loaded else None
 
 
+class KernelBuildError(SpecPassError):
+    """The kernels cannot be built here (no C++ compiler, a failed or stopped build): exact_lowbit then keeps the
+    weights in fp32 instead."""
+
+
 def build_kernels(isa: str | None = None) -> Path:
     """The library of the ``isa`` kernels (default: ``kernel_isa()``), compiled first if this machine has no build
     of it. Builds for any level, also one this CPU cannot run (to check that it compiles).
 
-    Raises SpecPassError (with the compiler's message) when there is no C++ compiler or the build fails.
+    Raises KernelBuildError (with the compiler's message) when there is no C++ compiler or the build fails.
     """
     isa = isa or kernel_isa()
     path, cxx, flags = library_path(isa)
     with _building:  # one build at a time: a second caller waits for the first's library
         if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
+            private_dirs(path.parent)
             _build(cxx, flags, _sources(isa), path, isa)
     return path
 
@@ -121,7 +137,7 @@ def library_path(isa: str) -> tuple[Path, str, list[str]]:
         raise SpecPassError(f"unknown kernel ISA {isa!r}; choose from {', '.join(ISAS)}")
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if cxx is None:
-        raise SpecPassError(
+        raise KernelBuildError(
             "specpass's low-bit kernels need a C++ compiler (g++); install one, or pass exact_lowbit=False"
         )
     flags = [*_FLAGS, *_isa_flags(isa)]
@@ -150,7 +166,7 @@ def load_kernels() -> str:
             f"this CPU ({machine.cpu_model()}) cannot run the {isa} kernels: it lacks {', '.join(missing)}; unset "
             f"SPECPASS_KERNEL_ISA or choose one of {', '.join(machine.kernel_isas())}"
         )
-    path = build_kernels(isa)
+    path = check_private(build_kernels(isa))
     try:
         torch.ops.load_library(str(path))
     except OSError as e:
@@ -211,13 +227,15 @@ def _build(cxx: str, flags: list[str], sources: list[Path], path: Path, isa: str
                 text=True,
                 timeout=BUILD_TIMEOUT_S,
             )
+        except OSError as e:  # the compiler named by $CXX cannot be run
+            raise KernelBuildError(f"cannot run the C++ compiler {cxx} ({e}); pass exact_lowbit=False") from e
         except subprocess.TimeoutExpired as e:
-            raise SpecPassError(
+            raise KernelBuildError(
                 f"building specpass's low-bit kernels took over {BUILD_TIMEOUT_S} s ({cxx}) and was stopped; pass "
                 "exact_lowbit=False to run without them"
             ) from e
         if proc.returncode != 0:
-            raise SpecPassError(
+            raise KernelBuildError(
                 f"building specpass's {isa} low-bit kernels failed ({cxx}); pass exact_lowbit=False to run without "
                 "them:\n" + proc.stderr[-2000:]
             )

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from specpass import machine
-from specpass.cache import cache_root, write_atomic
+from specpass.cache import cache_root, check_private, write_atomic
 from specpass.version import __version__
 
 log = logging.getLogger("specpass.lower")
@@ -114,6 +114,7 @@ def load(key: str) -> bytes | None:
     package_path, meta_path = folder / f"{key}.pt2", folder / f"{key}.json"
     if not meta_path.is_file():
         return None  # never stored, or a writer died before its sidecar: the package alone is not trusted
+    check_private(package_path)  # the sha256 beside it proves it intact, not who wrote it
     try:
         meta = json.loads(meta_path.read_text())
         package = package_path.read_bytes()

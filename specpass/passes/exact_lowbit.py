@@ -26,21 +26,22 @@ call over their blocks stacked by rows, whose output is sliced back::
 
 The kernel is used only where it is faster on this CPU (``kernels/choice.py``: each kind of call timed against
 the fp32 product it replaces, per program regime: prefill, or a few tokens; ``$SPECPASS_LOWBIT_CHOICE=always``
-skips the timing). The recovery runs once per weight tensor (cached on it) and is reported per matrix, by the
-model's parameter name, in ``gm.meta["specpass"]["exact_lowbit"]``; the timings in ``["lowbit_choices"]`` and the
-calls in ``["lowbit_calls"]``.
+skips the timing). The recovery runs once per weight tensor and compile (``packing``) and is reported per
+matrix, by the model's parameter name, in ``gm.meta["specpass"]["exact_lowbit"]``; the timings in
+``["lowbit_choices"]`` and the calls in ``["lowbit_calls"]``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import logging
 from collections import defaultdict
 
 import torch
 
-from specpass.kernels import BLOCK_PARTS, choice, load_kernels
+from specpass.kernels import BLOCK_PARTS, KernelBuildError, choice, load_kernels
 from specpass.passes.manager import PassResult, attr_of, tag
 
 log = logging.getLogger("specpass.passes")
@@ -84,6 +85,8 @@ _STORAGES = (
 _SIGNED_RANGE = {"Q4_0": (-8, 7), "Q5_0": (-16, 15), "Q6_K": (-32, 31), "Q8_0": (-128, 127)}
 #: affine formats whose scales or minimums are not all fp16 values are K-quants (an fp16 x 6-bit product)
 _K_QUANT = {"Q4_1": "Q4_K", "Q5_1": "Q5_K"}
+_fallback_said = False  # the kernels could not be built, and a warning said so
+_packs: contextvars.ContextVar[dict | None] = contextvars.ContextVar("specpass_packs", default=None)
 _CHUNK = 1 << 18  # blocks searched at a time (bounds the fp64 temporaries of a 170M-weight embedding)
 
 
@@ -134,9 +137,9 @@ def exact_lowbit(gm: torch.fx.GraphModule, structure=None, cfg=None) -> PassResu
             continue
         blocks = pack(attr_of(gm, weight_node.target))
         if blocks is not None:
-            if not choice.fixed():  # a snapshot's rewrite with given choices runs no kernel
-                load_kernels()  # built on first use; a SpecPassError (no compiler) names exact_lowbit=False
             matches.append((node, weight_node, blocks))
+    if matches and not choice.fixed() and not _kernels_here():  # a snapshot's given choices need no kernel
+        return PassResult(gm, False, 0)
     calls = [(members, _stacked([b for _, _, b in members])) for members in _one_call_each(matches)]
     if choice.mode() == "measure" or choice.fixed():  # a snapshot's given choices win over the mode
         calls = _faster_on_this_cpu(gm, calls, meta.setdefault("lowbit_choices", {}))
@@ -146,6 +149,20 @@ def exact_lowbit(gm: torch.fx.GraphModule, structure=None, cfg=None) -> PassResu
         for _, weight_node, b in members:
             report[weight_node.target.removeprefix(_WRAPPER)] = b.summary()
     return PassResult(gm, bool(calls), sum(len(m) for m, _ in calls))
+
+
+def _kernels_here() -> bool:
+    """Whether the kernels are built and loaded (on first use); where they cannot be built (no C++ compiler, a
+    failed build), the weights stay fp32, said once per process."""
+    global _fallback_said
+    try:
+        load_kernels()
+        return True
+    except KernelBuildError as e:
+        if not _fallback_said:
+            log.warning("exact_lowbit: weights stay fp32 (lossless, slower): %s", str(e).splitlines()[0])
+            _fallback_said = True
+        return False
 
 
 def _one_call_each(matches: list) -> list[list]:
@@ -207,16 +224,31 @@ def _weight_of(node: torch.fx.Node) -> torch.fx.Node | None:
     return weight
 
 
+@contextlib.contextmanager
+def packing(cache: dict):
+    """Inside the block, ``pack`` keeps what it recovers in ``cache``: one compile's programs share one packing.
+
+    The cache belongs to the compile (programs.SpecModel's), not to the weights: a weight edited in place (through
+    ``.data``, which does not bump its version) is packed again by the next compile, and nothing stays attached
+    to the user's parameters once the compiled model is gone.
+    """
+    token = _packs.set(cache)
+    try:
+        yield
+    finally:
+        _packs.reset(token)
+
+
 def pack(weight: torch.Tensor) -> Blocks | None:
-    """``weight`` as blocks that reproduce it bit for bit, or None; cached on the tensor (same object, same
-    version: every program of a model shares one packing)."""
-    cached = getattr(weight, "_specpass_lowbit", None)
-    if cached is not None and cached[0] == weight._version:
+    """``weight`` as blocks that reproduce it bit for bit, or None; kept in the ``packing`` cache in effect."""
+    cache = _packs.get()
+    cached = cache.get(id(weight)) if cache is not None else None
+    if cached is not None and cached[0] is weight:
         return cached[1]
     with torch.no_grad():
         blocks = recover_blocks(weight.detach())
-    with contextlib.suppress(AttributeError, RuntimeError):  # a tensor that takes no attributes: no cache
-        weight._specpass_lowbit = (weight._version, blocks)
+    if cache is not None:
+        cache[id(weight)] = (weight, blocks)  # the tensor too: its id is not reused while it is held
     if blocks is not None:
         log.debug("exact_lowbit: %s weight %s: %s", blocks.format, tuple(weight.shape), blocks.summary())
     return blocks
@@ -388,7 +420,7 @@ def _rewrite(gm: torch.fx.GraphModule, members: list, blocks: Blocks) -> dict:
     prefix = (
         "specpass_lowbit_" + first_weight.target.replace(".", "_") + (f"_x{len(members)}" if len(members) > 1 else "")
     )
-    names = [f"{prefix}_{part}" for part in BLOCK_PARTS]
+    names = _free_names(gm, prefix, blocks.tensors())
     with graph.inserting_before(first), _fake_mode(first.meta["val"]):
         inputs = []
         for name, t in zip(names, blocks.tensors(), strict=True):
@@ -434,6 +466,21 @@ def _rewrite(gm: torch.fx.GraphModule, members: list, blocks: Blocks) -> dict:
         "bits": blocks.bits,
         "shapes": [list(b.shape) for _, _, b in members],
     }
+
+
+def _free_names(gm: torch.fx.GraphModule, prefix: str, tensors: tuple) -> list[str]:
+    """The parameter names of ``tensors`` on ``gm``: ``<prefix>_<part>``, or with a number after the prefix where
+    another matrix's blocks hold those names (two weight names that differ only in "." and "_" give one prefix);
+    the same blocks (a tied weight read twice) keep theirs."""
+    for n in range(1, 1000):
+        names = [f"{prefix}{'' if n == 1 else f'_{n}'}_{part}" for part in BLOCK_PARTS]
+        held = [getattr(gm, name, None) for name in names]
+        if all(h is None for h in held) or all(
+            h is not None and h.shape == t.shape and h.data_ptr() == t.data_ptr()
+            for h, t in zip(held, tensors, strict=True)
+        ):
+            return names
+    raise AssertionError(f"no free parameter names for {prefix}")  # pragma: no cover - 999 colliding weights
 
 
 def _fake_mode(val):

@@ -46,6 +46,14 @@ _UNSUPPORTED = {
 }
 
 
+#: why a model with recurrent state (linear attention, state-space layers) verifies chains, never trees
+NO_TREES_WITH_STATE = (
+    "draft trees are not supported for models with recurrent state (linear attention, state-space layers): such a "
+    "layer reads its tokens in sequence, so each branch of a tree would need a state of its own; chains (lookup, "
+    "early exit, layer skipping) are"
+)
+
+
 class CompiledLM:
     """Compiled programs, the KV cache they share, and an HF-compatible ``generate``; needs no HF model.
 
@@ -74,6 +82,29 @@ class CompiledLM:
         self.cuda_graphs = self.cache.device.type == "cuda" and not spec.has_state
         self._graphed: dict[str, GraphedProgram] = {}
         self._graph_pool = graph_pool(self.cache.device)
+
+    @property
+    def cuda_graphs(self) -> bool:
+        return self._cuda_graphs
+
+    @cuda_graphs.setter
+    def cuda_graphs(self, value: bool) -> None:
+        if value and self.spec.has_state:
+            raise SpecPassError(
+                "cuda_graphs=True is refused for a model with recurrent state: its calls run as pieces built on "
+                "first use, and a graph's warm-up run would advance the state a second time"
+            )
+        self._cuda_graphs = bool(value)
+
+    @property
+    def plan(self):
+        return self._plan
+
+    @plan.setter
+    def plan(self, plan) -> None:
+        if plan is not None and plan.speculate and plan.tree_budget and self.spec.has_state:
+            raise SpecPassError(NO_TREES_WITH_STATE)
+        self._plan = plan
 
     def runnable_programs(self) -> dict:
         """The programs as the decode loops call them: replayed from CUDA graphs where ``cuda_graphs`` is set."""
@@ -175,12 +206,23 @@ class CompiledLM:
             stop_strings = [stop_strings]
         stop = StopChecker(max_new_tokens, eos, stop_strings or [], tokenizer)
         common = dict(sampling=sampling, stop=stop, streamer=streamer, generator=generator)
-        programs = self.runnable_programs()
         device, input_ids = input_ids.device, input_ids.to(self.cache.device)
+        self.last_stats = None  # not the previous call's numbers, should this one fail
+        try:
+            out, self.last_stats = self._decode(input_ids, speculate, common)
+        except BaseException:
+            if streamer is not None:
+                streamer.end()  # a stream that started ends, as HF's does when generate returns
+            raise
+        return out.to(device)
+
+    def _decode(self, input_ids: torch.Tensor, speculate: bool | None, common: dict):
+        """The decode loop the plan calls for: (prompt + new ids, its GenerationStats)."""
+        programs = self.runnable_programs()
         if not self.speculative or speculate is False:
-            out, self.last_stats = generate(programs, self.cache, input_ids, **common)
-        elif self.plan.tree_budget:
-            out, self.last_stats = tree_generate(
+            return generate(programs, self.cache, input_ids, **common)
+        if self.plan.tree_budget:
+            return tree_generate(
                 programs,
                 self.cache,
                 input_ids,
@@ -189,11 +231,7 @@ class CompiledLM:
                 pad_vocab=self.vocab_size if self.cuda_graphs else 0,
                 **common,
             )
-        else:
-            out, self.last_stats = speculative_generate(
-                programs, self.cache, input_ids, policy=self.plan.policy(), **common
-            )
-        return out.to(device)
+        return speculative_generate(programs, self.cache, input_ids, policy=self.plan.policy(), **common)
 
     def _check_ids(self, input_ids) -> torch.Tensor:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.long, torch.int):

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from specpass import machine
-from specpass.cache import cache_root, write_atomic
+from specpass.cache import cache_root, check_private, write_atomic
 from specpass.errors import SpecPassError
 from specpass.passes import PIPELINES, DraftConfig, with_options
 from specpass.runtime.dynamic_exit import VERIFY_EXITS, draft_program_name
@@ -271,6 +271,7 @@ def cached_plan(key: str) -> SpecPlan | None:
     path = plan_cache_dir() / f"{key}.json"
     if not path.exists():
         return None
+    check_private(path)
     try:
         return SpecPlan.load(path)
     except SpecPassError:
