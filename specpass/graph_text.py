@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import fx
 
-__all__ = ["normalize", "signature", "summary"]
+__all__ = ["normalize", "op_counts", "signature", "summary"]
 
 _DTYPES = {
     torch.float32: "f32",
@@ -62,16 +62,21 @@ def signature(gm: fx.GraphModule) -> str:
     return "".join(line + "\n" for line in lines)
 
 
-def summary(gm: fx.GraphModule) -> dict:
-    """What ``specpass inspect`` shows of a program: node and op counts, signature, pass history."""
+def op_counts(gm: fx.GraphModule) -> dict[str, int]:
+    """How many nodes call each op (``aten.linear.default``, ``module.<name>``), sorted by op."""
     ops: dict[str, int] = {}
     for node in gm.graph.nodes:
         if node.op in ("call_function", "call_module"):
             key = _target(node) if node.op == "call_function" else f"module.{node.target}"
             ops[key] = ops.get(key, 0) + 1
+    return dict(sorted(ops.items()))
+
+
+def summary(gm: fx.GraphModule) -> dict:
+    """What ``specpass inspect`` shows of a program: node and op counts, signature, pass history."""
     return {
         "nodes": len(gm.graph.nodes),
-        "ops": dict(sorted(ops.items())),
+        "ops": op_counts(gm),
         "signature": signature(gm).splitlines(),
         "passes": list(gm.meta.get("specpass", {}).get("history", [])),
     }

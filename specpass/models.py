@@ -224,7 +224,7 @@ def load(
             raise SpecPassError(f"{source} is a file, not a model directory. {_LOAD_ADVICE}")
         source = str(path)
     with _transformers_progress(True):  # its bars on a terminal only, as specpass's own
-        return _load_pretrained(source, dtype=dtype, advice=_LOAD_ADVICE, tokenizer=tokenizer)
+        return _load_pretrained(source, dtype=dtype, advice=_LOAD_ADVICE, with_tokenizer=tokenizer)
 
 
 def _model_dir(bundle: Bundled, cache_dir: str | os.PathLike[str] | None) -> Path:
@@ -526,7 +526,7 @@ def _publish(converted: Path, target: Path) -> None:
 
 
 def _load_pretrained(
-    source: str, *, dtype: torch.dtype, advice: str, tokenizer: bool = True
+    source: str, *, dtype: torch.dtype, advice: str, with_tokenizer: bool = True
 ) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase | None]:
     """`from_pretrained` model and tokenizer, ready for inference, errors as SpecPassError."""
     # transformers reports missing files, unreachable hosts and unsupported architectures
@@ -536,7 +536,7 @@ def _load_pretrained(
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     except Exception as e:
         raise SpecPassError(f"could not load {source!r} as a causal language model: {_first_line(e)}. {advice}") from e
-    if not tokenizer:
+    if not with_tokenizer:
         return model.eval(), None
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)

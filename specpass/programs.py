@@ -215,10 +215,10 @@ def start_draft_program(sm: SpecModel, plan):
         return None
     if sm.captured.query_len is not None:
         return None
-    cfg = plan.draft_config(next(sm.model.parameters()).device, sm.spec.dtype)
-    pipeline = with_options(draft_pipeline(cfg), exact_lowbit=sm.exact_lowbit)
+    pipeline, cfg, dynamic_q = draft_programs(plan, next(sm.model.parameters()).device, sm.spec.dtype)["draft"]
+    pipeline = with_options(pipeline, exact_lowbit=sm.exact_lowbit)
     program, _ = build_program(
-        sm.captured, "draft", pipeline, sm.backend, cfg, dynamic_q=plan.tree_draft, sm=sm, background=True
+        sm.captured, "draft", pipeline, sm.backend, cfg, dynamic_q=dynamic_q, sm=sm, background=True
     )
     return program
 

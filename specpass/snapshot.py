@@ -37,7 +37,7 @@ from torch import nn
 
 from specpass.capture import capture
 from specpass.errors import SpecPassError
-from specpass.graph_text import normalize, signature, summary
+from specpass.graph_text import normalize, op_counts, signature
 from specpass.kernels import choice
 from specpass.passes import PIPELINES, run_passes, with_options
 from specpass.passes.exact_lowbit import packing
@@ -94,15 +94,16 @@ def take(
     matrices: dict[str, dict] = {}
     chosen: dict[str, bool] = {}
     timings: dict[str, dict] = {}
+    captured_ops = op_counts(captured.gm)
     given = choice.use_choices(choices) if choices is not None else contextlib.nullcontext()
     with given, packing({}), torch.no_grad():
         for name, (pipeline, cfg) in program_pipelines(plan, device, captured.spec.dtype).items():
             pipeline = with_options(pipeline, exact_lowbit=exact_lowbit)
             stages: list[dict] = []
-            before = [summary(captured.gm)["ops"], len(captured.gm.graph.nodes)]
+            before = [captured_ops, len(captured.gm.graph.nodes)]
 
             def observe(pass_name, gm, result, name=name, stages=stages, before=before):
-                ops = summary(gm)["ops"]
+                ops = op_counts(gm)
                 changed = {op: [before[0].get(op, 0), ops.get(op, 0)] for op in sorted(set(ops) | set(before[0]))}
                 stages.append(
                     {
