@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,26 @@ ARCHS = ("llama", "gpt2", "qwen2")
 # torch.export logs each traced graph to "torch.__trace" at DEBUG; pytest would print pages of it under every
 # failure. TORCH_TRACE attaches its own handler, so it does not need the propagation.
 logging.getLogger("torch.__trace").propagate = False
+
+
+def pytest_configure(config):
+    # The README's test command runs two pytest-xdist workers: each gets its share of the cores, since two workers
+    # of two OpenMP threads each on 2 cores would spin against each other. Children (the compile worker, the
+    # coverage pool) inherit the share through OMP_NUM_THREADS.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _threads_kept():
+    """A test that sets torch's threads (the bench and demo CLIs do) leaves the next test the count it found."""
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 def pytest_addoption(parser):
@@ -214,11 +235,15 @@ def _session_tune_ledgers(tmp_path_factory):
 
 @pytest.fixture(autouse=True, scope="session")
 def _session_program_cache(tmp_path_factory):
-    """Compiled programs go to a session directory too: within the session, tests that compile the same tiny
-    graph share one compile (as processes of one user do); none come from an earlier run."""
+    """Compiled programs go to a session directory too: within the session, tests that compile the same graph
+    share one compile (as processes of one user do), across xdist workers too; none come from an earlier run."""
     from specpass.lower import program_cache
 
-    programs = tmp_path_factory.mktemp("programs")
+    root = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        root = root.parent  # this run's folder, shared by its workers (entries are written atomically)
+    programs = root / "programs"
+    programs.mkdir(mode=0o700, exist_ok=True)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(program_cache, "program_dir", lambda: programs)
         yield programs
