@@ -6,8 +6,9 @@ import torch
 
 import specpass
 from specpass.bench import load_questions, resolve_prompts, stratified_sample
-from specpass.models import chat_ids, default_model
+from specpass.models import default_model
 from specpass.runtime.generate import RANK_DEPTHS
+from specpass.tokenization import chat_ids
 
 
 def chat_prompts(tokenizer, num_prompts: int, device: torch.device | str = "cpu") -> list[torch.Tensor]:

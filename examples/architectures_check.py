@@ -39,7 +39,8 @@ def check(model_type: str, device: str, backend: str, new_tokens: int) -> dict:
     from transformers import CONFIG_MAPPING
 
     import specpass
-    from specpass.coverage import FORCED_PLAN_FIELDS, build_tiny_model
+    from specpass.coverage import FORCED_PLAN_FIELDS
+    from specpass.tiny_models import build_tiny_model
     from specpass.tune.plan import SpecPlan
 
     if model_type not in CONFIG_MAPPING:

@@ -33,7 +33,8 @@ import json, sys, time
 t0 = time.perf_counter()
 import specpass
 from specpass.engine import read_manifest
-from specpass.models import chat_ids, load
+from specpass.models import load
+from specpass.tokenization import chat_ids
 model, tokenizer = load(sys.argv[3])
 cache = read_manifest(sys.argv[1])["cache"]["max_cache_len"]
 sm = specpass.optimize(model, tokenizer=tokenizer, max_cache_len=cache, progress=False)

@@ -19,7 +19,8 @@ import specpass
 from specpass import kernels, machine
 from specpass.bench.runner import load_questions, resolve_prompts, stratified_sample
 from specpass.kernels.choice import summarize
-from specpass.models import chat_ids, default_model
+from specpass.models import default_model
+from specpass.tokenization import chat_ids
 
 
 def main() -> None:

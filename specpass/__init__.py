@@ -6,10 +6,12 @@ not load transformers' modeling code. ``calibrate`` (which needs it) loads on fi
 
 from __future__ import annotations
 
-from specpass.capture import CacheSpec, CapturedGraph, Structure, capture
+from specpass.cache_spec import CacheSpec
+from specpass.capture import CapturedGraph, capture
 from specpass.engine import Engine, load_engine, write_engine
 from specpass.errors import SpecPassError
 from specpass.optimize import SpecModel, optimize
+from specpass.structure import Structure
 from specpass.tune.plan import SpecPlan
 from specpass.version import __version__ as __version__
 

@@ -14,9 +14,8 @@ import time
 
 import torch
 
-from specpass.cli_args import MODEL_HELP
+from specpass.cli_args import MODEL_HELP, add_backend_argument, add_threads_argument, apply_threads
 from specpass.errors import SpecPassError
-from specpass.lower import BACKENDS
 
 DEFAULT_PROMPT = "Explain in a few sentences why the sky is blue."
 
@@ -33,15 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="the user message (default: %(default)r)")
     parser.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="(default: %(default)s)")
-    parser.add_argument(
-        "--backend",
-        default="inductor",
-        choices=BACKENDS,
-        help="specpass lowering backend (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--threads", type=int, default=None, metavar="N", help="torch.set_num_threads (default: torch's choice)"
-    )
+    add_backend_argument(parser)
+    add_threads_argument(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 
@@ -50,14 +42,11 @@ def run_demo(args: argparse.Namespace, *, model=None, tokenizer=None) -> int:
     import specpass
     from specpass import models
     from specpass.bench import compare_outputs
-    from specpass.models import chat_ids
+    from specpass.tokenization import chat_ids
 
     if args.max_new_tokens < 1:
         raise SpecPassError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise SpecPassError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     if model is None:
         _say(f"Loading {models.DEFAULT_MODEL_NAME if args.model == 'default' else args.model} ...")
         model, tokenizer = models.load(args.model)

@@ -17,6 +17,9 @@ An engine is a zip archive (stored, not compressed) of:
 Writing goes to a temporary file in the destination's directory and is renamed into place, so an
 interrupted compile leaves no partial engine. Loading checks the manifest and every checksum before any
 payload is used.
+
+Writing and reading stay in one module (over 500 lines) on purpose: together they are the definition of the
+file format, and a field written on one side and checked on the other is seen in one place.
 """
 
 from __future__ import annotations

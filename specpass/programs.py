@@ -12,7 +12,7 @@ from collections import Counter
 import torch
 from torch import nn
 
-from specpass.capture import CapturedGraph, capture, example_inputs, program_dynamic_shapes
+from specpass.capture import CapturedGraph, capture
 from specpass.errors import SpecPassError
 from specpass.graph_text import summary
 from specpass.kernels import build_in_background, choice, loaded_isa
@@ -20,6 +20,7 @@ from specpass.kernels.choice import describe_choice
 from specpass.lower import cancel, lower, resolve
 from specpass.passes import PIPELINES, DraftConfig, draft_pipeline, run_passes, with_options
 from specpass.passes.exact_lowbit import pack, packing
+from specpass.program_export import example_inputs, program_dynamic_shapes
 from specpass.progress import progress_bar
 from specpass.runtime.cuda_graphs import waits_on_host
 from specpass.runtime.dynamic_exit import VERIFY_EXITS, draft_program_name

@@ -12,9 +12,8 @@ import json
 import sys
 import time
 
-from specpass.cli_args import EXACT_LOWBIT_HELP, MODEL_HELP
+from specpass.cli_args import EXACT_LOWBIT_HELP, MODEL_HELP, add_backend_argument, add_threads_argument, apply_threads
 from specpass.errors import SpecPassError
-from specpass.lower import BACKENDS
 
 DEFAULT_BUDGET_S = 300.0
 
@@ -35,17 +34,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds the search may take, after the model is loaded and compiled; candidates that would not "
         "fit are left for the next run (default: %(default)g)",
     )
-    parser.add_argument(
-        "--backend", default="inductor", choices=BACKENDS, help="specpass lowering backend (default: %(default)s)"
-    )
+    add_backend_argument(parser)
     parser.add_argument("--max-cache-len", type=int, default=None, metavar="N", help="KV cache size to compile")
     parser.add_argument("--no-exact-lowbit", action="store_true", help=EXACT_LOWBIT_HELP)
-    parser.add_argument("--threads", type=int, default=None, metavar="N", help="torch.set_num_threads")
+    add_threads_argument(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 
 def run_tune(args: argparse.Namespace) -> int:
-    import torch
 
     from specpass import models
     from specpass.programs import compile_plain
@@ -54,10 +50,7 @@ def run_tune(args: argparse.Namespace) -> int:
 
     if args.budget_s <= 0:
         raise SpecPassError(f"--budget-s must be > 0, got {args.budget_s:g}")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise SpecPassError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     t0 = time.perf_counter()
     _say(f"Loading {models.DEFAULT_MODEL_NAME if args.model == 'default' else args.model} ...")
     model, tokenizer = models.load(args.model)

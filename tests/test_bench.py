@@ -20,7 +20,7 @@ from conftest import tiny_llama
 import specpass
 from specpass import bench
 from specpass.errors import SpecPassError
-from specpass.models import chat_ids
+from specpass.tokenization import chat_ids
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -558,36 +558,6 @@ def test_too_small_cache_is_a_usage_error(tiny_chat, prompts_file):
     args = bench_args("--prompts", str(prompts_file), "--max-cache-len", "16", "--methods", "hf_eager")
     with pytest.raises(SpecPassError, match="--max-cache-len 16 is too small"):
         bench.run_bench(args, model=model, tokenizer=tok)
-
-
-# --------------------------------------------------------------------------------------------------------
-# The real default model
-# --------------------------------------------------------------------------------------------------------
-@pytest.mark.slow
-def test_bench_on_the_default_model(tmp_path):
-    """``specpass bench`` with every method on the real model. specpass runs a given context-lookup plan: the
-    default calibration (about 20 minutes on 2 cores) is what benchmarks measure, not what this test checks."""
-    from specpass.cli import main
-    from specpass.tune.plan import SpecPlan
-
-    out_json, plan = tmp_path / "r.json", tmp_path / "plan.json"
-    SpecPlan(speculate=True, lookup=3, max_draft=0).save(plan)
-    # the e2e test's cache size: specpass's prefill and decode come from the program cache, whichever runs first
-    from test_default_model_e2e import SHARED_CACHE_LEN
-
-    args = ["--max-new-tokens", "8", "--max-cache-len", str(SHARED_CACHE_LEN), "--plan", str(plan)]
-    rc = main(["bench", "--num-prompts", "1", *args, "--json", str(out_json)])
-    data = json.loads(out_json.read_text())
-    assert rc == 0, data["mismatches"]
-    assert data["config"]["methods"] == [n for n in bench.DEFAULT_METHODS if n not in data["skipped"]]
-    # peers that are not installed (CI does not build llama.cpp: pip install 'specpass[peers]' takes ~10 minutes)
-    assert set(data["skipped"]) <= {"economize_layer_skip", "flashspec_lookup", "llamacpp", "llamacpp_lookup"}
-    assert data["config"]["lowbit"]["isa"] == data["machine"]["isa"].lower().replace("-", "")
-    assert data["config"]["lowbit"]["choices"]  # what was timed against fp32 on this CPU
-    for name, s in data["summary"].items():
-        assert s["identical"] or not s["lossless"], name
-        assert s["new_tokens"] == data["summary"]["hf_eager"]["new_tokens"] > 0
-    assert data["summary"]["hf_static_compile"]["graphs_compiled_while_timed"] == 0
 
 
 # --------------------------------------------------------------------------------------------------------

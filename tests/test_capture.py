@@ -16,7 +16,8 @@ from torch import nn
 
 import specpass
 from specpass import SpecPassError
-from specpass.capture import FULL, SLIDING, input_names
+from specpass.cache_spec import FULL, SLIDING
+from specpass.capture import input_names
 from specpass.runtime.generate import _run, _run_tree, _step
 from specpass.runtime.kv_cache import KVCache
 from specpass.runtime.tree import DraftTree
@@ -416,7 +417,7 @@ def test_bloom_alibi_counts_positions_from_the_mask():
 
 
 def test_unsupported_layer_types_are_refused():
-    from specpass.coverage import build_tiny_model
+    from specpass.tiny_models import build_tiny_model
 
     model = build_tiny_model("deepseek_v32")
     with pytest.raises(SpecPassError, match=r"unsupported attention layer types \['indexed_attention'\]: DeepSeek"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -98,3 +99,25 @@ def test_demo_streams_and_reports(capsys):
     assert result["identical"] is True and result["mismatch"] is None
     assert result["specpass"]["new_tokens"] == result["hf_eager"]["new_tokens"] > 0
     assert result["speedup"] > 0 and result["compile_s"] > 0
+
+
+def test_backend_and_threads_are_one_option_with_one_default():
+    """demo, tune and bench take the same --backend and --threads (cli_args), with the same defaults."""
+    from specpass.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    seen = {}
+    for command in ("demo", "tune", "bench"):
+        actions = {a.dest: a for a in sub.choices[command]._actions}
+        seen[command] = {
+            name: (actions[name].default, actions[name].choices, actions[name].help) for name in ("backend", "threads")
+        }
+    assert seen["demo"] == seen["tune"] == seen["bench"]
+    assert seen["bench"]["threads"][0] is None and seen["bench"]["backend"][0] == "inductor"
+
+
+def test_threads_below_one_is_refused():
+    from specpass.cli_args import apply_threads
+
+    with pytest.raises(SpecPassError, match="--threads must be >= 1, got 0"):
+        apply_threads(0)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from specpass import coverage
+from specpass.coverage import check
 
 REPORT = Path(__file__).resolve().parent.parent / "docs" / "coverage.md"
 #: the whole sweep must stay a small part of the 30-minute CI budget on two cores
@@ -99,7 +100,7 @@ def test_speculative_output_is_judged_even_when_plain_decoding_hit_a_near_tie(mo
                     eos_token_id=None,
                     pad_token_id=0,
                 ).clone()
-            at = -1 if speculate is False else coverage.PROMPT_LEN
+            at = -1 if speculate is False else check.PROMPT_LEN
             out[0, at] = (out[0, at] + 1) % 8
             return out
 
@@ -107,6 +108,6 @@ def test_speculative_output_is_judged_even_when_plain_decoding_hit_a_near_tie(mo
         return 1e-7 if torch.equal(got[0, :-1], expected[0, :-1]) else None
 
     monkeypatch.setattr(importlib.import_module("specpass.optimize"), "optimize", lambda model, **_: Fake(model))
-    monkeypatch.setattr(coverage, "_tie_gap", near_tie_only_at_the_end)
+    monkeypatch.setattr(check, "_tie_gap", near_tie_only_at_the_end)
     result = coverage.check_architecture("llama")
     assert result.status == coverage.MISMATCH and result.reason.startswith("speculative decoding: specpass")

@@ -3,14 +3,16 @@ speculative (``speculate=True``: the calibrated draft, verified)."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
 import torch
 
 import specpass
+from specpass import bench
 from specpass.bench import compare_outputs, load_questions, resolve_prompts, stratified_sample
-from specpass.models import chat_ids
+from specpass.tokenization import chat_ids
 from specpass.tune.calibrate import CalibrationSettings
 
 pytestmark = pytest.mark.slow
@@ -21,8 +23,8 @@ pytestmark = pytest.mark.slow
 N_PROMPTS = int(os.environ.get("SPECPASS_E2E_PROMPTS", "12"))
 PLAIN_EVERY = 4
 NEW_TOKENS = 128
-#: the KV cache of this file's programs, and of test_bench.py's default-model run, so that the second of the two
-#: loads the first's compiled prefill and decode from the program cache (2-3 minutes of CI)
+#: the KV cache of this file's programs, and of its bench run (the last test), so that the bench loads the compiled
+#: prefill and decode from the program cache (2-3 minutes of CI)
 SHARED_CACHE_LEN = 960
 #: A shorter full search than `specpass tune`'s (4-6 minutes on the 2-core EPYC): fewer candidates timed on fewer
 #: tokens. It runs the same code and its plan drafts through a draft program (the quick search's plans have none),
@@ -129,3 +131,28 @@ def _fp32_bytes(choices: dict) -> int:
             _, _, shapes, count = kind.split("|")
             total += 4 * int(count[1:]) * sum(int(n) * int(k) for n, k in (s.split("x") for s in shapes.split("+")))
     return total
+
+
+def test_bench_on_the_default_model(tmp_path):
+    """``specpass bench`` with every method on the real model. specpass runs a given context-lookup plan: the
+    default calibration (about 20 minutes on 2 cores) is what benchmarks measure, not what this test checks.
+    It lives in this file so that it runs after the tests above in the same xdist worker: specpass's prefill and
+    decode (SHARED_CACHE_LEN) then come from the program cache."""
+    from specpass.cli import main
+    from specpass.tune.plan import SpecPlan
+
+    out_json, plan = tmp_path / "r.json", tmp_path / "plan.json"
+    SpecPlan(speculate=True, lookup=3, max_draft=0).save(plan)
+    args = ["--max-new-tokens", "8", "--max-cache-len", str(SHARED_CACHE_LEN), "--plan", str(plan)]
+    rc = main(["bench", "--num-prompts", "1", *args, "--json", str(out_json)])
+    data = json.loads(out_json.read_text())
+    assert rc == 0, data["mismatches"]
+    assert data["config"]["methods"] == [n for n in bench.DEFAULT_METHODS if n not in data["skipped"]]
+    # peers that are not installed (CI does not build llama.cpp: pip install 'specpass[peers]' takes ~10 minutes)
+    assert set(data["skipped"]) <= {"economize_layer_skip", "flashspec_lookup", "llamacpp", "llamacpp_lookup"}
+    assert data["config"]["lowbit"]["isa"] == data["machine"]["isa"].lower().replace("-", "")
+    assert data["config"]["lowbit"]["choices"]  # what was timed against fp32 on this CPU
+    for name, s in data["summary"].items():
+        assert s["identical"] or not s["lossless"], name
+        assert s["new_tokens"] == data["summary"]["hf_eager"]["new_tokens"] > 0
+    assert data["summary"]["hf_static_compile"]["graphs_compiled_while_timed"] == 0

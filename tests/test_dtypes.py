@@ -11,7 +11,7 @@ from test_speculative import PLANS, _hf, _sharpened
 
 import specpass
 from specpass.bench import compare_outputs
-from specpass.capture import _tolerance
+from specpass.cache_layout import tolerance
 from specpass.passes.insert_early_exit import ADAPTER_NAME
 from specpass.runtime.generate import _run
 from specpass.tune.adapter import ExitAdapter
@@ -80,7 +80,7 @@ def _logits_match_hf(sm, model, program: str = "decode") -> None:
         got = _run(sm.programs[program], sm.cache, ids)[0].float()
         want = model(ids).logits[0].float()
     err = float((got - want).abs().max() / want.abs().max())
-    assert err <= _tolerance(model.dtype), f"{program}: relative logit error {err:.1e}"
+    assert err <= tolerance(model.dtype), f"{program}: relative logit error {err:.1e}"
 
 
 def _assert_in_dtype(sm, dtype: torch.dtype) -> None:

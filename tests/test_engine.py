@@ -17,7 +17,7 @@ from specpass.cli import main
 from specpass.engine import MANIFEST, RECYCLED, WEIGHTS, load_engine, read_manifest, write_engine
 from specpass.errors import SpecPassError
 from specpass.lower import inductor as inductor_lowering
-from specpass.models import chat_ids
+from specpass.tokenization import chat_ids
 from specpass.tune.plan import SpecPlan
 
 #: draft trees: lookup first, then an early-exit draft program's EAGLE-2 tree (top-2 per level), then

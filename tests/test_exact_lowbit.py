@@ -252,7 +252,7 @@ def test_pass_rewrites_every_program_of_the_grid_model(grid, golden, program):
 
 def test_pass_output_matches_eager(grid):
     model, cg = grid
-    from specpass.capture import example_inputs
+    from specpass.program_export import example_inputs
 
     args = example_inputs(cg.spec, q=3)
     before = run_passes(cg.gm, PIPELINES["decode"][:1], cg.structure)(*[a.clone() for a in args])

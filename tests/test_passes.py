@@ -13,7 +13,6 @@ import pytest
 import torch
 from conftest import GOLDENS
 
-from specpass.capture import example_inputs
 from specpass.errors import SpecPassError
 from specpass.graph_text import normalize
 from specpass.passes import (
@@ -34,6 +33,7 @@ from specpass.passes import (
     tree_verify,
 )
 from specpass.passes.manager import remap
+from specpass.program_export import example_inputs
 
 #: the tiny-model tests that check a torch version (`python -m pytest -m compat` runs them on the installed torch)
 pytestmark = pytest.mark.compat
@@ -392,7 +392,7 @@ def _ids(t, q=7):
 
 
 def _layer_op_counts(t, i):
-    from specpass.capture import nodes_by_layer
+    from specpass.structure import nodes_by_layer
 
     return collections.Counter(n.target for n in nodes_by_layer(t.cg.gm, t.cg.structure.layers_path)[i])
 

@@ -101,9 +101,9 @@ def test_a_package_without_its_sidecar_is_not_trusted(cache):
 
 
 def test_the_key_changes_with_what_the_code_depends_on(tiny):
-    from specpass.capture import example_inputs, program_dynamic_shapes
     from specpass.lower.inductor import inductor_configs
     from specpass.passes import PIPELINES, run_passes
+    from specpass.program_export import example_inputs, program_dynamic_shapes
 
     cg = tiny("llama").cg
     gm = run_passes(cg.gm, PIPELINES["decode"], cg.structure)

@@ -16,7 +16,6 @@ from conftest import chi2_pvalue, sample_three
 from test_speculative import _hf
 
 import specpass
-from specpass import coverage
 from specpass.cache_spec import CONV, KEY, RECURRENT, VALUE
 from specpass.errors import SpecPassError
 from specpass.programs import build_draft_programs, check_tree_verify
@@ -24,6 +23,7 @@ from specpass.runtime.generate import _run
 from specpass.runtime.kv_cache import KVCache
 from specpass.runtime.pieces import piece_lengths
 from specpass.runtime.sampling import SamplingConfig, warp
+from specpass.tiny_models import build_tiny_model
 from specpass.tune.plan import SpecPlan
 
 #: context lookup, else an early exit after layer 0 that drafts 3 tokens whatever its confidence (coverage's plan)
@@ -45,7 +45,7 @@ def tiny():
 
     def get(model_type: str):
         if model_type not in made:
-            made[model_type] = coverage.build_tiny_model(model_type)
+            made[model_type] = build_tiny_model(model_type)
         return made[model_type]
 
     return get
@@ -209,7 +209,7 @@ def _second_token_counts(sm, ids, cfg) -> torch.Tensor:
 def sampling_setup(request):
     """An 8-token linear-attention hybrid (Qwen3-Next) or state-space model (Mamba2) whose second token is
     drafted by an early exit after layer 0 and verified (rejected or not) against the target."""
-    model = coverage.build_tiny_model(request.param, vocab_size=8, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = build_tiny_model(request.param, vocab_size=8, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     with torch.no_grad():  # spread the next-token distributions out, and let the recurrent layer weigh in
         model.get_output_embeddings().weight.normal_(0, 1.0)
         for name, module in model.named_modules():

@@ -10,10 +10,10 @@ import torch
 from conftest import chi2_pvalue, sample_three, sampling_model
 
 import specpass
-from specpass.coverage import build_tiny_model
 from specpass.errors import SpecPassError
 from specpass.runtime import generate as generate_module
 from specpass.runtime.sampling import SamplingConfig, warp
+from specpass.tiny_models import build_tiny_model
 from specpass.tune.calibrate import CalibrationSettings
 from specpass.tune.plan import PLAN_VERSION, SpecPlan
 

@@ -11,8 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import specpass
-from specpass.capture import FULL, SLIDING, CacheSpec
-from specpass.coverage import SLIDING_WINDOW, build_tiny_model
+from specpass.cache_spec import FULL, SLIDING, CacheSpec
 from specpass.errors import SpecPassError
 from specpass.runtime import generate as generate_module
 from specpass.runtime.generate import _run, _run_tree
@@ -21,6 +20,7 @@ from specpass.runtime.lookup import NgramIndex
 from specpass.runtime.recycle import AdjacencyTable, chain_template
 from specpass.runtime.sampling import SamplingConfig, probabilities
 from specpass.runtime.tree import DraftTree, accept_tree
+from specpass.tiny_models import SLIDING_WINDOW, build_tiny_model
 from specpass.tune.plan import SpecPlan
 from specpass.tune.tree_shape import best_tree
 

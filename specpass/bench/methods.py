@@ -196,7 +196,7 @@ def _setup_hf_early_exit(model, tokenizer, cfg: BenchConfig) -> Runner:
     k is the fastest of a few (``early_exit_candidates``) on a short untimed probe generation of a fixed warm-up
     prompt, never a Spec-Bench one; the choice and the probe's speeds are logged and end up in the report's note.
     """
-    from specpass.models import chat_ids
+    from specpass.tokenization import chat_ids
 
     num_layers = getattr(model.config, "num_hidden_layers", None)
     if not num_layers or num_layers < 2:
@@ -254,7 +254,7 @@ def _setup_economize_layer_skip(model, tokenizer, cfg: BenchConfig) -> Runner:
     search (KL) on the warm-up prompts; each cycle of economize's default length 4 is verified by the full model.
     Greedy decoding through ``EfficientModel.decode`` (its eager decoding loop), stopping at eos.
     """
-    from specpass.models import chat_ids
+    from specpass.tokenization import chat_ids
 
     economize = _import_peer("economize")
     from economize.techniques.layer_skip import LayerSkipConfig

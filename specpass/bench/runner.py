@@ -26,9 +26,14 @@ from specpass.bench.methods import (
     Runner,
 )
 from specpass.bench.report import report, write
-from specpass.cli_args import EXACT_LOWBIT_HELP, MODEL_HELP
+from specpass.cli_args import (
+    EXACT_LOWBIT_HELP,
+    MODEL_HELP,
+    add_backend_argument,
+    add_threads_argument,
+    apply_threads,
+)
 from specpass.errors import SpecPassError
-from specpass.lower import BACKENDS
 from specpass.progress import progress_bar
 
 log = logging.getLogger("specpass.bench")
@@ -73,16 +78,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=",".join(DEFAULT_METHODS),
         help=f"comma-separated, from: {', '.join(METHODS)} (default: %(default)s)",
     )
-    parser.add_argument(
-        "--backend",
-        default="inductor",
-        choices=BACKENDS,
-        help="specpass lowering backend (default: %(default)s)",
-    )
+    add_backend_argument(parser)
     parser.add_argument("--no-exact-lowbit", action="store_true", help=EXACT_LOWBIT_HELP)
-    parser.add_argument(
-        "--threads", type=int, default=2, metavar="N", help="torch.set_num_threads (default: %(default)s)"
-    )
+    add_threads_argument(parser)
     parser.add_argument(
         "--device", default="cpu", help="where every method runs: cpu, cuda or cuda:N (default: %(default)s)"
     )
@@ -146,7 +144,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_bench(args: argparse.Namespace, *, model=None, tokenizer=None, methods: dict[str, Method] | None = None) -> int:
     """Run the benchmark that ``args`` describe; ``model``/``tokenizer``/``methods`` may be injected (tests)."""
-    from specpass.models import chat_ids
+    from specpass.tokenization import chat_ids
 
     registry = METHODS if methods is None else methods
     names = _parse_methods(args.methods, registry)
@@ -154,17 +152,15 @@ def run_bench(args: argparse.Namespace, *, model=None, tokenizer=None, methods: 
         raise SpecPassError(f"--num-prompts must be >= 1, got {args.num_prompts}")
     if args.max_new_tokens < 1:
         raise SpecPassError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.threads < 1:
-        raise SpecPassError(f"--threads must be >= 1, got {args.threads}")
     if args.repeats < 1:
         raise SpecPassError(f"--repeats must be >= 1, got {args.repeats}")
     if not 0 <= args.max_slowdown < 1:
         raise SpecPassError(f"--max-slowdown is a fraction in [0, 1), got {args.max_slowdown:g}")
     device = bench_device(args.device)
+    args.threads = apply_threads(args.threads)  # a number from here on: the report and llama.cpp use it
     baseline = load_baseline(args.baseline, args.threads, device) if args.baseline else None
     prompts_path = resolve_prompts(args.prompts)
     questions = stratified_sample(load_questions(prompts_path), args.num_prompts)
-    torch.set_num_threads(args.threads)
 
     loaded_here = model is None
     if model is None:

@@ -9,7 +9,7 @@ import sys
 import torch
 
 import specpass.kernels  # noqa: F401 - the custom operators' schemas, which the saved graph calls
-from specpass.capture import quiet_compile
+from specpass.program_export import quiet_compile
 
 
 def main(argv: list[str]) -> int:

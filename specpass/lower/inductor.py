@@ -24,9 +24,9 @@ import time
 
 import torch
 
-from specpass.capture import export_program, quiet_compile
 from specpass.errors import SpecPassError
 from specpass.lower import program_cache
+from specpass.program_export import export_program, quiet_compile
 
 log = logging.getLogger("specpass.lower")
 

@@ -12,8 +12,8 @@ import time
 
 import torch
 
-from specpass.capture import export_program
 from specpass.errors import SpecPassError
+from specpass.program_export import export_program
 
 log = logging.getLogger("specpass.lower")
 

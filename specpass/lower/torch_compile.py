@@ -19,7 +19,7 @@ import warnings
 
 import torch
 
-from specpass.capture import quiet_compile
+from specpass.program_export import quiet_compile
 
 
 class CompiledProgram:

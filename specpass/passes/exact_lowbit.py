@@ -55,7 +55,7 @@ _LOWBIT_EMBEDDING = torch.ops.specpass.lowbit_embedding.default
 #: a matrix is stored as blocks when at least this share of its blocks is reproduced exactly
 MIN_MATCHED = 0.5
 _SAMPLE = 2048  # blocks tried first, to skip a storage that cannot match
-_WRAPPER = "model."  # capture.CaptureWrapper holds the HF model as .model: reports use the model's own names
+_WRAPPER = "model."  # hf_cache.CaptureWrapper holds the HF model as .model: reports use the model's own names
 
 #: (storage bits, block size, signed codes, candidate block formats), most compact first. A candidate is
 #: ("affine", levels): shift = the block's minimum (the value of code 0), scale = (max - min) / levels rounded to

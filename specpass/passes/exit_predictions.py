@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch
 import torch.utils._pytree as pytree
 
-from specpass.capture import nodes_by_layer
 from specpass.errors import SpecPassError
 from specpass.passes.manager import PassResult, tag
+from specpass.structure import nodes_by_layer
 
 _LINEAR = torch.ops.aten.linear.default
 _ARGMAX = torch.ops.aten.argmax.default

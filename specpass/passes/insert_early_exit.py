@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from specpass.capture import nodes_by_layer
 from specpass.errors import SpecPassError
 from specpass.passes.manager import PassResult, erase_unused, tag
+from specpass.structure import nodes_by_layer
 
 ADAPTER_NAME = "specpass_exit_adapter"
 

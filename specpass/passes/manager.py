@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from specpass.capture import quiet_compile
 from specpass.errors import SpecPassError
+from specpass.program_export import quiet_compile
 
 log = logging.getLogger("specpass.passes")
 

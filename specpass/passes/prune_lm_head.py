@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from specpass.capture import module_path_of
 from specpass.errors import SpecPassError
 from specpass.passes.manager import PassResult, attr_of, tag
+from specpass.structure import module_path_of
 
 _LINEAR = torch.ops.aten.linear.default
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from specpass.capture import module_path_of, nodes_by_layer
 from specpass.errors import SpecPassError
 from specpass.passes.manager import PassResult, erase_unused, tag
+from specpass.structure import module_path_of, nodes_by_layer
 
 _ZEROS_LIKE = torch.ops.aten.zeros_like.default
 _MLP_NAMES = ("mlp", "ffn", "feed_forward", "block_sparse_moe")

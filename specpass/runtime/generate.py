@@ -3,6 +3,8 @@ with HF-style stopping and streaming.
 
 Reads in one sitting on purpose (gpt-fast): the programs are plain callables with the specpass signature
 ``logits = program(input_ids, position_ids, cache_position, *masks, *kv)``; the cache decides slots and masks.
+That is also why this module is over 500 lines: the plain loop, the speculative round and their stopping rules
+are one story, and splitting them would make a reader follow a round across files.
 
 Speculation writes no scratch copies: the draft writes its K/V at the slots after the committed prefix, and
 verification rewrites the same slots with the target's K/V for the same tokens. Acceptance commits the

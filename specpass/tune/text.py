@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from specpass.errors import SpecPassError
-from specpass.models import chat_ids
 from specpass.progress import progress_bar
+from specpass.tokenization import chat_ids
 
 log = logging.getLogger("specpass.tune")
 

