@@ -353,38 +353,76 @@ def test_a_missing_peer_package_is_reported_as_skipped(tiny_chat, prompts_file, 
         assert "SKIPPED: economize_layer_skip: economize is not installed" in text
 
 
-def fake_llama_cpp(model, wrong_last: bool = False) -> types.ModuleType:
-    """A stand-in for llama-cpp-python: ``Llama(...).generate(tokens)`` yields the tiny model's greedy tokens
-    forever (as llama.cpp does; the caller stops), the 6th one changed when ``wrong_last``. Records its calls and
-    refuses a generate whose KV cache was not reset."""
-    module = types.ModuleType("llama_cpp")
-    module.__version__ = "0.0-test"
-    module.created, module.prompts = [], []
+FAKE_LLAMA_CPP = """
+import json, os, signal
 
-    class Llama:
-        def __init__(self, **kwargs):
-            module.created.append(kwargs)
-            self.cached = 0  # tokens in the KV cache: generate(reset=True) would reuse a shared prefix of them
+import torch
+from transformers import AutoModelForCausalLM
 
-        def reset(self):
-            self.cached = 0
+__version__ = "0.0-test"
 
-        def generate(self, tokens, reset=True, **sampling):
-            assert reset and sampling["temp"] == 0.0 and sampling["repeat_penalty"] == 1.0
-            assert self.cached == 0, "every prompt is prefilled in full: reset() before generate()"
-            self.cached = len(tokens)
-            module.prompts.append(list(tokens))
-            ids = torch.tensor([tokens])
-            with torch.no_grad():
-                mask = torch.ones_like(ids)  # the prompt holds <|im_end|>, the pad id: not padding
-                out = model.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False, eos_token_id=None)
-            for i, t in enumerate(out[0, ids.shape[1] :].tolist()):
-                yield (t + 1) % model.config.vocab_size if wrong_last and i == 5 else t
 
-    speculative = types.ModuleType("llama_cpp.llama_speculative")
-    speculative.LlamaPromptLookupDecoding = lambda num_pred_tokens: ("lookup", num_pred_tokens)
-    module.Llama, module.llama_speculative = Llama, speculative
-    return module
+def _log(kind, value):
+    with open(os.environ["FAKE_LLAMA_CPP_LOG"], "a") as f:
+        f.write(json.dumps([kind, value]) + "\\n")
+
+
+class Llama:
+    def __init__(self, **kwargs):
+        _log("created", kwargs)
+        if os.environ.get("FAKE_LLAMA_CPP_CRASH_AT") == "load":
+            os.kill(os.getpid(), signal.SIGSEGV)
+        self.model = AutoModelForCausalLM.from_pretrained(os.environ["FAKE_LLAMA_CPP_MODEL"]).eval()
+        self.cached = 0  # tokens in the KV cache: generate(reset=True) would reuse a shared prefix of them
+        self.calls = 0
+
+    def reset(self):
+        self.cached = 0
+
+    def generate(self, tokens, reset=True, **sampling):
+        assert reset and sampling["temp"] == 0.0 and sampling["repeat_penalty"] == 1.0
+        assert self.cached == 0, "every prompt is prefilled in full: reset() before generate()"
+        self.calls += 1
+        if str(self.calls) == os.environ.get("FAKE_LLAMA_CPP_CRASH_AT"):
+            os.kill(os.getpid(), signal.SIGSEGV)  # what a fault inside llama.cpp does to its process
+        self.cached = len(tokens)
+        _log("prompt", list(tokens))
+        ids = torch.tensor([tokens])
+        with torch.no_grad():
+            mask = torch.ones_like(ids)  # the prompt holds <|im_end|>, the pad id: not padding
+            out = self.model.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False, eos_token_id=None)
+        wrong = os.environ.get("FAKE_LLAMA_CPP_WRONG") == "1"
+        for i, t in enumerate(out[0, ids.shape[1] :].tolist()):
+            yield (t + 1) % self.model.config.vocab_size if wrong and i == 5 else t
+"""
+
+
+def fake_llama_cpp(model, tmp_path, monkeypatch, *, wrong_last: bool = False, crash_at: int | str = 0) -> Path:
+    """A stand-in for llama-cpp-python, as a package on ``sys.path`` (the bench imports it in a child process):
+    ``Llama(...).generate(tokens)`` yields the tiny model's greedy tokens forever (as llama.cpp does; the caller
+    stops), the 6th one changed when ``wrong_last``; the ``crash_at``-th generate ends its process with SIGSEGV
+    ("load": its constructor does).
+    Refuses a generate whose KV cache was not reset. Returns the file its calls are logged to."""
+    package = tmp_path / "fake_peers" / "llama_cpp"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(FAKE_LLAMA_CPP)
+    (package / "llama_speculative.py").write_text(
+        "def LlamaPromptLookupDecoding(num_pred_tokens):\n    return ['lookup', num_pred_tokens]\n"
+    )
+    model.save_pretrained(tmp_path / "fake_peers" / "model")
+    calls = tmp_path / "fake_peers" / "calls.jsonl"
+    monkeypatch.setenv("FAKE_LLAMA_CPP_MODEL", str(tmp_path / "fake_peers" / "model"))
+    monkeypatch.setenv("FAKE_LLAMA_CPP_LOG", str(calls))
+    monkeypatch.setenv("FAKE_LLAMA_CPP_WRONG", "1" if wrong_last else "0")
+    monkeypatch.setenv("FAKE_LLAMA_CPP_CRASH_AT", str(crash_at))
+    for name in ("llama_cpp", "llama_cpp.llama_speculative"):  # a real one imported by an earlier test
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.syspath_prepend(str(package.parent))  # the spawned child gets the parent's sys.path
+    return calls
+
+
+def logged(calls: Path, kind: str) -> list:
+    return [value for k, value in map(json.loads, calls.read_text().splitlines()) if k == kind]
 
 
 @pytest.mark.parametrize("wrong", [False, True])
@@ -392,21 +430,19 @@ def test_llamacpp_gets_the_prompt_ids_and_its_differences_do_not_fail_the_run(
     wrong, tiny_chat, prompts_file, tmp_path, monkeypatch, capsys
 ):
     model, tok = tiny_chat
-    fake = fake_llama_cpp(model, wrong_last=wrong)
-    monkeypatch.setitem(sys.modules, "llama_cpp", fake)
-    monkeypatch.setitem(sys.modules, "llama_cpp.llama_speculative", fake.llama_speculative)
+    calls = fake_llama_cpp(model, tmp_path, monkeypatch, wrong_last=wrong)
     gguf = tmp_path / "model.gguf"
     extra = ("--gguf", str(gguf), "--max-new-tokens", "8")
     rc, data, md = run_small(model, tok, prompts_file, tmp_path, "hf_eager,llamacpp,llamacpp_lookup", extra=extra)
     assert rc == 0 and data["skipped"] == {}
-    first, lookup = fake.created
+    first, lookup = logged(calls, "created")
     assert first["model_path"] == str(gguf) and first["n_threads"] == first["n_threads_batch"] == 1
-    assert "draft_model" not in first and lookup["draft_model"] == ("lookup", bench.methods.LLAMACPP_LOOKUP_TOKENS)
+    assert "draft_model" not in first and lookup["draft_model"] == ["lookup", bench.methods.LLAMACPP_LOOKUP_TOKENS]
     assert lookup["logits_all"] is True  # verification reads every drafted position's logits
     timed = {p["question_id"] for p in data["prompts"]}
     expected = [chat_ids(tok, q["turns"][0])[0].tolist() for q in QUESTIONS if q["question_id"] in timed]
     # exactly the ids every method gets (llama.cpp's own tokenizer is not in the loop), after the warm-ups
-    assert sorted(fake.prompts[-4:]) == sorted(expected * 2)
+    assert sorted(logged(calls, "prompt")[-4:]) == sorted(expected * 2)
     for name in ("llamacpp", "llamacpp_lookup"):
         s = data["summary"][name]
         assert s["lossless"] is False and s["new_tokens"] == data["summary"]["hf_eager"]["new_tokens"]
@@ -419,12 +455,27 @@ def test_llamacpp_gets_the_prompt_ids_and_its_differences_do_not_fail_the_run(
     assert "llama-cpp-python 0.0-test, model.gguf, 1 threads" in md
 
 
+def test_a_crash_inside_llamacpp_fails_that_method_not_the_run(tiny_chat, prompts_file, tmp_path, monkeypatch):
+    """A segfault in llama.cpp (as its AMX product gives on some Xeons) ends its own process: the bench reports
+    the method as failed, with the signal, and the others keep their table."""
+    model, tok = tiny_chat
+    fake_llama_cpp(model, tmp_path, monkeypatch, crash_at=2)  # the warm-up passes, the first timed prompt crashes
+    extra = ("--gguf", str(tmp_path / "model.gguf"))
+    rc, data, _ = run_small(model, tok, prompts_file, tmp_path, "hf_eager,llamacpp", extra=extra)
+    assert rc == 0 and list(data["summary"]) == ["hf_eager"]
+    assert "LlamaCppDied: llama.cpp's process died (SIGSEGV) while generating" in data["skipped"]["llamacpp"]
+    monkeypatch.setenv("FAKE_LLAMA_CPP_CRASH_AT", "load")  # as the crash in the dspy CI of llama.cpp#20824
+    rc, data, _ = run_small(model, tok, prompts_file, tmp_path, "hf_eager,llamacpp", extra=extra)
+    assert rc == 0 and list(data["summary"]) == ["hf_eager"]
+    assert "llama.cpp's process died (SIGSEGV) while loading the model" in data["skipped"]["llamacpp"]
+
+
 def test_llamacpp_needs_its_package_and_a_gguf_file(tiny_chat, prompts_file, tmp_path, monkeypatch):
     model, tok = tiny_chat
     monkeypatch.setitem(sys.modules, "llama_cpp", None)
     rc, data, _ = run_small(model, tok, prompts_file, tmp_path, "hf_eager,llamacpp")
     assert rc == 0 and "pip install 'specpass[peers]'" in data["skipped"]["llamacpp"]
-    monkeypatch.setitem(sys.modules, "llama_cpp", fake_llama_cpp(model))
+    fake_llama_cpp(model, tmp_path, monkeypatch)
     rc, data, _ = run_small(model, tok, prompts_file, tmp_path, "hf_eager,llamacpp")  # an injected model: no GGUF
     assert rc == 0 and "llama.cpp runs GGUF files" in data["skipped"]["llamacpp"]
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from specpass.bench.llamacpp_process import LlamaCppDied, LlamaProcess
 from specpass.errors import SpecPassError
 
 log = logging.getLogger("specpass.bench")
@@ -343,11 +344,12 @@ def _llamacpp_runner(cfg: BenchConfig, *, lookup: bool) -> Runner:
     torch's thread count for decode and prefill, the KV cache reset before each prompt so that every prompt is
     prefilled in full. ``lookup``: its prompt lookup decoding (``LlamaPromptLookupDecoding``) as draft model.
 
-    One ``Llama`` per method, loaded in setup; the bench's untimed warm-up runs first. Not lossless: ggml
+    One ``Llama`` per method, loaded in setup in a process of its own (``llamacpp_process``: a crash inside
+    llama.cpp fails this method, not the run); the bench's untimed warm-up runs first. Not lossless: ggml
     multiplies the 4/8-bit weight blocks by activations rounded to 8-bit blocks (its ``vec_dot_type``), so its
     tokens drift from HF's; the report counts its identical outputs like every method's.
     """
-    llama_cpp = _import_peer("llama_cpp", "pip install 'specpass[peers]' (builds llama.cpp from source)")
+    _import_peer("llama_cpp", "pip install 'specpass[peers]' (builds llama.cpp from source)")
     if cfg.gguf is None:
         raise MethodUnavailable(
             "llama.cpp runs GGUF files and this model was not converted from one (the bundled models were; "
@@ -356,41 +358,19 @@ def _llamacpp_runner(cfg: BenchConfig, *, lookup: bool) -> Runner:
     if cfg.device.type != "cpu":
         raise MethodUnavailable(f"the bench runs llama.cpp on the CPU only, not on {cfg.device}")
     threads = torch.get_num_threads()
-    kwargs = {}
-    if lookup:
-        from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
-
-        kwargs["draft_model"] = LlamaPromptLookupDecoding(num_pred_tokens=LLAMACPP_LOOKUP_TOKENS)
-        # verifying drafts reads every position's logits; without this, llama-cpp-python sizes its logits array by
-        # n_batch and a draft past position 512 overflows it
-        kwargs["logits_all"] = True
-    llm = llama_cpp.Llama(
-        model_path=str(cfg.gguf),
-        n_ctx=cfg.max_cache_len,
-        n_batch=512,
-        n_threads=threads,
-        n_threads_batch=threads,
-        seed=0,
-        verbose=False,
-        **kwargs,
-    )
+    tokens = LLAMACPP_LOOKUP_TOKENS if lookup else 0
+    try:
+        llm = LlamaProcess(cfg.gguf, n_ctx=cfg.max_cache_len, threads=threads, lookup_tokens=tokens)
+    except (LlamaCppDied, RuntimeError) as e:  # a peer that cannot load the file leaves the others their run
+        raise MethodUnavailable(str(e)) from e
     eos = set(_eos_list(cfg.eos_token_id))
 
     def run(ids: torch.Tensor) -> torch.Tensor:
         prompt = ids[0].tolist()
-        new: list[int] = []
-        greedy = {"temp": 0.0, "top_k": 1, "top_p": 1.0, "min_p": 0.0, "repeat_penalty": 1.0}
-        # generate(reset=True) alone keeps the KV cache of the longest prefix the last prompt shares with this one
-        # (no full prefill, and a prefix that overflows its logits array near n_ctx); reset() forgets it all
-        llm.reset()
-        for token in llm.generate(prompt, reset=True, **greedy):
-            new.append(int(token))
-            if token in eos or len(new) >= cfg.max_new_tokens:
-                break
+        new = llm.generate(prompt, cfg.max_new_tokens, eos)
         return torch.tensor([prompt + new], dtype=ids.dtype, device=ids.device)
 
-    version = getattr(llama_cpp, "__version__", "?")
-    note = f"llama-cpp-python {version}, {Path(cfg.gguf).name}, {threads} threads"
+    note = f"llama-cpp-python {llm.version}, {Path(cfg.gguf).name}, {threads} threads"
     if lookup:
         note += f", prompt lookup of {LLAMACPP_LOOKUP_TOKENS} tokens"
     return Runner(run, note=note + "; not lossless (8-bit activations)")
