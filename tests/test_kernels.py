@@ -25,6 +25,7 @@ import specpass
 from specpass import kernels, machine
 from specpass.errors import SpecPassError
 from specpass.kernels import choice
+from specpass.passes import PIPELINES, run_passes
 from specpass.passes.exact_lowbit import recover_blocks
 
 LOWBIT_LINEAR = torch.ops.specpass.lowbit_linear.default
@@ -171,6 +172,22 @@ def test_the_choice_is_timed_once_per_cpu(measured, monkeypatch):
     monkeypatch.setattr(machine, "cpu_key", lambda: "x86_64|Another CPU|avx2")
     choice.lowbit_faster(calls, "few_tokens")
     assert len(timed) == 3  # another CPU: timed again
+
+
+def test_every_kind_is_timed_before_the_prefill_program_compiles(measured, monkeypatch):
+    """The prefill program's pass times the decode regime too: the decode program's passes run while prefill
+    compiles in a child process, and a choice timed beside that compile is noise (the wrong one on a 2-core Xeon)."""
+    model = grid_llama()
+    cg = specpass.capture(model, max_cache_len=32)
+    timed = []
+    monkeypatch.setattr(choice, "_time", lambda calls, tokens: timed.append(tokens) or (1.0, 2.0))
+    run_passes(cg.gm, PIPELINES["prefill"], cg.structure)
+    assert sorted(set(timed)) == [(1, 2, 3, 4), (128,)] and len(timed) == 2 * timed.count((128,))
+    before = len(timed)
+    decode = run_passes(cg.gm, PIPELINES["decode"], cg.structure)
+    assert len(timed) == before  # every decode kind was measured in the prefill pass
+    choices = decode.meta["specpass"]["lowbit_choices"]
+    assert choices and all(k.startswith("few_tokens|") and r["lowbit"] for k, r in choices.items())
 
 
 def test_registered_fp32_weights_replace_the_kernel():
