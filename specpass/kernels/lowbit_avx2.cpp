@@ -18,6 +18,7 @@ struct Avx2 {
   static constexpr int kChains = 8;  // fma latency 4 x 2 ports; 8 sums + a block's 4 weight vectors fit 16 registers
   static constexpr int kRegisters = 16;
 
+  static constexpr bool kNibbleTable = false;  // 8 lanes: two permutes and a blend a vector, more than they save
   static F zero() { return _mm256_setzero_ps(); }
   static F splat(float s) { return _mm256_set1_ps(s); }
   static F load(const float* p) { return _mm256_loadu_ps(p); }

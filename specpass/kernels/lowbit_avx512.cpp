@@ -26,6 +26,13 @@ struct Avx512 {
     out[0] = _mm512_cvtepi32_ps(_mm512_and_si512(u, _mm512_set1_epi32(15)));
     out[1] = _mm512_cvtepi32_ps(_mm512_srli_epi32(u, 4));
   }
+  static constexpr bool kNibbleTable = true;
+  static F iota() { return _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
+  static void pick_nibbles(const uint8_t* p, F table, F* out) {  // vpermps reads an index's low 4 bits only
+    const __m512i u = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    out[0] = _mm512_permutexvar_ps(u, table);
+    out[1] = _mm512_permutexvar_ps(_mm512_srli_epi32(u, 4), table);
+  }
   template <int N>
   static void int8s(const uint8_t* p, F* out) {
     for (int c = 0; c < N / 16; ++c)

@@ -14,6 +14,7 @@ struct Generic {
   static constexpr int kChains = 4;
   static constexpr int kRegisters = 16;
 
+  static constexpr bool kNibbleTable = false;  // 4 floats a vector: no room for a 16-entry table
   static F zero() { return F{}; }
   static F splat(float s) { return F{s, s, s, s}; }
   static F load(const float* p) {
