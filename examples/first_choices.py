@@ -20,7 +20,7 @@ def main() -> None:
     parser.add_argument("--model", default="gemma-3-270m")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as fresh:
-        # before specpass is imported: both caches are read from the environment then
+        # before torch is imported, which reads Inductor's cache folder then; specpass reads its own when used
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(fresh, "inductor")
         import specpass
         from specpass import kernels, models
