@@ -145,7 +145,10 @@ def quick_search(sm, ids: list[torch.Tensor], settings: CalibrationSettings, pro
         plan.reason = f"{best_tps:.1f} tok/s vs {plain:.1f} plain ({best_tps / plain:.2f}x), quick search"
     else:
         plan = SpecPlan(speculate=False, search="quick")
-        plan.reason = f"no context lookup beat plain compiled decoding ({best_tps:.1f} vs {plain:.1f} tok/s)"
+        plan.reason = (
+            f"no context lookup beat plain compiled decoding by {settings.min_gain:.0%}"
+            f" (best {best_tps:.1f} vs {plain:.1f} tok/s)"
+        )
     plan.measurements = measurements
     log.info("quick search chose: %s; %s", plan.describe(), plan.reason)
     return plan
