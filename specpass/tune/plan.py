@@ -242,7 +242,7 @@ def _decode(entry: dict) -> torch.Tensor:
 def model_hash(model: nn.Module, *, exact_lowbit: bool | str = True) -> str:
     """A hash of the model's config and every weight, plus what makes measured speeds comparable here (the
     CPU, threads, device, and the pass pipelines: a new pass, or one turned off, changes what calibration
-    timed; with exact_lowbit, the kernels' ISA and how their use is chosen)."""
+    timed; with exact_lowbit, the kernels' ISA and build, and how their use is chosen)."""
     h = hashlib.blake2b(digest_size=16)
     h.update(model.config.to_json_string(use_diff=False).encode())
     for name, p in sorted(model.state_dict().items()):
@@ -252,9 +252,13 @@ def model_hash(model: nn.Module, *, exact_lowbit: bool | str = True) -> str:
     device = next(model.parameters()).device
     h.update(f"{PLAN_VERSION}|{machine.cpu_key()}|{torch.get_num_threads()}|{device.type}".encode())
     if exact_lowbit:
-        from specpass.kernels import kernel_isa
+        from specpass.kernels import KernelBuildError, kernel_isa, library_path
 
-        h.update(f"lowbit|{kernel_isa()}|{exact_lowbit}".encode())
+        try:  # the build's name hashes its sources: a faster kernel times the plans again
+            build = library_path(kernel_isa())[0].name
+        except KernelBuildError:  # no compiler: the weights stay fp32
+            build = "none"
+        h.update(f"lowbit|{kernel_isa()}|{build}|{exact_lowbit}".encode())
     pipelines = {
         name: [p.__name__ for p in with_options(passes, exact_lowbit=exact_lowbit)]
         for name, passes in PIPELINES.items()
