@@ -44,8 +44,8 @@ struct Kernels {
     }
     constexpr int kBytes = BITS == 4 ? BLOCK / 2 : BLOCK;
     // the streams ahead, far enough to cover a read from memory (the hardware's prefetchers left 15% of a Zen 3's
-    // bandwidth unused; 512 bytes ahead, a decode step of the default model still took 30% longer than 8 KB
-    // ahead on a 2-core Xeon: docs/benchmarks.md); a prefetch past the end never faults
+    // bandwidth unused; 512 bytes ahead, the low-bit calls of a default-model decode step took about 30% longer
+    // than 8 KB ahead on a 2-core Xeon: docs/benchmarks.md); a prefetch past the end never faults
     __builtin_prefetch(B.q + id * kBytes + kPrefetchBytes);
     __builtin_prefetch(B.scale + id + kPrefetchBytes / 8);
     if constexpr (SHIFT) __builtin_prefetch(B.shift + id + kPrefetchBytes / 8);
