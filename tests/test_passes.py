@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from conftest import GOLDENS
+from conftest import ARCHS, GOLDENS
 
 from specpass.errors import SpecPassError
 from specpass.graph_text import normalize
@@ -24,6 +24,7 @@ from specpass.passes import (
     exact_lowbit,
     exit_predictions,
     fold_gqa_heads,
+    inline_attention,
     insert_early_exit,
     last_token_logits,
     linear_operand_order,
@@ -204,6 +205,67 @@ def test_fold_gqa_heads_matches_eager(tiny, arch):
         torch.testing.assert_close(logits, t.model(ids).logits, atol=1e-5, rtol=1e-5)
     for a, b in zip(ref_kv, kv, strict=True):  # bit-equal on torch 2.13; 2.11's CPU SDPA rounds one ulp apart
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------------
+# inline_attention
+# --------------------------------------------------------------------------------------------------------
+MATMUL = torch.ops.aten.matmul.default
+SOFTMAX = torch.ops.aten._softmax.default
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_inline_attention_op_counts(tiny, arch):
+    cg = tiny(arch).cg
+    layers = cg.spec.num_layers
+    folded = run_passes(cg.gm, (fold_gqa_heads,), cg.structure)
+    gm = run_passes(cg.gm, (fold_gqa_heads, inline_attention), cg.structure)
+    before, after = op_counts(folded), op_counts(gm)
+    assert before[SDPA] == layers and after[SDPA] == 0
+    assert after[MATMUL] == before[MATMUL] + 2 * layers and after[SOFTMAX] == before[SOFTMAX] + layers
+    assert len([n for n in tagged(gm, "inline_attention") if n.target == MATMUL]) == 2 * layers
+    assert gm.meta["specpass"]["history"][-1] == {"pass": "inline_attention", "modified": True, "n_matches": layers}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_inline_attention_matches_eager(tiny, arch):
+    t = tiny(arch)
+    cg = t.cg
+    sdpa = run_passes(cg.gm, (fold_gqa_heads,), cg.structure)
+    inlined = run_passes(cg.gm, (fold_gqa_heads, inline_attention), cg.structure)
+    ids = torch.randint(0, t.vocab, (1, 9), generator=torch.Generator().manual_seed(3))
+    ref_logits, ref_kv = run_program(sdpa, cg.spec, ids)
+    logits, kv = run_program(inlined, cg.spec, ids)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(logits, t.model(ids).logits, atol=1e-5, rtol=1e-5)
+    for a, b in zip(ref_kv, kv, strict=True):  # layer 0's K/V precede any attention; later ones read its output
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def _as_bfloat16(gm, structure, cfg=None) -> PassResult:
+    """The graph's values as a bfloat16 model would give them (the metadata only: nothing runs it)."""
+    for node in gm.graph.nodes:
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) and val.dtype == torch.float32:
+            node.meta["val"] = val.to(torch.bfloat16)
+    return PassResult(gm, True, 1)
+
+
+def test_inline_attention_leaves_other_dtypes_to_sdpa(tiny):
+    cg = tiny("llama").cg
+    gm = run_passes(cg.gm, (fold_gqa_heads, _as_bfloat16, inline_attention), cg.structure)
+    assert gm.meta["specpass"]["history"][-1] == {"pass": "inline_attention", "modified": False, "n_matches": 0}
+    assert op_counts(gm)[SDPA] == cg.spec.num_layers
+
+
+def test_inline_attention_keeps_tree_verification(tiny):
+    # tree_verify proves every layer's attention reads the mask inputs: the softmax now stands for the SDPA call.
+    cg = tiny("llama").cg
+    gm = run_passes(cg.gm, PIPELINES["verify"], cg.structure)
+    assert op_counts(gm)[SDPA] == 0
+    assert [h["pass"] for h in gm.meta["specpass"]["history"]][-1] == "tree_verify"
+    assert "inline_attention" not in [p.__name__ for p in PIPELINES["prefill"]]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -426,7 +488,9 @@ def test_skip_layers_sublayers_match_eager(tiny, arch, attn, mlp):
     got, gm = draft_logits(t, DraftConfig(skip_attention=(0,), skip_mlp=(1,)), ids)
     want = surgery_logits(t.model, t.cg, ids, zero=[(0, attn), (1, mlp)])
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    assert op_counts(t.cg.gm)[SDPA] - op_counts(gm)[SDPA] == 1
+    # One layer's attention left (the draft pipeline writes it out as a softmax: inline_attention).
+    attention = lambda g: op_counts(g)[SDPA] + op_counts(g)[SOFTMAX]  # noqa: E731
+    assert attention(t.cg.gm) == 2 and attention(gm) == 1
     assert len(tagged(gm, "skip_layers")) == 2  # one zeros_like per skipped sublayer
 
 
@@ -579,12 +643,14 @@ def test_draft_pipeline_keeps_only_the_configured_passes():
     names = lambda cfg: [p.__name__ for p in draft_pipeline(cfg)]  # noqa: E731
     assert names(DraftConfig(exit_layer=3)) == [
         "fold_gqa_heads",
+        "inline_attention",
         "insert_early_exit",
         "exact_lowbit",
         "linear_operand_order",
     ]
     assert names(DraftConfig(skip_layers=(1,), vocab_ids=torch.arange(4))) == [
         "fold_gqa_heads",
+        "inline_attention",
         "skip_layers",
         "prune_lm_head",
         "exact_lowbit",

@@ -7,6 +7,7 @@ from specpass.passes.draft_config import DraftConfig
 from specpass.passes.exact_lowbit import exact_lowbit
 from specpass.passes.exit_predictions import exit_predictions
 from specpass.passes.fold_gqa_heads import fold_gqa_heads
+from specpass.passes.inline_attention import inline_attention
 from specpass.passes.insert_early_exit import insert_early_exit
 from specpass.passes.last_token_logits import last_token_logits
 from specpass.passes.linear_operand_order import linear_operand_order
@@ -25,10 +26,18 @@ from specpass.passes.tree_verify import tree_verify
 #: program runs a few tokens per call (not in prefill): it rewrites every linear layer left in fp32.
 PIPELINES = {
     "prefill": (fold_gqa_heads, last_token_logits, exact_lowbit),
-    "decode": (fold_gqa_heads, exact_lowbit, linear_operand_order),
-    "verify": (fold_gqa_heads, exact_lowbit, linear_operand_order, tree_verify),
-    "verify_exits": (fold_gqa_heads, exit_predictions, exact_lowbit, linear_operand_order),
-    "draft": (fold_gqa_heads, insert_early_exit, skip_layers, prune_lm_head, exact_lowbit, linear_operand_order),
+    "decode": (fold_gqa_heads, inline_attention, exact_lowbit, linear_operand_order),
+    "verify": (fold_gqa_heads, inline_attention, exact_lowbit, linear_operand_order, tree_verify),
+    "verify_exits": (fold_gqa_heads, inline_attention, exit_predictions, exact_lowbit, linear_operand_order),
+    "draft": (
+        fold_gqa_heads,
+        inline_attention,
+        insert_early_exit,
+        skip_layers,
+        prune_lm_head,
+        exact_lowbit,
+        linear_operand_order,
+    ),
 }
 
 #: the draft passes a DraftConfig can leave out (what it does not configure)
@@ -58,6 +67,7 @@ __all__ = [
     "exact_lowbit",
     "exit_predictions",
     "fold_gqa_heads",
+    "inline_attention",
     "insert_early_exit",
     "last_token_logits",
     "linear_operand_order",
