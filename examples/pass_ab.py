@@ -13,26 +13,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
+from decode_step_latency import median_step_ms  # examples/ is the script's own folder: on sys.path
 
 import specpass
 from specpass import passes
 from specpass.models import default_model
-from specpass.runtime.generate import _step
-
-
-def step_ms(fast, context: int, steps: int) -> float:
-    """Median time of ``steps`` decode steps at a fixed position (so a fixed attention width)."""
-    token, times = torch.tensor([[5]]), []
-    with torch.no_grad():
-        for _ in range(steps):
-            fast.cache.length = context
-            t0 = time.perf_counter()
-            _step(fast.programs["decode"], fast.cache, token)
-            times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
 
 
 def main() -> None:
@@ -63,7 +50,7 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name in fast}
     for _ in range(args.reps):
         for name, f in fast.items():
-            times[name].append(step_ms(f, args.context, args.steps))
+            times[name].append(median_step_ms(f.programs["decode"], f.cache, args.context, args.steps))
     won = sum(w < wo for w, wo in zip(times["with"], times["without"], strict=True))
     print(f"decode step, context {args.context}, {args.threads} threads, medians of {args.steps} steps per turn:")
     for name, t in times.items():

@@ -28,13 +28,10 @@ aten = torch.ops.aten
 _SDPA = aten.scaled_dot_product_attention.default
 
 
-def _plain_arguments(sdpa: torch.fx.Node) -> tuple | None:
+def _plain_arguments(gm: torch.fx.GraphModule, sdpa: torch.fx.Node) -> tuple | None:
     """(query, key, value, mask, scale) when ``sdpa`` is plain masked attention; else None."""
-    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-    defaults = (None, None, None, None, 0.0, False, None, False)
-    args = dict(zip(names, defaults, strict=True))
-    args.update(zip(names, sdpa.args, strict=False))
-    args.update(sdpa.kwargs)
+    # Every argument by name, the schema's defaults filled in.
+    args = sdpa.normalized_arguments(gm, normalize_to_only_use_kwargs=True).kwargs
     mask = args["attn_mask"]
     if args["dropout_p"] != 0.0 or args["is_causal"] or args["enable_gqa"] or not isinstance(mask, torch.fx.Node):
         return None
@@ -59,7 +56,7 @@ def inline_attention(gm: torch.fx.GraphModule, structure, cfg=None) -> PassResul
         for i, sdpa in enumerate(layer.attention):
             if sdpa.target != _SDPA:
                 continue
-            plain = _plain_arguments(sdpa)
+            plain = _plain_arguments(gm, sdpa)
             if plain is None:
                 continue
             query, key, value, mask, scale = plain
