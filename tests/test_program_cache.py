@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import sys
 
 import pytest
@@ -25,6 +26,35 @@ def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("SPECPASS_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(program_cache, "program_dir", lambda: tmp_path / "cache" / "programs")
     return tmp_path / "cache" / "programs"
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """The programs of ``tiny_llama()`` (prefill and decode), compiled once for this file into a folder of their
+    own, and the programs that compile started in a child process: a test that needs a filled cache copies them
+    (``filled``) instead of compiling again (about 40 s each on 2 cores)."""
+    folder = tmp_path_factory.mktemp("compiled", numbered=True) / "programs"
+    started = []
+    real_start = PendingProgram.start
+
+    def start(self):
+        started.append(self.name)
+        real_start(self)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(program_cache, "program_dir", lambda: folder)
+        mp.setattr(PendingProgram, "start", start)
+        _optimize(tiny_llama().eval())
+    return folder, started
+
+
+@pytest.fixture
+def filled(cache, compiled):
+    """This test's own cache, holding a copy of ``compiled``'s programs."""
+    cache.parent.mkdir(mode=0o700, exist_ok=True)
+    shutil.copytree(compiled[0], cache)
+    cache.chmod(0o700)
+    return cache
 
 
 def _hf(model, ids):
@@ -53,26 +83,24 @@ def _no_compile(monkeypatch):
     monkeypatch.setattr(PendingProgram, "start", refuse)  # nor a child process
 
 
-def test_a_second_model_of_the_same_graph_loads_its_programs_and_binds_its_own_weights(cache, monkeypatch, caplog):
+def test_a_second_model_of_the_same_graph_loads_its_programs_and_binds_its_own_weights(filled, monkeypatch, caplog):
     ids = torch.tensor([[3, 1, 4, 1, 5]])
-    first = _optimize(tiny_llama().eval())
-    assert sorted(p.suffix for p in cache.iterdir()) == [".json", ".json", ".pt2", ".pt2"]  # prefill, decode
-    assert torch.equal(first.generate(ids, max_new_tokens=N_NEW), _hf(first.model, ids))
-
-    other = _other_weights(seed=1)
+    assert sorted(p.suffix for p in filled.iterdir()) == [".json", ".json", ".pt2", ".pt2"]  # prefill, decode
     _no_compile(monkeypatch)
     with caplog.at_level(logging.INFO, logger="specpass.lower"):
-        second = _optimize(other)
-    assert sum("from the program cache" in r.getMessage() for r in caplog.records) == 2
-    want = _hf(other, ids)
+        first = _optimize(tiny_llama().eval())  # the weights the programs were compiled with
+        second = _optimize(_other_weights(seed=1))
+    assert sum("from the program cache" in r.getMessage() for r in caplog.records) == 4
+    assert torch.equal(first.generate(ids, max_new_tokens=N_NEW), _hf(first.model, ids))
+    want = _hf(second.model, ids)
     assert not torch.equal(want, _hf(first.model, ids))  # different weights, different tokens
     assert torch.equal(second.generate(ids, max_new_tokens=N_NEW), want)
     assert torch.equal(first.generate(ids, max_new_tokens=N_NEW), _hf(first.model, ids))  # first one unaffected
 
 
-def test_a_damaged_entry_is_compiled_again_with_a_warning(cache, caplog):
+def test_a_damaged_entry_is_compiled_again_with_a_warning(filled, caplog):
+    cache = filled
     ids = torch.tensor([[2, 7, 1, 8]])
-    _optimize(tiny_llama().eval())
     packages = sorted(cache.glob("*.pt2"))
     packages[0].write_bytes(packages[0].read_bytes()[:1000])  # truncated
     meta = sorted(cache.glob("*.json"))[1]
@@ -93,9 +121,9 @@ def test_a_damaged_entry_is_compiled_again_with_a_warning(cache, caplog):
         assert program_cache.load(package.stem) is not None
 
 
-def test_a_package_without_its_sidecar_is_not_trusted(cache):
-    _optimize(tiny_llama().eval())
-    meta = sorted(cache.glob("*.json"))[0]
+def test_a_package_without_its_sidecar_is_not_trusted(filled):
+    meta = sorted(filled.glob("*.json"))[0]
+    assert program_cache.load(meta.stem) is not None
     meta.unlink()  # a writer that died between the package and its sidecar
     assert program_cache.load(meta.stem) is None
 
@@ -132,14 +160,19 @@ def test_the_key_changes_with_what_the_code_depends_on(tiny):
     assert key(gm=other) != base
 
 
-def test_the_switch_turns_it_off(cache, monkeypatch):
+def test_the_switch_turns_it_off(filled, monkeypatch, caplog):
+    """Switched off, the cache is neither read (its programs are compiled again) nor written."""
+    before = {p.name: p.stat().st_mtime_ns for p in filled.iterdir()}
     monkeypatch.setenv(program_cache.ENV_SWITCH, "0")
-    _optimize(tiny_llama().eval())
-    assert not cache.exists() or not any(cache.iterdir())
+    monkeypatch.setattr(program_cache, "load", lambda key: pytest.fail("the switched-off cache was read"))
+    with caplog.at_level(logging.INFO, logger="specpass.lower"):
+        _optimize(tiny_llama().eval())
+    assert sum("compiled program" in r.getMessage() for r in caplog.records) == 2
+    assert {p.name: p.stat().st_mtime_ns for p in filled.iterdir()} == before
 
 
-def test_cache_command_reports_and_clears(cache, capsys):
-    _optimize(tiny_llama().eval())
+def test_cache_command_reports_and_clears(filled, capsys):
+    cache = filled
     (cache.parent / "plans").mkdir()
     (cache.parent / "plans" / "x.json").write_text("{}")
     assert main(["cache", "--json"]) == 0
@@ -160,36 +193,24 @@ def test_cache_command_reports_and_clears(cache, capsys):
     assert e.value.code == 2
 
 
-def test_prefill_compiles_in_a_child_process_and_a_failed_child_is_compiled_here(cache, tmp_path, monkeypatch, caplog):
-    """compile_plain compiles prefill in a child process while it compiles decode; the child's program is the
-    one a process compiles itself. A child that fails costs a compile here, with a warning, not an error."""
+def test_prefill_compiles_in_a_child_process_and_a_failed_child_is_compiled_here(compiled, cache, monkeypatch, caplog):
+    """compile_plain compiles prefill in a child process while it compiles decode (as the ``compiled`` fixture's
+    compile did; the first test checks the tokens of its programs); a child that fails costs a compile here, with a
+    warning, not an error."""
     import os
 
     if (os.cpu_count() or 1) < 2:
         pytest.skip("one core: programs compile one after the other, in this process")
-    started = []
-    real_start = PendingProgram.start
-
-    def start(self):
-        started.append(self.name)
-        real_start(self)
-
-    monkeypatch.setattr(PendingProgram, "start", start)
-    ids = torch.tensor([[3, 1, 4, 1, 5]])
-    model = tiny_llama().eval()
-    sm = _optimize(model)
-    assert started == ["prefill"]
-    assert torch.equal(sm.generate(ids, max_new_tokens=N_NEW), _hf(model, ids))
-
-    monkeypatch.setattr(program_cache, "program_dir", lambda: tmp_path / "other")
+    assert compiled[1] == ["prefill"]
     monkeypatch.setattr(
         PendingProgram,
         "command",
         staticmethod(lambda *a: [sys.executable, "-c", "raise SystemExit('failed on purpose')"]),
     )
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    model = tiny_llama().eval()
     with caplog.at_level(logging.WARNING, logger="specpass.lower"):
         sm = _optimize(model)
     assert "compiling program prefill in a child process failed (failed on purpose); compiling it here" in caplog.text
-    assert started == ["prefill", "prefill"]
     assert torch.equal(sm.generate(ids, max_new_tokens=N_NEW), _hf(model, ids))
-    assert len([p for p in (tmp_path / "other").iterdir() if p.suffix == ".pt2"]) == 2  # both cached
+    assert len([p for p in cache.iterdir() if p.suffix == ".pt2"]) == 2  # both cached
