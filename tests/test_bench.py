@@ -7,6 +7,7 @@ the ``slow`` one runs ``specpass bench`` on the real default model.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -321,6 +322,33 @@ def test_hf_assisted_methods_match_hf_eager(tiny_chat, prompts_file, tmp_path, c
     assert data["summary"]["hf_prompt_lookup"]["note"] == "prompt_lookup_num_tokens=10"
     assert "- hf_early_exit: assistant_early_exit=1 of 2 layers" in md
     assert "| method | tokens/s | vs hf_eager | tau |" in capsys.readouterr().out
+
+
+def _static_compile_without_warm_up(model, tokenizer, cfg):
+    """hf_static_compile whose first compile falls into the timed prompts."""
+    return dataclasses.replace(bench.METHODS["hf_static_compile"].setup(model, tokenizer, cfg), warm_up_runs=0)
+
+
+def test_hf_static_compile_matches_hf_eager_and_compiles_only_in_its_warm_up(tiny_chat, prompts_file, tmp_path):
+    model, tok = tiny_chat
+    torch._dynamo.reset()  # graphs an earlier test compiled for the same code would hide the compiles counted here
+    extra = ("--num-prompts", "3", "--max-new-tokens", "8")
+    rc, data, md = run_small(model, tok, prompts_file, tmp_path, "hf_eager,hf_static_compile", extra=extra)
+    assert rc == 0 and data["mismatches"] == []
+    s = data["summary"]["hf_static_compile"]
+    assert s["identical"] and s["new_tokens"] == data["summary"]["hf_eager"]["new_tokens"]
+    # two warm-up prompts of different lengths compile the static prefill, its symbolic recompile and decode
+    assert s["graphs_compiled_while_timed"] == 0 and "WARNING" not in md
+
+    # the negative control: without the warm-up, the count catches the compiles in the timed prompts
+    torch._dynamo.reset()
+    cold = bench.Method("cold", "hf_static_compile without its warm-up", _static_compile_without_warm_up)
+    extra = ("--num-prompts", "1", "--max-new-tokens", "4")
+    rc, data, md = run_small(
+        model, tok, prompts_file, tmp_path, "hf_eager,cold", {**bench.METHODS, "cold": cold}, extra
+    )
+    assert rc == 0 and data["summary"]["cold"]["identical"]
+    assert data["summary"]["cold"]["graphs_compiled_while_timed"] > 0 and "WARNING: cold compiled" in md
 
 
 @pytest.mark.parametrize(

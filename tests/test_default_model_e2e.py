@@ -26,12 +26,13 @@ NEW_TOKENS = 128
 #: the KV cache of this file's programs, and of its bench run (the last test), so that the bench loads the compiled
 #: prefill and decode from the program cache (2-3 minutes of CI)
 SHARED_CACHE_LEN = 960
-#: A shorter full search than `specpass tune`'s (4-6 minutes on the 2-core EPYC): fewer candidates timed on fewer
-#: tokens. It runs the same code and its plan drafts through a draft program (the quick search's plans have none),
-#: which is what this test checks; how fast the searches' plans are, the benchmarks say (docs/benchmarks.md).
+#: A shorter full search than `specpass tune`'s (4-6 minutes on the 2-core EPYC): fewer candidates, adapters trained
+#: for seconds, timed on fewer tokens. It runs the same code on the real model (exit adapters trained, draft
+#: programs compiled and timed); its plan is whichever candidate measured fastest, on some CPUs context lookup alone
+#: (the 2-core Zen 4, 2026-12-06). How fast the searches' plans are, the benchmarks say (docs/benchmarks.md).
 QUICK = CalibrationSettings(
     new_tokens=32,
-    train_seconds=15.0,
+    train_seconds=5.0,
     skip_candidates=1,
     timed_prompts=2,
     timed_tokens=32,
@@ -134,20 +135,23 @@ def _fp32_bytes(choices: dict) -> int:
 
 
 def test_bench_on_the_default_model(tmp_path):
-    """``specpass bench`` with every method on the real model. specpass runs a given context-lookup plan: the
-    default calibration (about 20 minutes on 2 cores) is what benchmarks measure, not what this test checks.
-    It lives in this file so that it runs after the tests above in the same xdist worker: specpass's prefill and
-    decode (SHARED_CACHE_LEN) then come from the program cache."""
+    """``specpass bench`` with every method but hf_static_compile on the real model. specpass runs a given
+    context-lookup plan: the default calibration (about 20 minutes on 2 cores) is what benchmarks measure, not what
+    this test checks. It lives in this file so that it runs after the tests above in the same xdist worker:
+    specpass's prefill and decode (SHARED_CACHE_LEN) then come from the program cache. hf_static_compile's
+    torch.compile of this model would add 2-4 minutes to CI's longest worker; test_bench.py runs it on a tiny
+    model."""
     from specpass.cli import main
     from specpass.tune.plan import SpecPlan
 
     out_json, plan = tmp_path / "r.json", tmp_path / "plan.json"
     SpecPlan(speculate=True, lookup=3, max_draft=0).save(plan)
+    methods = [n for n in bench.DEFAULT_METHODS if n != "hf_static_compile"]
     args = ["--max-new-tokens", "8", "--max-cache-len", str(SHARED_CACHE_LEN), "--plan", str(plan)]
-    rc = main(["bench", "--num-prompts", "1", *args, "--json", str(out_json)])
+    rc = main(["bench", "--num-prompts", "1", "--methods", ",".join(methods), *args, "--json", str(out_json)])
     data = json.loads(out_json.read_text())
     assert rc == 0, data["mismatches"]
-    assert data["config"]["methods"] == [n for n in bench.DEFAULT_METHODS if n not in data["skipped"]]
+    assert data["config"]["methods"] == [n for n in methods if n not in data["skipped"]]
     # peers that are not installed (CI does not build llama.cpp: pip install 'specpass[peers]' takes ~10 minutes)
     assert set(data["skipped"]) <= {"economize_layer_skip", "flashspec_lookup", "llamacpp", "llamacpp_lookup"}
     assert data["config"]["lowbit"]["isa"] == data["machine"]["isa"].lower().replace("-", "")
@@ -155,4 +159,3 @@ def test_bench_on_the_default_model(tmp_path):
     for name, s in data["summary"].items():
         assert s["identical"] or not s["lossless"], name
         assert s["new_tokens"] == data["summary"]["hf_eager"]["new_tokens"] > 0
-    assert data["summary"]["hf_static_compile"]["graphs_compiled_while_timed"] == 0

@@ -242,6 +242,41 @@ def test_local_wheel_converts_without_pip(tmp_path, monkeypatch):
     assert _staged_leftovers(tmp_path / "cache") == [models.DEFAULT_MODEL_NAME]
 
 
+def test_a_conversion_parses_its_gguf_once(tmp_path, monkeypatch):
+    """transformers loads a GGUF three times (tokenizer, config, weights); within a conversion they share one
+    parse of its header (10 s each for Gemma 3's vocabulary)."""
+    import gguf
+    import numpy as np
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    from specpass.models.conversion import _one_gguf_parse
+
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_block_count(2)
+    writer.add_vocab_size(4)
+    writer.add_tensor("token_embd.weight", np.arange(32, dtype=np.float32).reshape(4, 8))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    parsed = []
+
+    class Counted(gguf.GGUFReader):
+        def __init__(self, *args, **kwargs):
+            parsed.append(args[0])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", Counted)
+    with _one_gguf_parse():
+        config = load_gguf_checkpoint(str(path), return_tensors=False)["config"]
+        assert load_gguf_checkpoint(str(tmp_path / "." / "tiny.gguf"), return_tensors=False)["config"] == config
+    assert config["num_hidden_layers"] == 2 and len(parsed) == 1
+    assert gguf.GGUFReader is Counted  # put back
+    load_gguf_checkpoint(str(path), return_tensors=False)
+    assert len(parsed) == 2
+
+
 def test_gguf_file_of_a_directory(tmp_path):
     assert models.gguf_file(tmp_path) is None
     (tmp_path / "m.gguf").write_bytes(b"x")
