@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 
@@ -10,7 +9,7 @@ from torch import nn
 
 from specpass.errors import SpecPassError
 from specpass.lower import BACKENDS
-from specpass.programs import SpecModel, build_draft_programs, check_tree_verify, compile_plain, del_costs
+from specpass.programs import SpecModel, compile_plain, speculate_with
 
 log = logging.getLogger("specpass")
 
@@ -97,19 +96,12 @@ def optimize(
             plan.save(plan_cache_dir() / f"{key}.json")
         if plan.search == "quick":
             log.info("the plan comes from the quick search; `specpass tune` runs the full one (minutes)")
-    plan.check(model)
     if speculate == "auto" and not plan.speculate:
+        plan.check(model)
         log.info("speculate='auto': plain compiled decoding (%s)", plan.reason or "the plan says no speculation")
         sm.plan = plan
-    elif not plan.drafts:
-        raise SpecPassError(f"speculate=True but the plan has no draft ({plan.reason}); pass speculate='auto'")
     else:
-        if plan.tree_budget:
-            check_tree_verify(sm)
-        if plan.del_exits and not plan.del_costs:
-            plan = dataclasses.replace(plan, del_costs=del_costs(sm.captured, plan))
-        build_draft_programs(sm, plan)
-        sm.plan = dataclasses.replace(plan, speculate=True)
+        speculate_with(sm, plan)
     sm.compile_s = time.perf_counter() - t0
     log.info("optimized %s with %s in %.1fs: %s", type(model).__name__, backend, sm.compile_s, sm.plan.describe())
     return sm

@@ -5,6 +5,7 @@ What ``optimize()`` and calibration both build, in a module of their own so that
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import Counter
@@ -203,6 +204,20 @@ def build_draft_programs(sm: SpecModel, plan) -> None:
     for name, (pipeline, cfg, dynamic_q) in draft_programs(plan, device, sm.spec.dtype).items():
         _add_program(sm, name, pipeline, cfg, dynamic_q=dynamic_q)
     sm._draft_key = key
+
+
+def speculate_with(sm: SpecModel, plan) -> None:
+    """Compile ``plan``'s drafts onto ``sm``'s captured graph and speculate with them from now on; the prefill and
+    decode programs stay, and a previous plan's drafts are replaced (what calibration does between candidates)."""
+    plan.check(sm.model)
+    if not plan.drafts:
+        raise SpecPassError(f"speculate=True but the plan has no draft ({plan.reason}); pass speculate='auto'")
+    if plan.tree_budget:
+        check_tree_verify(sm)
+    if plan.del_exits and not plan.del_costs:
+        plan = dataclasses.replace(plan, del_costs=del_costs(sm.captured, plan))
+    build_draft_programs(sm, plan)
+    sm.plan = dataclasses.replace(plan, speculate=True)
 
 
 def start_draft_program(sm: SpecModel, plan):

@@ -5,6 +5,8 @@ and generates HF ``generate``'s tokens in that dtype, up to near-ties of HF's ow
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from test_speculative import PLANS, _hf, _sharpened
@@ -13,6 +15,7 @@ import specpass
 from specpass.bench import compare_outputs
 from specpass.cache_layout import tolerance
 from specpass.passes.insert_early_exit import ADAPTER_NAME
+from specpass.programs import speculate_with
 from specpass.runtime.generate import _run
 from specpass.tune.adapter import ExitAdapter
 from specpass.tune.calibrate import CalibrationSettings
@@ -53,14 +56,35 @@ def _compile(model, plan: SpecPlan | None, backend: str):
     )
 
 
-def _greedy_matches_hf(sm, model, label: str, max_near_ties: int = N_PROMPTS // 3) -> list[tuple[int, dict]]:
-    """Every prompt's output equals HF's or first differs at a near-tie; returns the near-ties (printed)."""
+@functools.cache
+def _eager(arch: str, dtype: str):
+    """One half-precision model per architecture and dtype, compiled plainly once, with HF's outputs for the
+    prompts: each plan's test compiles its drafts onto it (``speculate_with``, as optimize(plan=...) does)."""
+    model = _half(arch, DTYPES[dtype])
+    return model, _compile(model, None, "eager"), _hf_outputs(model)
+
+
+def _prompts(model) -> list[torch.Tensor]:
     vocab = model.get_output_embeddings().weight.shape[0]
+    return [
+        torch.randint(0, vocab, (1, 5 + seed), generator=torch.Generator().manual_seed(seed))
+        for seed in range(N_PROMPTS)
+    ]
+
+
+def _hf_outputs(model) -> list[torch.Tensor]:
+    return [_hf(model, ids, NEW_TOKENS) for ids in _prompts(model)]
+
+
+def _greedy_matches_hf(
+    sm, model, label: str, max_near_ties: int = N_PROMPTS // 3, refs: list | None = None
+) -> list[tuple[int, dict]]:
+    """Every prompt's output equals HF's (``refs``, else generated here) or first differs at a near-tie; returns
+    the near-ties (printed)."""
     near_ties = []
-    for seed in range(N_PROMPTS):
-        ids = torch.randint(0, vocab, (1, 5 + seed), generator=torch.Generator().manual_seed(seed))
+    for seed, (ids, ref) in enumerate(zip(_prompts(model), refs or _hf_outputs(model), strict=True)):
         out = sm.generate(ids, max_new_tokens=NEW_TOKENS, eos_token_id=[])
-        diff = compare_outputs(model, ids, _hf(model, ids, NEW_TOKENS), out)
+        diff = compare_outputs(model, ids, ref, out)
         if diff is not None:
             assert diff["near_tie"], f"{label}: prompt {seed} differs beyond a near-tie: {diff}"
             near_ties.append((seed, diff))
@@ -103,12 +127,16 @@ CASES = [("llama", p) for p in ("plain", "adapter", "tree_eagle2", "del_pruned",
 @pytest.mark.parametrize("dtype", sorted(DTYPES))
 @pytest.mark.parametrize(("arch", "plan"), CASES)
 def test_half_precision_greedy_equals_hf(arch, dtype, plan):
-    model = _half(arch, DTYPES[dtype])
-    sm = _compile(model, _plan(plan, model), "eager")
+    model, sm, refs = _eager(arch, dtype)
+    if plan == "plain":
+        sm.plan = None
+    else:
+        speculate_with(sm, _plan(plan, model))
     _assert_in_dtype(sm, DTYPES[dtype])
     if plan == "adapter":
         assert sm.programs["draft"].get_submodule(ADAPTER_NAME).up.weight.dtype == DTYPES[dtype]
-    _greedy_matches_hf(sm, model, f"{arch}/{dtype}/{plan}")
+    _greedy_matches_hf(sm, model, f"{arch}/{dtype}/{plan}", refs=refs)
+    assert sm.speculative == (plan != "plain")
 
 
 @pytest.mark.parametrize("dtype", sorted(DTYPES))

@@ -3,6 +3,7 @@ acceptance bookkeeping, the sampling distribution (with negative controls), plan
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -11,6 +12,7 @@ from conftest import chi2_pvalue, sample_three, sampling_model
 
 import specpass
 from specpass.errors import SpecPassError
+from specpass.programs import speculate_with
 from specpass.runtime import generate as generate_module
 from specpass.runtime.sampling import SamplingConfig, warp
 from specpass.tiny_models import build_tiny_model
@@ -77,12 +79,20 @@ def _hf(model, ids, n):
         )
 
 
+@functools.cache
+def _compiled_plain(arch: str):
+    """One capture and plain compile per architecture: each plan's test compiles its drafts onto it, as
+    calibration does between candidates (optimize(plan=...) runs the same speculate_with after compile_plain)."""
+    model = _sharpened(arch)
+    return model, specpass.optimize(model, speculate=False, backend="eager", max_cache_len=96)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("plan", sorted(PLANS))
 def test_speculative_greedy_equals_hf(arch, plan):
-    model = _sharpened(arch)
-    sm = specpass.optimize(model, speculate=True, plan=PLANS[plan], backend="eager", max_cache_len=96)
-    assert sm.speculative
+    model, sm = _compiled_plain(arch)
+    speculate_with(sm, PLANS[plan])
+    assert sm.speculative and sorted(sm.programs) == sorted(["prefill", "decode", *PLANS[plan].program_names()])
     vocab = model.get_output_embeddings().weight.shape[0]
     for seed, (plen, n) in enumerate([(5, 30), (12, 17)]):
         ids = torch.randint(0, vocab, (1, plen), generator=torch.Generator().manual_seed(seed))
@@ -93,19 +103,20 @@ def test_speculative_greedy_equals_hf(arch, plan):
         assert 1.0 <= stats.tau <= 1 + max(PLANS[plan].max_draft, PLANS[plan].lookup, PLANS[plan].tree_budget - 1)
 
 
-@pytest.mark.parametrize("plan", ["plain", "tree_eagle2", "del"])
+@pytest.mark.parametrize("plan", ["tree_eagle2", "del"])
 def test_compile_backend_greedy_equals_hf(plan):
     """backend="compile" (torch.compile of every program): the prefill at two prompt lengths (the second one
-    compiled with a dynamic length), decode, verify and draft programs all generate what HF does."""
+    compiled with a dynamic length), decode, verify and draft programs all generate what HF does, plainly
+    (``speculate=False``: prefill and decode alone) and speculatively."""
     model = _sharpened("llama")
-    sm = specpass.optimize(
-        model, speculate=plan != "plain", plan=PLANS.get(plan), backend="compile", max_cache_len=96, progress=False
-    )
+    sm = specpass.optimize(model, speculate=True, plan=PLANS[plan], backend="compile", max_cache_len=96, progress=False)
     assert all(type(p).__name__ == "CompiledProgram" for p in sm.programs.values())
     for seed, (plen, n) in enumerate([(5, 30), (12, 17), (40, 20)]):
         ids = torch.randint(0, 128, (1, plen), generator=torch.Generator().manual_seed(seed))
-        assert torch.equal(sm.generate(ids, max_new_tokens=n, eos_token_id=[]), _hf(model, ids, n)), seed
-    if plan != "plain":
+        want = _hf(model, ids, n)
+        assert torch.equal(sm.generate(ids, max_new_tokens=n, eos_token_id=[], speculate=False), want), seed
+        assert sum(sm.last_stats.drafted) == 0
+        assert torch.equal(sm.generate(ids, max_new_tokens=n, eos_token_id=[]), want), seed
         assert sm.last_stats.tau > 1.0
 
 
