@@ -238,6 +238,37 @@ def chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
     return stats.chisquare(counts[keep].double().numpy(), expected.numpy()).pvalue
 
 
+def sampled_counts(sample, n: int, size: int) -> torch.Tensor:
+    """Counts over ``size`` outcomes of ``n`` calls of ``sample()`` (an outcome's index)."""
+    counts = torch.zeros(size)
+    for _ in range(n):
+        counts[sample()] += 1
+    return counts
+
+
+#: a negative control stops sampling once its fit is rejected this surely, far below the 1e-3 it must reach, so
+#: that its three early looks add at most 3e-6 to the chance that a correct rule fails it by luck
+EARLY_REJECT = 1e-6
+
+
+def negative_control_pvalue(sample, n: int, probs: torch.Tensor) -> float:
+    """The chi-square p-value against ``probs`` of ``n`` outcomes of ``sample()`` (an index into ``probs``), for a
+    negative control: looked at after each quarter of the samples, it stops at the first look that rejects the fit
+    at EARLY_REJECT (most broken rules are that far off within a quarter), or at once on an outcome of probability 0
+    (p = 0: as sure as a rejection gets); the last look is the same test of all ``n`` samples as before."""
+    counts = torch.zeros(probs.shape[0])
+    impossible = probs == 0
+    for i in range(1, n + 1):
+        counts[sample()] += 1
+        if counts[impossible].sum() > 0:
+            return 0.0
+        if i % (n // 4) == 0 and i < n:
+            p = chi2_pvalue(counts, probs)
+            if p < EARLY_REJECT:
+                return p
+    return chi2_pvalue(counts, probs)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _session_plan_cache(tmp_path_factory):
     """SpecPlans calibrated by tests go to a session directory, never the user's cache (and none leak in)."""

@@ -12,7 +12,7 @@ import random
 
 import pytest
 import torch
-from conftest import chi2_pvalue, sample_three
+from conftest import chi2_pvalue, negative_control_pvalue, sample_three, sampled_counts
 from test_speculative import _hf
 
 import specpass
@@ -196,13 +196,10 @@ def _second_token_distribution(model, ids, cfg: SamplingConfig) -> torch.Tensor:
     return first @ second
 
 
-def _second_token_counts(sm, ids, cfg) -> torch.Tensor:
+def _second_token_sampler(sm, ids, cfg):
+    """``sample() -> the second token`` of one generation of three, seeded alike for every test."""
     gen = torch.Generator().manual_seed(7)
-    counts = torch.zeros(sm.model.get_output_embeddings().weight.shape[0])
-    for _ in range(N_SAMPLES):
-        out = sample_three(sm, ids, cfg, gen)
-        counts[out[0, ids.shape[1] + 1]] += 1
-    return counts
+    return lambda: int(sample_three(sm, ids, cfg, gen)[0, ids.shape[1] + 1])
 
 
 @pytest.fixture(scope="module", params=["qwen3_next", "mamba2"])
@@ -222,7 +219,9 @@ def sampling_setup(request):
 
 def test_speculative_sampling_matches_the_target_distribution(sampling_setup):
     model, sm, ids, cfg = sampling_setup
-    counts = _second_token_counts(sm, ids, cfg)
+    counts = sampled_counts(
+        _second_token_sampler(sm, ids, cfg), N_SAMPLES, sm.model.get_output_embeddings().weight.shape[0]
+    )
     assert sm.last_stats.drafted == [1]  # the second token went through draft + verify
     assert chi2_pvalue(counts, _second_token_distribution(model, ids, cfg)) > 1e-3
 
@@ -232,10 +231,9 @@ def test_speculative_sampling_without_state_rollback_fails(sampling_setup, monke
     rule's own negative controls are in test_speculative.py)."""
     model, sm, ids, cfg = sampling_setup
     monkeypatch.setattr(KVCache, "restore", lambda self: None)
-    counts = _second_token_counts(sm, ids, cfg)
     probs = _second_token_distribution(model, ids, cfg)
     # Broken: a token of probability 0 was sampled, or the counts do not fit.
-    assert counts[probs == 0].sum() > 0 or chi2_pvalue(counts, probs) < 1e-3
+    assert negative_control_pvalue(_second_token_sampler(sm, ids, cfg), N_SAMPLES, probs) < 1e-3
 
 
 def test_calibration_of_a_hybrid_where_only_some_layers_hold_kv(tiny):

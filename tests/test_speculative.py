@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import chi2_pvalue, sample_three, sampling_model
+from conftest import chi2_pvalue, negative_control_pvalue, sample_three, sampled_counts, sampling_model
 
 import specpass
 from specpass.errors import SpecPassError
@@ -182,14 +182,15 @@ def _second_token_distribution(model, ids, cfg: SamplingConfig) -> torch.Tensor:
     return first @ second
 
 
-def _second_token_counts(sm, ids, n, cfg) -> torch.Tensor:
+def _second_token_sampler(sm, ids, cfg):
+    """``sample() -> the second token`` of one generation of three, seeded alike for every test."""
     gen = torch.Generator().manual_seed(7)
-    counts = torch.zeros(sm.model.get_output_embeddings().weight.shape[0])
-    for _ in range(n):
+
+    def sample() -> int:
         # Three tokens: the prefill's, then one draft step whose verify decides the second (and maybe a bonus).
-        out = sample_three(sm, ids, cfg, gen)
-        counts[out[0, ids.shape[1] + 1]] += 1
-    return counts
+        return int(sample_three(sm, ids, cfg, gen)[0, ids.shape[1] + 1])
+
+    return sample
 
 
 @pytest.fixture(scope="module", params=["exit", "del", "lookup"])
@@ -214,7 +215,7 @@ def sampling_setup(request):
 
 def test_speculative_sampling_matches_the_target_distribution(sampling_setup):
     model, sm, ids, cfg = sampling_setup
-    counts = _second_token_counts(sm, ids, 2000, cfg)
+    counts = sampled_counts(_second_token_sampler(sm, ids, cfg), 2000, sm.model.get_output_embeddings().weight.shape[0])
     assert sm.last_stats.drafted == [1]  # the second token went through draft + verify
     assert chi2_pvalue(counts, _second_token_distribution(model, ids, cfg)) > 1e-3
 
@@ -237,8 +238,8 @@ def test_speculative_sampling_negative_controls_fail(sampling_setup, monkeypatch
     monkeypatch.setattr(
         generate_module, "sample_accept", {"always_accept": always_accept, "no_residual": no_residual}[broken]
     )
-    counts = _second_token_counts(sm, ids, 2000, cfg)
-    assert chi2_pvalue(counts, _second_token_distribution(model, ids, cfg)) < 1e-3
+    probs = _second_token_distribution(model, ids, cfg)
+    assert negative_control_pvalue(_second_token_sampler(sm, ids, cfg), 2000, probs) < 1e-3
 
 
 def test_plan_json_round_trip_and_checks(tmp_path):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import chi2_pvalue, sample_three, sampling_model
+from conftest import chi2_pvalue, negative_control_pvalue, sample_three, sampling_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -346,20 +346,27 @@ def _last_two_distribution(model, ids, cfg) -> torch.Tensor:
     return torch.einsum("a,ab,abc->bc", p1, p2, p3).flatten()
 
 
-def _last_two_counts(sm, ids, cfg, n=4000):
+#: samples of each test below
+N_SAMPLES = 4000
+
+
+def _last_two_sampler(sm, ids, cfg):
+    """``sample() -> 8 * second + third`` of one generation of three tokens, seeded alike for every test."""
     gen = torch.Generator().manual_seed(11)
-    counts = torch.zeros(64)
-    descended = 0
-    for _ in range(n):
+
+    def sample() -> int:
         out = sample_three(sm, ids, cfg, gen)
-        counts[8 * out[0, -2] + out[0, -1]] += 1
-        descended += sm.last_stats.steps == 1  # the third token was sampled at a tree node below the root
-    return counts, descended
+        return int(8 * out[0, -2] + out[0, -1])
+
+    return sample
 
 
 def test_tree_sampling_matches_the_target_distribution(tree_sampling):
     model, sm, ids, cfg = tree_sampling
-    counts, descended = _last_two_counts(sm, ids, cfg)
+    sample, counts, descended = _last_two_sampler(sm, ids, cfg), torch.zeros(64), 0
+    for _ in range(N_SAMPLES):
+        counts[sample()] += 1
+        descended += sm.last_stats.steps == 1  # the third token was sampled at a tree node below the root
     assert descended > 1300, "too few third tokens came from below the root to test the tree"
     assert chi2_pvalue(counts, _last_two_distribution(model, ids, cfg)) > 1e-3
 
@@ -390,9 +397,5 @@ def test_tree_sampling_negative_controls_fail(tree_sampling, monkeypatch, broken
     else:
         rules = {"always_descend": always_descend, "parent_row": parent_row}
         monkeypatch.setattr(generate_module, "accept_tree", rules[broken])
-    counts, _ = _last_two_counts(sm, ids, cfg)
-    try:
-        p = chi2_pvalue(counts, _last_two_distribution(model, ids, cfg))
-    except AssertionError:  # it sampled a pair the target cannot produce: detected as surely
-        p = 0.0
-    assert p < 1e-3
+    probs = _last_two_distribution(model, ids, cfg)
+    assert negative_control_pvalue(_last_two_sampler(sm, ids, cfg), N_SAMPLES, probs) < 1e-3

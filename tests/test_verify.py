@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import chi2_pvalue
+from conftest import chi2_pvalue, negative_control_pvalue, sampled_counts
 
 from specpass.runtime.verify import greedy_accept, sample_accept
 
@@ -89,3 +89,29 @@ def _inverted_ratio(draft, draft_probs, target_probs, generator=None):
 def test_negative_controls_fail_the_same_test(broken):
     p, q = _dist(1), _dist(2)
     assert chi2_pvalue(_emitted_first(p, q, accept=broken), p) < 1e-6
+
+
+def test_a_negative_control_stops_sampling_only_once_the_fit_is_surely_rejected():
+    """conftest.negative_control_pvalue, which the runtime's negative controls use: a fitting sampler is tested on
+    all its samples, exactly as chi2_pvalue would; a far-off one stops at the first look; an impossible outcome
+    at once."""
+    p = torch.tensor([0.5, 0.3, 0.2, 0.0])
+    calls = []
+
+    def sampler(probs: torch.Tensor):
+        gen = torch.Generator().manual_seed(5)
+
+        def sample() -> int:
+            calls.append(1)
+            return int(torch.multinomial(probs, 1, generator=gen))
+
+        return sample
+
+    fits = negative_control_pvalue(sampler(p), 2000, p)
+    assert len(calls) == 2000 and fits == chi2_pvalue(sampled_counts(sampler(p), 2000, 4), p) > 1e-3
+    calls.clear()
+    assert negative_control_pvalue(sampler(torch.tensor([0.2, 0.3, 0.5, 0.0])), 2000, p) < 1e-6
+    assert len(calls) == 500
+    calls.clear()
+    assert negative_control_pvalue(sampler(torch.tensor([0.0, 0.0, 0.0, 1.0])), 2000, p) == 0.0
+    assert len(calls) == 1
