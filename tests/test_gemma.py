@@ -36,19 +36,10 @@ def test_gemma_is_bundled_and_converted(gemma):
     assert "Gemma Terms of Use" in models.BUNDLED[NAME].notice
 
 
-def test_every_matched_weight_rebuilds_bit_for_bit(gemma):
-    from test_exact_lowbit import assert_matches_rebuild_exactly
-
-    from specpass.kernels import load_kernels
-
-    load_kernels()
-    # docs/benchmarks.md: 81 Q5_0, 27 Q4_K, 10 Q8_0 (the tied embedding and head once), 9 Q6_K
-    assert assert_matches_rebuild_exactly(gemma[0]) == {"Q5_0": 81, "Q4_K": 27, "Q8_0": 10, "Q6_K": 9}
-
-
-def test_greedy_equals_hf_plain_and_speculative_including_prompts_past_the_sliding_window(gemma):
-    from specpass.tune.plan import SpecPlan
-
+@pytest.fixture(scope="module")
+def compiled(gemma):
+    """Three dev prompts and the two longest that fit in 900 tokens (past the 512-token window), and Gemma compiled
+    for them plainly, every matrix on the low-bit kernels."""
     model, tokenizer = gemma
     questions = load_questions(resolve_prompts(None))
     prompts = [chat_ids(tokenizer, q["turns"][0]) for q in stratified_sample(questions, 3)]
@@ -65,6 +56,25 @@ def test_greedy_equals_hf_plain_and_speculative_including_prompts_past_the_slidi
         progress=False,
         exact_lowbit="always",
     )
+    return cases, sm
+
+
+def test_every_matched_weight_rebuilds_bit_for_bit(gemma, compiled):
+    """The blocks the compiled programs were given (the compile's packing) rebuild every weight they stand for."""
+    from test_exact_lowbit import assert_matches_rebuild_exactly
+
+    from specpass.passes.exact_lowbit import packing
+
+    with packing(compiled[1].packs):
+        # docs/benchmarks.md: 81 Q5_0, 27 Q4_K, 10 Q8_0 (the tied embedding and head once), 9 Q6_K
+        assert assert_matches_rebuild_exactly(gemma[0]) == {"Q5_0": 81, "Q4_K": 27, "Q8_0": 10, "Q6_K": 9}
+
+
+def test_greedy_equals_hf_plain_and_speculative_including_prompts_past_the_sliding_window(gemma, compiled):
+    from specpass.tune.plan import SpecPlan
+
+    model, _ = gemma
+    cases, sm = compiled
     formats = {}
     for info in sm.lowbit.values():
         formats[info["format"]] = formats.get(info["format"], 0) + 1
