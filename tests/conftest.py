@@ -42,8 +42,8 @@ def pytest_configure(config):
         config.option.loadscopereorder = False
 
 
-#: test files by their time in CI on two workers, slowest first (the README's test command, 2026-12-06: 300-630 s
-#: each, then 85-170 s). xdist gives each worker one file at a time, and by default the files with the most tests
+#: test files by their time in CI on two workers, slowest first (the README's test command, 2026-12-06: 230-630 s
+#: each, then 80-170 s). xdist gives each worker one file at a time, and by default the files with the most tests
 #: first: these few-test files came last, and the worker that drew the default model's e2e file ran 4 minutes
 #: after the other had finished. Started first, they overlap the many short files instead.
 SLOWEST_FIRST = (
@@ -51,9 +51,9 @@ SLOWEST_FIRST = (
     "test_speculative.py",
     "test_gemma.py",
     "test_coverage_report.py",
-    "test_tree.py",
     "test_program_cache.py",
     "test_dtypes.py",
+    "test_tree.py",
     "test_exact_lowbit.py",
     "test_recurrent.py",
     "test_engine.py",
@@ -247,7 +247,7 @@ def sampled_counts(sample, n: int, size: int) -> torch.Tensor:
 
 
 #: a negative control stops sampling once its fit is rejected this surely, far below the 1e-3 it must reach, so
-#: that its three early looks add at most 3e-6 to the chance that a correct rule fails it by luck
+#: that its three early looks add at most 3e-6 to the chance that a correct rule is rejected by luck
 EARLY_REJECT = 1e-6
 
 
