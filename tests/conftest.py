@@ -257,11 +257,11 @@ def negative_control_pvalue(sample, n: int, probs: torch.Tensor) -> float:
     at EARLY_REJECT (most broken rules are that far off within a quarter), or at once on an outcome of probability 0
     (p = 0: as sure as a rejection gets); the last look is the same test of all ``n`` samples as before."""
     counts = torch.zeros(probs.shape[0])
-    impossible = probs == 0
     for i in range(1, n + 1):
-        counts[sample()] += 1
-        if counts[impossible].sum() > 0:
+        outcome = sample()
+        if probs[outcome] == 0:
             return 0.0
+        counts[outcome] += 1
         if i % (n // 4) == 0 and i < n:
             p = chi2_pvalue(counts, probs)
             if p < EARLY_REJECT:

@@ -12,8 +12,8 @@ import random
 
 import pytest
 import torch
-from conftest import chi2_pvalue, negative_control_pvalue, sample_three, sampled_counts
-from test_speculative import _hf
+from conftest import chi2_pvalue, negative_control_pvalue, sampled_counts
+from test_speculative import _hf, _second_token_sampler
 
 import specpass
 from specpass.cache_spec import CONV, KEY, RECURRENT, VALUE
@@ -194,12 +194,6 @@ def _second_token_distribution(model, ids, cfg: SamplingConfig) -> torch.Tensor:
         both = torch.cat([ids.repeat(vocab, 1), torch.arange(vocab)[:, None]], dim=1)
         second = warp(model(both, use_cache=False).logits[:, -1], cfg).softmax(-1)
     return first @ second
-
-
-def _second_token_sampler(sm, ids, cfg):
-    """``sample() -> the second token`` of one generation of three, seeded alike for every test."""
-    gen = torch.Generator().manual_seed(7)
-    return lambda: int(sample_three(sm, ids, cfg, gen)[0, ids.shape[1] + 1])
 
 
 @pytest.fixture(scope="module", params=["qwen3_next", "mamba2"])
