@@ -14,7 +14,7 @@ from specpass import bench
 from specpass.bench import compare_outputs, load_questions, near_tie_threshold, resolve_prompts, stratified_sample
 from specpass.programs import speculate_with
 from specpass.tokenization import chat_ids
-from specpass.tune.calibrate import CalibrationSettings, calibrate_compiled
+from specpass.tune.calibrate import DEFAULT_PROMPTS, CalibrationSettings, calibrate_compiled
 
 pytestmark = pytest.mark.slow
 
@@ -29,13 +29,13 @@ NEW_TOKENS = 128
 #: the KV cache of this file's programs, and of its bench run (the last test), so that the bench loads the compiled
 #: prefill and decode from the program cache (2-3 minutes of CI)
 SHARED_CACHE_LEN = 960
-#: A shorter full search than `specpass tune`'s (4-6 minutes on the 2-core EPYC): fewer candidates, adapters trained
-#: for seconds, timed on fewer tokens. It runs the same code on the real model (exit adapters trained, draft
+#: A shorter full search than `specpass tune`'s (4-6 minutes on the 2-core EPYC): fewer candidates and prompts, adapters
+#: trained for seconds, timed on fewer tokens. It runs the same code on the real model (exit adapters trained, draft
 #: programs compiled and timed); its plan is whichever candidate measured fastest, on some CPUs context lookup alone
 #: (the 2-core Zen 4, 2026-12-06). How fast the searches' plans are, the benchmarks say (docs/benchmarks.md).
 QUICK = CalibrationSettings(
     new_tokens=32,
-    train_seconds=5.0,
+    train_seconds=3.0,
     skip_candidates=1,
     timed_prompts=2,
     timed_tokens=32,
@@ -44,6 +44,8 @@ QUICK = CalibrationSettings(
     lookup_min_ngrams=(1,),
     tree_budgets=(4,),
 )
+#: a third of the built-in calibration prompts (their text is generated before any candidate is timed)
+CALIBRATION_PROMPTS = DEFAULT_PROMPTS[::3]
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +68,7 @@ def reference():
     # One compile serves both tests: plain decoding is generate(speculate=False) on the same programs. The steps of
     # optimize(model, speculate=True, calibrate="full"), with QUICK settings: no second capture of the model.
     fast = specpass.optimize(model, speculate=False, backend="inductor", max_cache_len=cache_len)
-    speculate_with(fast, calibrate_compiled(fast, tokenizer=tokenizer, settings=QUICK))
+    speculate_with(fast, calibrate_compiled(fast, CALIBRATION_PROMPTS, tokenizer=tokenizer, settings=QUICK))
     return model, tokenizer, questions, prompts, refs, fast
 
 
