@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from conftest import chi2_pvalue
@@ -238,15 +240,29 @@ def test_sampling_distribution_chi_square_with_negative_control():
     assert chi2_pvalue(counts, logits.softmax(-1)) < 1e-6
 
 
+def _quiet_generate(sm, ids):
+    """``sm.generate(ids)``, failing on any warning: specpass follows HF's default length without one."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return sm.generate(ids)
+
+
+def _hf_default_length(model, ids):
+    """HF ``generate`` at its default length, without the UserWarning it gives for using it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return _hf(model, ids, None)
+
+
 def test_generation_config_defaults_and_unsupported_settings(llama):
     model, sm = llama
     ids = torch.randint(0, VOCAB, (1, 5), generator=torch.Generator().manual_seed(8))
     # Neither max_new_tokens nor max_length set: HF generates 20 new tokens; a model's max_length counts
     # the prompt too.
-    assert sm.generate(ids).shape[1] == 25 == _hf(model, ids, None).shape[1]
+    assert _quiet_generate(sm, ids).shape[1] == 25 == _hf_default_length(model, ids).shape[1]
     model.generation_config.max_length = 12
     try:
-        assert sm.generate(ids).shape[1] == 12 == _hf(model, ids, None).shape[1]
+        assert _quiet_generate(sm, ids).shape[1] == 12 == _hf_default_length(model, ids).shape[1]
     finally:
         model.generation_config.max_length = None
     model.generation_config.repetition_penalty = 1.3
