@@ -244,7 +244,7 @@ def test_local_wheel_converts_without_pip(tmp_path, monkeypatch):
 
 def test_a_conversion_parses_its_gguf_once(tmp_path, monkeypatch):
     """transformers loads a GGUF three times (tokenizer, config, weights); within a conversion they share one
-    parse of its header (10 s each for Gemma 3's vocabulary)."""
+    parse of its header (10 s each for Gemma 3's vocabulary), read through a plain array instead of a memmap."""
     import gguf
     import numpy as np
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
@@ -271,10 +271,14 @@ def test_a_conversion_parses_its_gguf_once(tmp_path, monkeypatch):
     with _one_gguf_parse():
         config = load_gguf_checkpoint(str(path), return_tensors=False)["config"]
         assert load_gguf_checkpoint(str(tmp_path / "." / "tiny.gguf"), return_tensors=False)["config"] == config
+        reader = gguf.GGUFReader(path)
+        assert type(reader.data) is np.ndarray and not isinstance(reader.data, np.memmap)
+        assert np.array_equal(reader.tensors[0].data, np.arange(32, dtype=np.float32).reshape(4, 8))
     assert config["num_hidden_layers"] == 2 and len(parsed) == 1
-    assert gguf.GGUFReader is Counted  # put back
+    assert gguf.GGUFReader is Counted and gguf.gguf_reader.np is np  # put back
+    assert isinstance(gguf.GGUFReader(path).data, np.memmap)
     load_gguf_checkpoint(str(path), return_tensors=False)
-    assert len(parsed) == 2
+    assert len(parsed) == 3
 
 
 def test_gguf_file_of_a_directory(tmp_path):

@@ -104,9 +104,24 @@ def _convert_gguf(
     return model, tokenizer
 
 
+class _NumpyPlainMaps:
+    """numpy, except that ``memmap`` gives a plain ndarray over the mapped file. GGUFReader slices its map once per
+    part of every field (786,000 parts for Gemma 3's vocabulary) and transformers reads each part again; a
+    numpy.memmap runs Python code at every slice, a plain array does not (Gemma 3's header: 7.6 s -> 2.3 s)."""
+
+    def __init__(self, numpy):
+        self._numpy = numpy
+
+    def __getattr__(self, name):
+        return getattr(self._numpy, name)
+
+    def memmap(self, *args, **kwargs):
+        return self._numpy.asarray(self._numpy.memmap(*args, **kwargs))
+
+
 @contextlib.contextmanager
 def _one_gguf_parse():
-    """Within the block, every ``gguf.GGUFReader`` of a file is the first one made.
+    """Within the block, every ``gguf.GGUFReader`` of a file is the first one made, and it reads plain arrays.
 
     transformers parses the whole GGUF header, vocabulary included, for the tokenizer, again for the config and
     again for the weights: about 10 s each for Gemma 3's 262,144 tokens on a 2-core EPYC. The reader only reads
@@ -118,6 +133,8 @@ def _one_gguf_parse():
         yield
         return
     made, real = {}, gguf.GGUFReader
+    reader_module = sys.modules.get("gguf.gguf_reader")
+    real_np = getattr(reader_module, "np", None)
 
     def shared(path, mode="r"):
         key = (os.path.realpath(path), mode)
@@ -126,10 +143,14 @@ def _one_gguf_parse():
         return made[key]
 
     gguf.GGUFReader = shared  # transformers imports it from the module inside load_gguf_checkpoint, at each call
+    if hasattr(real_np, "memmap"):  # gguf's own `import numpy as np`
+        reader_module.np = _NumpyPlainMaps(real_np)
     try:
         yield
     finally:
         gguf.GGUFReader = real
+        if hasattr(real_np, "memmap"):
+            reader_module.np = real_np
 
 
 def _save(
