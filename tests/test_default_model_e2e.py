@@ -1,5 +1,6 @@
 """End to end on the real default model: specpass (Inductor) greedy output equals HF eager generate, plain and
-speculative (``speculate=True``: the calibrated draft, verified)."""
+speculative (``speculate=True``: the calibrated draft, verified); against generate's own output on every
+``PLAIN_EVERY``-th prompt, against HF's logits from one forward pass over specpass's output on the others."""
 
 from __future__ import annotations
 
