@@ -242,6 +242,22 @@ def test_local_wheel_converts_without_pip(tmp_path, monkeypatch):
     assert _staged_leftovers(tmp_path / "cache") == [models.DEFAULT_MODEL_NAME]
 
 
+def _tiny_gguf(path: Path, *, layers: int, embedding=None) -> Path:
+    """A GGUF file of a Llama with ``layers`` blocks and, if given, a token embedding (a float32 array)."""
+    import gguf
+
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_block_count(layers)
+    if embedding is not None:
+        writer.add_vocab_size(embedding.shape[0])
+        writer.add_tensor("token_embd.weight", embedding)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
 def test_a_conversion_parses_its_gguf_once(tmp_path, monkeypatch):
     """transformers loads a GGUF three times (tokenizer, config, weights); within a conversion they share one
     parse of its header (10 s each for Gemma 3's vocabulary), read through a plain array instead of a memmap."""
@@ -251,15 +267,7 @@ def test_a_conversion_parses_its_gguf_once(tmp_path, monkeypatch):
 
     from specpass.models.conversion import _one_gguf_parse
 
-    path = tmp_path / "tiny.gguf"
-    writer = gguf.GGUFWriter(path, "llama")
-    writer.add_block_count(2)
-    writer.add_vocab_size(4)
-    writer.add_tensor("token_embd.weight", np.arange(32, dtype=np.float32).reshape(4, 8))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    path = _tiny_gguf(tmp_path / "tiny.gguf", layers=2, embedding=np.arange(32, dtype=np.float32).reshape(4, 8))
     parsed = []
 
     class Counted(gguf.GGUFReader):
@@ -279,6 +287,31 @@ def test_a_conversion_parses_its_gguf_once(tmp_path, monkeypatch):
     assert isinstance(gguf.GGUFReader(path).data, np.memmap)
     load_gguf_checkpoint(str(path), return_tensors=False)
     assert len(parsed) == 3
+
+
+def test_a_gguf_reader_that_needs_a_memmap_still_converts(tmp_path, monkeypatch):
+    """A gguf release whose reader fails on plain arrays reads through numpy.memmap again, as it does on its own."""
+    import gguf
+    import numpy as np
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    from specpass.models.conversion import _one_gguf_parse
+
+    path = _tiny_gguf(tmp_path / "tiny.gguf", layers=3)
+    failed = []
+
+    class NeedsMemmap(gguf.GGUFReader):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            if not isinstance(self.data, np.memmap):
+                failed.append(args[0])
+                raise AttributeError("'numpy.ndarray' object has no attribute 'filename'")
+
+    monkeypatch.setattr(gguf, "GGUFReader", NeedsMemmap)
+    with _one_gguf_parse():
+        assert load_gguf_checkpoint(str(path), return_tensors=False)["config"]["num_hidden_layers"] == 3
+        assert load_gguf_checkpoint(str(path), return_tensors=False)["config"]["num_hidden_layers"] == 3
+    assert len(failed) == 1 and gguf.gguf_reader.np is np
 
 
 def test_gguf_file_of_a_directory(tmp_path):

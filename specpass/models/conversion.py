@@ -139,7 +139,15 @@ def _one_gguf_parse():
     def shared(path, mode="r"):
         key = (os.path.realpath(path), mode)
         if key not in made:
-            made[key] = real(path, mode)
+            try:
+                made[key] = real(path, mode)
+            except Exception:
+                if not isinstance(reader_module.np, _NumpyPlainMaps):
+                    raise
+                # a gguf whose reader needs a real numpy.memmap: read as gguf itself does, only slower
+                log.debug("gguf's reader failed on plain arrays; reading %s through numpy.memmap", path)
+                reader_module.np = real_np
+                made[key] = real(path, mode)
         return made[key]
 
     gguf.GGUFReader = shared  # transformers imports it from the module inside load_gguf_checkpoint, at each call
