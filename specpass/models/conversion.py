@@ -142,7 +142,7 @@ def _one_gguf_parse():
             try:
                 made[key] = real(path, mode)
             except Exception:
-                if not isinstance(reader_module.np, _NumpyPlainMaps):
+                if not isinstance(getattr(reader_module, "np", None), _NumpyPlainMaps):
                     raise
                 # a gguf whose reader needs a real numpy.memmap: read as gguf itself does, only slower
                 log.debug("gguf's reader failed on plain arrays; reading %s through numpy.memmap", path)
