@@ -135,6 +135,7 @@ def _one_gguf_parse():
     made, real = {}, gguf.GGUFReader
     reader_module = sys.modules.get("gguf.gguf_reader")
     real_np = getattr(reader_module, "np", None)
+    plain_maps = hasattr(real_np, "memmap")  # gguf's own `import numpy as np`, which maps the file
 
     def shared(path, mode="r"):
         key = (os.path.realpath(path), mode)
@@ -142,7 +143,7 @@ def _one_gguf_parse():
             try:
                 made[key] = real(path, mode)
             except Exception:
-                if not isinstance(getattr(reader_module, "np", None), _NumpyPlainMaps):
+                if getattr(reader_module, "np", None) is real_np:  # not the plain maps' failure
                     raise
                 # a gguf whose reader needs a real numpy.memmap: read as gguf itself does, only slower
                 log.debug("gguf's reader failed on plain arrays; reading %s through numpy.memmap", path)
@@ -151,13 +152,13 @@ def _one_gguf_parse():
         return made[key]
 
     gguf.GGUFReader = shared  # transformers imports it from the module inside load_gguf_checkpoint, at each call
-    if hasattr(real_np, "memmap"):  # gguf's own `import numpy as np`
+    if plain_maps:
         reader_module.np = _NumpyPlainMaps(real_np)
     try:
         yield
     finally:
         gguf.GGUFReader = real
-        if hasattr(real_np, "memmap"):
+        if plain_maps:
             reader_module.np = real_np
 
 
