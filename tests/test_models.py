@@ -158,17 +158,25 @@ def test_load_missing_path():
         models.load("/nonexistent")
 
 
-def test_load_unreachable_hub_is_reported(monkeypatch):
+def test_load_unreachable_hub_is_reported_without_the_hubs_warnings(monkeypatch, caplog):
+    import logging
+
     from transformers import AutoModelForCausalLM
 
     def offline(*args, **kwargs):
-        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+        # what huggingface_hub logs for each request it cannot make, before transformers raises
+        logging.getLogger("huggingface_hub.utils._http").warning("'[Errno -2]' thrown while requesting HEAD ...")
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.")
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", offline)
-    with pytest.raises(SpecPassError, match="couldn't connect") as raised:
+    hub_level = logging.getLogger("huggingface_hub").level
+    with caplog.at_level(logging.WARNING), pytest.raises(SpecPassError, match="couldn't connect") as raised:
         models.load("some-org/some-model")
     assert "local directory" in str(raised.value)  # the advice
+    assert ".." not in str(raised.value)
     assert isinstance(raised.value.__cause__, OSError)
+    assert not [r for r in caplog.records if r.name.startswith("huggingface_hub")]
+    assert logging.getLogger("huggingface_hub").level == hub_level  # put back
 
 
 def test_load_rejects_a_model_that_is_not_a_causal_lm(tmp_path):

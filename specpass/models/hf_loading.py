@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 from collections.abc import Iterator
 
 import torch
@@ -24,17 +25,38 @@ def load_pretrained(
     # through many exception types (OSError, ValueError, ImportError, ...), so any failure is
     # re-raised as SpecPassError with the original chained.
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        with _hub_warnings_hidden():
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     except Exception as e:
-        raise SpecPassError(f"could not load {source!r} as a causal language model: {first_line(e)}. {advice}") from e
+        why = first_line(e).rstrip(".")
+        raise SpecPassError(f"could not load {source!r} as a causal language model: {why}. {advice}") from e
     if not with_tokenizer:
         return model.eval(), None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        with _hub_warnings_hidden():
+            tokenizer = AutoTokenizer.from_pretrained(source)
     except Exception as e:
-        raise SpecPassError(f"could not load the tokenizer of {source!r}: {first_line(e)}. {advice}") from e
+        why = first_line(e).rstrip(".")
+        raise SpecPassError(f"could not load the tokenizer of {source!r}: {why}. {advice}") from e
     ensure_pad_token(model, tokenizer)
     return model.eval(), tokenizer
+
+
+@contextlib.contextmanager
+def _hub_warnings_hidden() -> Iterator[None]:
+    """huggingface_hub's warnings off (unless specpass logs at debug level): without a network it warns about
+    every request it retries, twice (its own handler and the root's), before the error that specpass reports
+    as a SpecPassError anyway."""
+    hub = logging.getLogger("huggingface_hub")
+    if logging.getLogger("specpass").isEnabledFor(logging.DEBUG):
+        yield
+        return
+    level = hub.level
+    hub.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        hub.setLevel(level)
 
 
 def ensure_pad_token(model: transformers.PreTrainedModel, tokenizer: transformers.PreTrainedTokenizerBase) -> None:
