@@ -168,9 +168,10 @@ def write_engine(sm, path: str | os.PathLike[str], *, tokenizer=None, sign_key=N
         if isinstance(sign_key, str | os.PathLike):
             sign_key = signing.load_private_key(sign_key)
         signature = signing.sign(raw_manifest, sign_key)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
         with os.fdopen(fd, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as z:
             z.writestr(MANIFEST, raw_manifest)
             if signature is not None:
@@ -178,8 +179,11 @@ def write_engine(sm, path: str | os.PathLike[str], *, tokenizer=None, sign_key=N
             for name, data in payloads.items():
                 z.writestr(name, data)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):  # a full disk, a folder that went away: what to fix, not a traceback
+            raise SpecPassError(f"cannot write the engine {path}: {e.strerror or e}") from e
         raise
     log.info("wrote engine %s (%.1f MB)", path, path.stat().st_size / 1e6)
     return manifest

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from specpass.cli_args import EXACT_LOWBIT_HELP, MODEL_HELP
 from specpass.errors import SpecPassError
+from specpass.output_paths import check_output_file
 
 
 # ---- compile -------------------------------------------------------------------------------------------
@@ -67,6 +68,7 @@ def run_compile(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if out.is_dir():
         raise SpecPassError(f"{out} is a directory; pass a file path such as {out / 'model.specpass'}")
+    check_output_file(out, "-o")
     sign_key = None
     if args.sign:
         from specpass.signing import load_private_key

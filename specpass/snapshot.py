@@ -39,6 +39,7 @@ from specpass.capture import capture
 from specpass.errors import SpecPassError
 from specpass.graph_text import normalize, op_counts, signature
 from specpass.kernels import choice
+from specpass.output_paths import check_output_location
 from specpass.passes import PIPELINES, run_passes, with_options
 from specpass.passes.exact_lowbit import packing
 from specpass.passes.manager import attr_of
@@ -248,7 +249,7 @@ def write(snapshot: Snapshot, path: str | os.PathLike[str]) -> None:
 
 def writable(path: str | os.PathLike[str]) -> Path:
     """``path`` if a snapshot may be written there: nothing, an empty directory or a snapshot (replaced)."""
-    path = Path(path).expanduser()
+    path = check_output_location(path, "the snapshot")
     if path.exists() and not (path.is_dir() and ((path / REPORT).is_file() or not any(path.iterdir()))):
         raise SpecPassError(f"{path} exists and is not a specpass graph snapshot: pass a new directory")
     return path

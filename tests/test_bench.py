@@ -194,6 +194,30 @@ def test_unknown_method_is_a_usage_error(tiny_chat, prompts_file):
         bench.run_bench(args, model=model, tokenizer=tok)
 
 
+def test_an_output_path_that_cannot_be_written_is_refused_before_the_run(tiny_chat, prompts_file, tmp_path):
+    _, tok = tiny_chat
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("")
+
+    def refused(flag, path):
+        args = bench_args("--prompts", str(prompts_file), "--methods", "hf_eager", flag, str(path))
+        with pytest.raises(SpecPassError, match=f"^{flag} ") as raised:
+            bench.run_bench(args, model=None, tokenizer=tok)  # no model: refused before it would be loaded
+        return str(raised.value)
+
+    assert "is a directory" in refused("--json", tmp_path)
+    assert f"{a_file} is a file, not a folder" in refused("--markdown", a_file / "sub" / "r.md")
+
+
+def test_reports_are_written_whole_into_new_folders(tmp_path):
+    from specpass.bench.report import write
+
+    path = tmp_path / "a" / "b" / "r.json"
+    write(str(path), "{}\n")
+    assert path.read_text() == "{}\n"
+    assert [p.name for p in path.parent.iterdir()] == ["r.json"]  # no temporary file left beside it
+
+
 # --------------------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------------------

@@ -121,3 +121,19 @@ def test_threads_below_one_is_refused():
 
     with pytest.raises(SpecPassError, match="--threads must be >= 1, got 0"):
         apply_threads(0)
+
+
+def test_output_paths_are_checked_before_the_work(tmp_path, monkeypatch):
+    from specpass import output_paths
+
+    deep = tmp_path / "new" / "folders" / "r.json"
+    assert output_paths.check_output_file(deep, "--json") == deep  # folders the writer will make
+    assert not (tmp_path / "new").exists()  # a check, not a write
+    with pytest.raises(SpecPassError, match=r"^--json .* is a directory; give a file path"):
+        output_paths.check_output_file(tmp_path, "--json")
+    (tmp_path / "notes.txt").write_text("")
+    with pytest.raises(SpecPassError, match=r"notes.txt is a file, not a folder"):
+        output_paths.check_output_location(tmp_path / "notes.txt" / "r.md", "--markdown")
+    monkeypatch.setattr(output_paths.os, "access", lambda path, mode: False)  # a folder of another user
+    with pytest.raises(SpecPassError, match=rf"cannot write in {tmp_path}; give a path in a folder you can write"):
+        output_paths.check_output_location(deep, "-o")

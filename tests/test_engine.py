@@ -313,7 +313,7 @@ def test_bad_engine_files_are_refused_clearly(compiled, tmp_path, capsys, case):
             read_manifest(bad)
 
 
-def test_an_interrupted_write_leaves_nothing(compiled, tmp_path, monkeypatch):
+def test_an_interrupted_or_failed_write_leaves_nothing(compiled, tmp_path, monkeypatch):
     model, tok, path, _ = compiled
     engine = load_engine(path)
     sm = _as_spec_model(model, engine)
@@ -330,12 +330,28 @@ def test_an_interrupted_write_leaves_nothing(compiled, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         write_engine(sm, tmp_path / "out.specpass", tokenizer=tok)
     assert list(tmp_path.iterdir()) == []
+
+    def disk_full(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(zipfile.ZipFile, "writestr", disk_full)
+    with pytest.raises(SpecPassError, match="cannot write the engine .*out.specpass: No space left on device"):
+        write_engine(sm, tmp_path / "out.specpass", tokenizer=tok)
+    assert list(tmp_path.iterdir()) == []
     monkeypatch.undo()
     write_engine(sm, tmp_path / "out.specpass", tokenizer=tok)  # the same call, uninterrupted, writes the file
     assert torch.equal(
         load_engine(tmp_path / "out.specpass").generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4),
         engine.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4),
     )
+
+
+def test_compile_refuses_an_output_path_it_cannot_write_before_compiling(tmp_path, capsys):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("")
+    # the model does not exist either: the path is checked first, before anything is loaded
+    assert main(["compile", str(tmp_path / "no-model"), "-o", str(a_file / "x.specpass")]) == 2
+    assert f"-o {a_file / 'x.specpass'}: {a_file} is a file, not a folder" in capsys.readouterr().err
 
 
 def test_only_aoti_programs_can_be_written(tmp_path):

@@ -371,8 +371,14 @@ def _command_line(args, cfg: BenchConfig, prompts_path: Path) -> str:
 
 
 def write(path: str, text: str) -> None:
+    """Write ``text`` whole or not at all: into a temporary file beside ``path``, then renamed over it."""
+    target = Path(path).expanduser()
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
     try:
-        Path(path).expanduser().write_text(text, encoding="utf-8")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, target)
     except OSError as e:
+        tmp.unlink(missing_ok=True)
         raise SpecPassError(f"cannot write {path}: {e}") from e
     log.info("wrote %s", path)

@@ -34,6 +34,7 @@ from specpass.cli_args import (
     apply_threads,
 )
 from specpass.errors import SpecPassError
+from specpass.output_paths import check_output_file
 from specpass.progress import progress_bar
 
 log = logging.getLogger("specpass.bench")
@@ -156,6 +157,9 @@ def run_bench(args: argparse.Namespace, *, model=None, tokenizer=None, methods: 
         raise SpecPassError(f"--repeats must be >= 1, got {args.repeats}")
     if not 0 <= args.max_slowdown < 1:
         raise SpecPassError(f"--max-slowdown is a fraction in [0, 1), got {args.max_slowdown:g}")
+    for flag, path in (("--json", args.json), ("--markdown", args.markdown)):
+        if path:
+            check_output_file(path, flag)
     device = bench_device(args.device)
     args.threads = apply_threads(args.threads)  # a number from here on: the report and llama.cpp use it
     baseline = load_baseline(args.baseline, args.threads, device) if args.baseline else None

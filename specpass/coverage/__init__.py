@@ -72,6 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run_coverage(args: argparse.Namespace) -> int:
     """Check the architectures, write the report(s); exit 1 if any result is a specpass bug (crash/mismatch)."""
     from specpass.errors import SpecPassError
+    from specpass.output_paths import check_output_file
     from specpass.progress import progress_bar
 
     known = all_model_types()
@@ -83,6 +84,9 @@ def run_coverage(args: argparse.Namespace) -> int:
         model_types = [m for m in known if m in set(only)]
     else:
         model_types = known
+    for flag in ("output", "json"):
+        if getattr(args, flag, None):
+            check_output_file(getattr(args, flag), f"--{flag}")
     bar = progress_bar(total=len(model_types), desc="coverage", unit="arch")
 
     def show(res: CoverageResult) -> None:
