@@ -169,8 +169,23 @@ def run_run(args: argparse.Namespace) -> int:
 
     from specpass.engine import load_engine, read_manifest
 
+    # All before the engine loads: a mistake costs no load, and no option is silently ignored.
     if args.temperature < 0:
         raise SpecPassError(f"--temperature must be >= 0, got {args.temperature}")
+    if args.max_new_tokens < 1:
+        raise SpecPassError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.top_k is not None and args.top_k < 0:
+        raise SpecPassError(f"--top-k must be >= 0, got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise SpecPassError(f"--top-p must be in (0, 1], got {args.top_p}")
+    sampling_only = [
+        f for f, v in (("--top-k", args.top_k), ("--top-p", args.top_p), ("--seed", args.seed)) if v is not None
+    ]
+    if args.temperature == 0 and sampling_only:
+        raise SpecPassError(
+            f"{', '.join(sampling_only)} only apply when sampling, and --temperature 0 (the default) decodes "
+            "greedily: add --temperature T (> 0)"
+        )
     if not args.trust:
         read_manifest(args.engine)  # a file that is no engine gets its one line first, without the note
         print(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import types
@@ -171,6 +172,23 @@ def test_run_cli_streams_and_samples(compiled, capsys):
     assert json.loads(capsys.readouterr().out)["stats"]["prompt_tokens"] == len(tok(PROMPT).input_ids)
     assert main(["run", str(path), "--prompt", PROMPT, "--max-new-tokens", "100"]) == 2
     assert "compile the engine again with a larger --max-cache-len" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
+        (["--temperature", "0.7", "--top-p", "2"], r"--top-p must be in \(0, 1\], got 2.0"),
+        (["--temperature", "0.7", "--top-k", "-1"], "--top-k must be >= 0, got -1"),
+        (["--top-p", "0.9", "--seed", "0"], "--top-p, --seed only apply when sampling.*add --temperature T"),
+    ],
+)
+def test_run_cli_refuses_bad_or_ignored_options_before_loading(options, message, tmp_path, capsys):
+    # no such engine: the options are refused before it is read
+    assert main(["run", str(tmp_path / "none.specpass"), "--prompt", PROMPT, *options]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+    assert "native code" not in err
 
 
 def test_inspect_cli(compiled, capsys):
