@@ -191,6 +191,19 @@ def test_too_long_for_cache_and_bad_arguments(llama):
         specpass.optimize(model, speculate=False, backend="nope")
 
 
+def test_hf_generate_options_are_accepted_when_off_and_refused_when_they_would_change_the_output(llama):
+    model, sm = llama
+    ids = torch.randint(0, VOCAB, (1, 5), generator=torch.Generator().manual_seed(3))
+    plain = sm.generate(ids, max_new_tokens=4)
+    same = sm.generate(ids, max_new_tokens=4, num_beams=1, repetition_penalty=1.0, pad_token_id=0, use_cache=True)
+    assert torch.equal(same, plain)
+    for option in ({"num_beams": 2}, {"repetition_penalty": 1.2}, {"min_new_tokens": 3}):
+        with pytest.raises(specpass.SpecPassError, match=f"{next(iter(option))}=.* not supported by specpass"):
+            sm.generate(ids, max_new_tokens=4, **option)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'max_tokens'"):
+        sm.generate(ids, max_tokens=4)
+
+
 # ---- sampling -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "cfg",

@@ -46,6 +46,24 @@ _UNSUPPORTED = {
 }
 
 
+#: HF generate options that cannot change one unpadded sequence's tokens, whatever their value
+_HARMLESS = ("pad_token_id", "use_cache")
+
+
+def _check_hf_options(options: dict) -> None:
+    """Refuse HF ``generate`` options that would change the output (code ported from HF passes them), name the
+    ones that are not generate options at all as Python would."""
+    for name, value in options.items():
+        if name in _HARMLESS or (name in _UNSUPPORTED and value in (None, _UNSUPPORTED[name])):
+            continue
+        if name in _UNSUPPORTED:
+            raise SpecPassError(
+                f"{name}={value!r} changes HF's output and is not supported by specpass, which decodes greedily "
+                "or samples (temperature, top_k, top_p); call the HF model's generate for it"
+            )
+        raise TypeError(f"generate() got an unexpected keyword argument {name!r}")
+
+
 #: why a model with recurrent state (linear attention, state-space layers) verifies chains, never trees
 NO_TREES_WITH_STATE = (
     "draft trees are not supported for models with recurrent state (linear attention, state-space layers): such a "
@@ -167,11 +185,15 @@ class CompiledLM:
         streamer=None,
         generator: torch.Generator | None = None,
         speculate: bool | None = None,
+        **hf_options,
     ) -> torch.Tensor:
         """Like ``model.generate``: returns (1, prompt + new) ids. Unset arguments come from generation_config.
 
         ``speculate=False`` decodes one token per step even when the plan speculates (the output is the same).
+        ``hf_options``: HF ``generate`` options at their "off" values are accepted (``num_beams=1``), as is
+        ``pad_token_id`` (one sequence is never padded); any other value is refused.
         """
+        _check_hf_options(hf_options)
         input_ids = self._check_ids(input_ids)
         if attention_mask is not None:
             input_ids = self._strip_left_padding(input_ids, attention_mask)
