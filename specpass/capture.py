@@ -127,6 +127,14 @@ def default_cache_len(model: nn.Module) -> int:
     return min(DEFAULT_CACHE_LEN, limit) if limit else DEFAULT_CACHE_LEN
 
 
+def rounded_cache_len(model: nn.Module, needed: int, step: int) -> int:
+    """``needed`` rounded up to a multiple of ``step``, but not past the model's position limit: runs whose lengths
+    differ a little then share one cache size, so one set of compiled programs (the program cache's key)."""
+    limit = position_limit(model)
+    rounded = -(-needed // step) * step
+    return min(rounded, limit) if limit and limit >= needed else rounded
+
+
 def capture(model: nn.Module, *, max_cache_len: int | None = None) -> CapturedGraph:
     """Export ``model`` to a training-IR graph with a runtime-owned KV cache; see the module docstring.
 

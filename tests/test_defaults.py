@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_llama
 
 import specpass
-from specpass.capture import DEFAULT_CACHE_LEN, default_cache_len
+from specpass.capture import DEFAULT_CACHE_LEN, default_cache_len, rounded_cache_len
 from specpass.lower import program_cache
 
 
@@ -27,6 +27,14 @@ def test_the_default_cache_is_1024_where_the_model_reaches_that_far():
     assert DEFAULT_CACHE_LEN == 1024
     assert default_cache_len(tiny_llama(max_position_embeddings=4096)) == 1024
     assert default_cache_len(tiny_llama(max_position_embeddings=64)) == 64
+
+
+def test_a_cache_sized_for_a_run_is_rounded_up_within_the_models_positions():
+    model = tiny_llama(max_position_embeddings=300)
+    assert rounded_cache_len(model, 105, 128) == 128  # the demo's default prompt and answer
+    assert rounded_cache_len(model, 128, 128) == 128
+    assert rounded_cache_len(model, 260, 128) == 300  # not past the positions the model has
+    assert rounded_cache_len(model, 301, 128) == 384  # past them already: capture says so, not this
 
 
 def test_optimize_emits_no_leafspec_or_torch_deprecation_warnings(monkeypatch):

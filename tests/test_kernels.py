@@ -254,3 +254,22 @@ def test_an_engine_on_the_cpu_it_was_compiled_on_reuses_the_measurements(measure
     }
     results, dense = _lowbit_where_faster({"programs": programs}, dict(sm.lowbit_params), "grid.specpass")
     assert results == sm.lowbit_choices and dense == []
+
+
+def test_the_choice_summary_names_a_regime_that_stays_fp32_in_a_word_and_lists_split_ones():
+    from specpass.kernels.choice import summarize
+
+    choices = {
+        "decode|4bit/32+shift|576x576|x30": {"lowbit": True},
+        "decode|8bit/32|49152x576|x1": {"lowbit": False},
+        "prefill|4bit/32+shift|576x576|x30": {"lowbit": False},
+        "prefill|8bit/32|49152x576|x1": {"lowbit": False},
+    }
+    assert summarize(choices) == (
+        "kernel for 1 of 4 kinds of call (timed against fp32 here); fp32 for the 2 prefill kinds, "
+        "decode|8bit/32|49152x576|x1"
+    )
+    assert (
+        summarize({k: {"lowbit": True} for k in choices}) == "kernel for 4 of 4 kinds of call (timed against fp32 here)"
+    )
+    assert summarize({}) == "kernel wherever a weight is on a grid (not timed)"

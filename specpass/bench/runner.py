@@ -26,6 +26,7 @@ from specpass.bench.methods import (
     Runner,
 )
 from specpass.bench.report import report, write
+from specpass.capture import rounded_cache_len
 from specpass.cli_args import (
     EXACT_LOWBIT_HELP,
     MODEL_HELP,
@@ -180,7 +181,7 @@ def run_bench(args: argparse.Namespace, *, model=None, tokenizer=None, methods: 
     prompts = [chat_ids(tokenizer, q["turns"][0]).to(device) for q in questions]
     warm_ups = [chat_ids(tokenizer, m).to(device) for m in WARM_UP_MESSAGES]
     longest = max(p.shape[1] for p in prompts + warm_ups)
-    max_cache_len = args.max_cache_len or _default_cache_len(model, longest + args.max_new_tokens)
+    max_cache_len = args.max_cache_len or rounded_cache_len(model, longest + args.max_new_tokens, 64)
     if longest + args.max_new_tokens > max_cache_len:
         raise SpecPassError(
             f"--max-cache-len {max_cache_len} is too small: the longest prompt has {longest} tokens, plus "
@@ -448,10 +449,3 @@ def _graphs_compiled() -> int:
     except ImportError:  # pragma: no cover
         return 0
     return int(counters["stats"]["unique_graphs"])
-
-
-def _default_cache_len(model, needed: int) -> int:
-    """``needed`` rounded up to a multiple of 64, but not past the model's position limit."""
-    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    rounded = -(-needed // 64) * 64
-    return min(rounded, limit) if limit and limit >= needed else rounded

@@ -267,4 +267,13 @@ def summarize(choices: dict[str, dict]) -> str:
         return "kernel wherever a weight is on a grid (not timed)"
     fp32 = [what for what, r in choices.items() if not r["lowbit"]]
     line = f"kernel for {len(choices) - len(fp32)} of {len(choices)} kinds of call (timed against fp32 here)"
-    return line + (f"; fp32 for {', '.join(fp32)}" if fp32 else "")
+    if not fp32:
+        return line
+    # A regime whose every kind stays fp32 is said in a word; the kinds are listed only where a regime is split.
+    regimes: dict[str, list[str]] = {}
+    for what in choices:
+        regimes.setdefault(what.split("|")[0], []).append(what)
+    whole = [r for r, kinds in regimes.items() if all(k in fp32 for k in kinds)]
+    split = [k for k in fp32 if k.split("|")[0] not in whole]
+    said = [f"the {len(regimes[r])} {r} kinds" for r in whole] + split
+    return f"{line}; fp32 for {', '.join(said)}"
