@@ -191,7 +191,7 @@ class CompiledLM:
 
         ``speculate=False`` decodes one token per step even when the plan speculates (the output is the same).
         ``hf_options``: HF ``generate`` options at their "off" values are accepted (``num_beams=1``), as is
-        ``pad_token_id`` (one sequence is never padded); any other value is refused.
+        ``pad_token_id`` (one sequence is never padded); other values are a SpecPassError, unknown names a TypeError.
         """
         _check_hf_options(hf_options)
         input_ids = self._check_ids(input_ids)
