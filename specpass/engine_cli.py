@@ -264,8 +264,9 @@ def run_inspect(args: argparse.Namespace) -> int:
     else:
         from specpass.tune.plan import SpecPlan
 
-        print(f"plan        {SpecPlan.from_json(json.dumps(plan)).describe()}")
-        if plan.get("reason"):
+        described = SpecPlan.from_json(json.dumps(plan)).describe()
+        print(f"plan        {described}")
+        if plan.get("reason") and plan["reason"] not in described:  # a plan without speculation says it already
             print(f"            {plan['reason']}")
     print(f"weights     {m['weight_bytes'] / 1e6:.1f} MB, stored once")
     for line in _lowbit_lines(m.get("lowbit") or {}):

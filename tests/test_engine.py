@@ -210,6 +210,16 @@ def test_inspect_cli(compiled, capsys):
     assert json.loads(capsys.readouterr().out) == {**manifest, "signed_by": None}
 
 
+def test_inspect_says_why_there_is_no_speculation_once(compiled, tmp_path, capsys):
+    _, _, path, _ = compiled
+    plain = json.loads(SpecPlan(speculate=False, reason="lookup lost to plain decoding").to_json())
+    _rewrite(path, tmp_path / "plain.specpass", edit_manifest=lambda m: m.update(plan=plain))
+    assert main(["inspect", str(tmp_path / "plain.specpass")]) == 0
+    out = capsys.readouterr().out
+    assert "plan        no speculation (lookup lost to plain decoding)" in out
+    assert out.count("lookup lost to plain decoding") == 1
+
+
 # ---- bad engine files ------------------------------------------------------------------------------------
 def _rewrite(src, dst, edit_manifest=None, edit_entry=None):
     """Copy an engine, changing its manifest (a function of the dict) or one entry's bytes (name, function)."""
