@@ -256,7 +256,7 @@ def test_an_engine_on_the_cpu_it_was_compiled_on_reuses_the_measurements(measure
     assert results == sm.lowbit_choices and dense == []
 
 
-def test_the_choice_summary_names_a_regime_that_stays_fp32_in_a_word_and_lists_split_ones():
+def test_the_choice_summary_counts_the_fp32_kinds_per_regime():
     from specpass.kernels.choice import summarize
 
     choices = {
@@ -266,8 +266,8 @@ def test_the_choice_summary_names_a_regime_that_stays_fp32_in_a_word_and_lists_s
         "prefill|8bit/32|49152x576|x1": {"lowbit": False},
     }
     assert summarize(choices) == (
-        "kernel for 1 of 4 kinds of call (timed against fp32 here); fp32 for the 2 prefill kinds, "
-        "decode|8bit/32|49152x576|x1"
+        "kernel for 1 of 4 kinds of call (timed against fp32 here); fp32 for 1 of the 2 decode kinds, "
+        "the 2 prefill kinds"
     )
     assert (
         summarize({k: {"lowbit": True} for k in choices}) == "kernel for 4 of 4 kinds of call (timed against fp32 here)"

@@ -269,11 +269,16 @@ def summarize(choices: dict[str, dict]) -> str:
     line = f"kernel for {len(choices) - len(fp32)} of {len(choices)} kinds of call (timed against fp32 here)"
     if not fp32:
         return line
-    # A regime whose every kind stays fp32 is said in a word; the kinds are listed only where a regime is split.
+    # Counted per regime (prefill, few tokens); which kinds they are is in the choices themselves (bench --json,
+    # inspect --json), too long for this line.
     regimes: dict[str, list[str]] = {}
     for what in choices:
         regimes.setdefault(what.split("|")[0], []).append(what)
-    whole = [r for r, kinds in regimes.items() if all(k in fp32 for k in kinds)]
-    split = [k for k in fp32 if k.split("|")[0] not in whole]
-    said = [f"the {len(regimes[r])} {r} kinds" for r in whole] + split
+    said = []
+    for regime, kinds in regimes.items():
+        slow = sum(k in fp32 for k in kinds)
+        if slow:
+            said.append(
+                f"the {slow} {regime} kinds" if slow == len(kinds) else f"{slow} of the {len(kinds)} {regime} kinds"
+            )
     return f"{line}; fp32 for {', '.join(said)}"
