@@ -7,7 +7,9 @@ An engine is a zip archive (stored, not compressed) of:
   bindings and graph summary (signature, op counts, pass history), and the sha256 of every other entry;
 - ``weights.safetensors``: every constant the programs bind, stored once: programs share the model's
   weights (AOTInductor would otherwise copy them into each program's library) and tied weights are one
-  tensor;
+  tensor. An fp32 weight that another program reads as low-bit blocks (a prefill program where fp32 multiplied
+  faster, beside a decode program on the kernel) is not stored: the manifest's ``rebuilt`` names the blocks and
+  rows it is rebuilt from at load, bit for bit (its sha256 checked), 4-8x fewer bytes;
 - ``programs/<name>.pt2``: one AOTInductor package per program (prefill, decode/verify, draft), compiled
   without their constants;
 - ``recycled.safetensors``: Token Recycling's adjacency table as it was when the engine was written (warmed by
@@ -47,7 +49,8 @@ from specpass.runtime.model import CompiledLM
 log = logging.getLogger("specpass.engine")
 
 FORMAT = "specpass-engine"
-FORMAT_VERSION = 2  # 2: the cache as a list of tensors (per-layer K/V shapes); 1 is still read
+#: 2: the cache as a list of tensors (per-layer K/V shapes); 3: fp32 weights rebuilt from blocks. Older ones are read.
+FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 RECYCLED = "recycled.safetensors"
@@ -112,6 +115,9 @@ def write_engine(sm, path: str | os.PathLike[str], *, tokenizer=None, sign_key=N
             "lowbit_calls": getattr(sm, "lowbit_calls", {}).get(name, []),
             "lowbit_parts": lowbit_parts,
         }
+    rebuilt = _rebuildable(sm, stored, programs, store)
+    for key in rebuilt:
+        del stored[key]
     # safetensors refuses tensors that share memory; distinct views of one storage become copies.
     seen_storage: dict[int, str] = {}
     for key, t in list(stored.items()):
@@ -157,6 +163,8 @@ def write_engine(sm, path: str | os.PathLike[str], *, tokenizer=None, sign_key=N
         "recycled_tokens": len(sm.recycled.next),
         # weights the programs read as quantization blocks (passes/exact_lowbit.py): name -> format, blocks, bytes
         "lowbit": getattr(sm, "lowbit", {}),
+        # fp32 weights not stored: key -> the blocks' parts, their rows, block, bits and the weight's sha256
+        "rebuilt": rebuilt,
         # where the kernel was timed against fp32 when the engine was built (loading times it again on its CPU)
         "lowbit_build": _lowbit_build(sm),
         "weight_bytes": sum(t.numel() * t.element_size() for t in stored.values()),
@@ -187,6 +195,45 @@ def write_engine(sm, path: str | os.PathLike[str], *, tokenizer=None, sign_key=N
         raise
     log.info("wrote engine %s (%.1f MB)", path, path.stat().st_size / 1e6)
     return manifest
+
+
+def _rebuildable(sm, stored: dict[str, torch.Tensor], programs: dict, store) -> dict[str, dict]:
+    """The stored fp32 weights that some program's low-bit blocks rebuild bit for bit: key -> how (the parts'
+    keys, the rows of the rebuilt matrix, block, bits, sha256). Found by comparing bits, not names: a call's
+    blocks stack q/k/v or gate/up by rows, and its rows are compared with every stored weight of their shape."""
+    by_shape: dict[tuple, list[str]] = {}
+    for key, t in stored.items():
+        if t.dtype == torch.float32 and t.dim() == 2 and t.device.type == "cpu":
+            by_shape.setdefault(tuple(t.shape), []).append(key)
+    rebuilt: dict[str, dict] = {}
+    done: set[tuple] = set()
+    for name, calls in getattr(sm, "lowbit_calls", {}).items():
+        for call in calls:
+            blocks = [sm.lowbit_params[p] for p in call["params"]]
+            if blocks[0].device.type != "cpu" or tuple(call["params"]) in done:
+                continue
+            done.add(tuple(call["params"]))
+            parts = [store(name, f"lowbit/{p}", t) for p, t in zip(call["params"], blocks, strict=True)]
+            full = torch.ops.specpass.lowbit_dequantize(*blocks, call["block"], call["bits"])
+            row = 0
+            for n, k in call["shapes"]:
+                member, rows = full[row : row + n], [row, row + n]
+                row += n
+                for key in by_shape.get((n, k), []):
+                    if key not in rebuilt and torch.equal(stored[key].view(torch.int32), member.view(torch.int32)):
+                        rebuilt[key] = {
+                            "parts": parts,
+                            "rows": rows,
+                            "block": call["block"],
+                            "bits": call["bits"],
+                            "sha256": _sha256(member),
+                        }
+                        break
+    return rebuilt
+
+
+def _sha256(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.contiguous().view(torch.uint8).numpy()).hexdigest()
 
 
 def _lowbit_build(sm) -> dict | None:
@@ -358,6 +405,23 @@ def _check_fields(m: dict) -> None:
         need(isinstance(info, dict) and info.get("package") in payloads, f"gives program {name!r} no package")
         need(strings(info.get("constants")), f"gives program {name!r} bad constants")
         need(strings(info.get("lowbit_parts", {})), f"gives program {name!r} bad low-bit parts")
+    rebuilt = m.get("rebuilt", {})
+    need(isinstance(rebuilt, dict), "has bad rebuilt weights")
+    for key, how in rebuilt.items():
+        need(
+            isinstance(how, dict)
+            and isinstance(how.get("parts"), list)
+            and len(how["parts"]) == 5
+            and all(isinstance(p, str) for p in how["parts"])
+            and isinstance(how.get("rows"), list)
+            and len(how["rows"]) == 2
+            and all(isinstance(r, int) for r in how["rows"])
+            and how["rows"][0] < how["rows"][1]
+            and how.get("bits") in (4, 8)
+            and how.get("block") in (16, 32)
+            and bool(re.fullmatch(r"[0-9a-f]{64}", str(how.get("sha256")))),
+            f"says badly how to rebuild the weight {key!r}",
+        )
     need(isinstance(m.get("vocab_size"), int) and m["vocab_size"] > 0, "has no vocabulary size")
     need(isinstance(m.get("generation_config"), dict), "has no generation config")
     need(m.get("plan") is None or isinstance(m["plan"], dict), "has a plan that is not an object")
@@ -441,6 +505,7 @@ def load_engine(path: str | os.PathLike[str], *, trust=None) -> Engine:
                 f"{path} stores weights as low-bit blocks, read by specpass's C++ kernels, which cannot be built "
                 f"here: {str(e).splitlines()[0]} (an engine compiled with --no-exact-lowbit needs none)"
             ) from e
+        weights.update(_rebuild(manifest.get("rebuilt", {}), weights, path))
         lowbit_choices, dense = _lowbit_where_faster(manifest, weights, path)
     programs = {}
     for name, info in manifest["programs"].items():
@@ -473,6 +538,28 @@ def load_engine(path: str | os.PathLike[str], *, trust=None) -> Engine:
     engine.load_s = time.perf_counter() - t0
     log.info("loaded engine %s in %.2fs", path, engine.load_s)
     return engine
+
+
+def _rebuild(rebuilt: dict[str, dict], weights: dict[str, torch.Tensor], path) -> dict[str, torch.Tensor]:
+    """The fp32 weights the engine does not store, rebuilt from their blocks (rows of one matrix each call
+    rebuilds), each checked against the sha256 of the weight that was compiled."""
+    out: dict[str, torch.Tensor] = {}
+    full: dict[tuple, torch.Tensor] = {}
+    for key, how in rebuilt.items():
+        parts = tuple(how["parts"])
+        if parts not in full:
+            missing = [p for p in parts if p not in weights]
+            if missing:
+                raise SpecPassError(f"{path}: weight {key} is rebuilt from blocks the engine lacks ({missing[:2]})")
+            full[parts] = torch.ops.specpass.lowbit_dequantize(*(weights[p] for p in parts), how["block"], how["bits"])
+        r0, r1 = how["rows"]
+        out[key] = full[parts][r0:r1]  # rows of a contiguous matrix: contiguous, no copy
+        if _sha256(out[key]) != how["sha256"]:
+            raise SpecPassError(
+                f"{path}: weight {key} rebuilt from its blocks differs from the one compiled (sha256); the engine "
+                "is damaged, or this CPU's low-bit kernels rebuild weights wrongly: write the engine again"
+            )
+    return out
 
 
 def _lowbit_where_faster(manifest: dict, weights: dict[str, torch.Tensor], path) -> tuple[dict, list]:

@@ -350,3 +350,39 @@ def test_engine_stores_blocks_not_fp32(grid, tmp_path, capsys):
     assert "Q4_1  model.layers.*.mlp.down_proj.weight (2 matrices)" in out
     assert "Q4_1  model.layers.*.mlp.down_proj.weight (2 matrices): 0.0 MB, 2 of 512 blocks kept in fp32" in out
     assert "Q8_0  model.embed_tokens.weight" in out
+
+
+def test_an_engine_rebuilds_the_fp32_weights_of_a_prefill_that_multiplies_in_fp32(grid, tmp_path, monkeypatch):
+    """Where prefill chose fp32 and decode the kernel (the default model on a 2-core Xeon), the fp32 matrices are
+    not stored: the decode program's blocks rebuild them at load, bit for bit, or the engine is refused."""
+    from test_engine import _rewrite
+
+    from specpass.engine import load_engine, write_engine
+
+    def prefill_in_fp32(calls, regime):
+        return {"kind": choice.kind(calls, regime), "lowbit_ms": 1.0, "fp32_ms": 2.0, "lowbit": regime != "prefill"}
+
+    model, _ = grid
+    monkeypatch.setenv("SPECPASS_LOWBIT_CHOICE", "measure")
+    monkeypatch.setattr(choice, "lowbit_faster", prefill_in_fp32)
+    sm = specpass.optimize(model, speculate=False, backend="inductor", max_cache_len=32, progress=False)
+    monkeypatch.undo()
+    path = tmp_path / "grid.specpass"
+    manifest = write_engine(sm, path)
+    linear = [n for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n]
+    assert len(manifest["rebuilt"]) == len(linear)  # every fp32 matrix of the prefill program
+    fp32 = sum(p.numel() * 4 for p in model.parameters() if p.dim() == 2)
+    assert manifest["weight_bytes"] < fp32 / 2
+    engine = load_engine(path)
+    ids = torch.tensor([[3, 14, 15, 92, 65, 35]])
+    assert torch.equal(engine.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None), _hf(model, ids, 8))
+
+    def wrong_weight(m):
+        m["rebuilt"][sorted(m["rebuilt"])[0]]["sha256"] = "0" * 64
+
+    _rewrite(path, tmp_path / "wrong.specpass", edit_manifest=wrong_weight)
+    with pytest.raises(specpass.SpecPassError, match="rebuilt from its blocks differs from the one compiled"):
+        load_engine(tmp_path / "wrong.specpass")
+    _rewrite(path, tmp_path / "bad.specpass", edit_manifest=lambda m: m["rebuilt"].update(x={"rows": [1, 0]}))
+    with pytest.raises(specpass.SpecPassError, match="says badly how to rebuild the weight 'x'"):
+        load_engine(tmp_path / "bad.specpass")
