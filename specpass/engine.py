@@ -201,34 +201,30 @@ def _rebuildable(sm, stored: dict[str, torch.Tensor], programs: dict, store) -> 
     """The stored fp32 weights that some program's low-bit blocks rebuild bit for bit: key -> how (the parts'
     keys, the rows of the rebuilt matrix, block, bits, sha256). Found by comparing bits, not names: a call's
     blocks stack q/k/v or gate/up by rows, and its rows are compared with every stored weight of their shape."""
+    calls = {}  # the parts' keys -> (the call, its blocks): each set of blocks once, whichever programs read it
+    for name, records in getattr(sm, "lowbit_calls", {}).items():
+        for call in records:
+            blocks = [sm.lowbit_params[p] for p in call["params"]]
+            if blocks[0].device.type == "cpu":
+                parts = tuple(store(name, f"lowbit/{p}", t) for p, t in zip(call["params"], blocks, strict=True))
+                calls.setdefault(parts, (call, blocks))
+    part_keys = {key for parts in calls for key in parts}  # a scale matrix is 2-D fp32 too, and must stay
     by_shape: dict[tuple, list[str]] = {}
     for key, t in stored.items():
-        if t.dtype == torch.float32 and t.dim() == 2 and t.device.type == "cpu":
+        if key not in part_keys and t.dtype == torch.float32 and t.dim() == 2 and t.device.type == "cpu":
             by_shape.setdefault(tuple(t.shape), []).append(key)
     rebuilt: dict[str, dict] = {}
-    done: set[tuple] = set()
-    for name, calls in getattr(sm, "lowbit_calls", {}).items():
-        for call in calls:
-            blocks = [sm.lowbit_params[p] for p in call["params"]]
-            if blocks[0].device.type != "cpu" or tuple(call["params"]) in done:
-                continue
-            done.add(tuple(call["params"]))
-            parts = [store(name, f"lowbit/{p}", t) for p, t in zip(call["params"], blocks, strict=True)]
-            full = torch.ops.specpass.lowbit_dequantize(*blocks, call["block"], call["bits"])
-            row = 0
-            for n, k in call["shapes"]:
-                member, rows = full[row : row + n], [row, row + n]
-                row += n
-                for key in by_shape.get((n, k), []):
-                    if key not in rebuilt and torch.equal(stored[key].view(torch.int32), member.view(torch.int32)):
-                        rebuilt[key] = {
-                            "parts": parts,
-                            "rows": rows,
-                            "block": call["block"],
-                            "bits": call["bits"],
-                            "sha256": _sha256(member),
-                        }
-                        break
+    for parts, (call, blocks) in calls.items():
+        full = torch.ops.specpass.lowbit_dequantize(*blocks, call["block"], call["bits"])
+        row = 0
+        for n, k in call["shapes"]:
+            member, rows = full[row : row + n], [row, row + n]
+            row += n
+            for key in by_shape.get((n, k), []):
+                if key not in rebuilt and torch.equal(stored[key].view(torch.int32), member.view(torch.int32)):
+                    how = {"parts": list(parts), "rows": rows, "block": call["block"], "bits": call["bits"]}
+                    rebuilt[key] = {**how, "sha256": _sha256(member)}
+                    break
     return rebuilt
 
 
