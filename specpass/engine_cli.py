@@ -269,6 +269,10 @@ def run_inspect(args: argparse.Namespace) -> int:
         if plan.get("reason") and plan["reason"] not in described:  # a plan without speculation says it already
             print(f"            {plan['reason']}")
     print(f"weights     {m['weight_bytes'] / 1e6:.1f} MB, stored once")
+    if m.get("rebuilt"):
+        print(
+            f"            {len(m['rebuilt'])} fp32 matrices not stored: rebuilt from their blocks at load, bit for bit"
+        )
     for line in _lowbit_lines(m.get("lowbit") or {}):
         print(f"            {line}")
     build = m.get("lowbit_build")

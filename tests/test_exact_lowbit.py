@@ -352,11 +352,12 @@ def test_engine_stores_blocks_not_fp32(grid, tmp_path, capsys):
     assert "Q8_0  model.embed_tokens.weight" in out
 
 
-def test_an_engine_rebuilds_the_fp32_weights_of_a_prefill_that_multiplies_in_fp32(grid, tmp_path, monkeypatch):
+def test_an_engine_rebuilds_the_fp32_weights_of_a_prefill_that_multiplies_in_fp32(grid, tmp_path, monkeypatch, capsys):
     """Where prefill chose fp32 and decode the kernel (the default model on a 2-core Xeon), the fp32 matrices are
     not stored: the decode program's blocks rebuild them at load, bit for bit, or the engine is refused."""
     from test_engine import _rewrite
 
+    from specpass.cli import main
     from specpass.engine import load_engine, write_engine
 
     def prefill_in_fp32(calls, regime):
@@ -376,6 +377,8 @@ def test_an_engine_rebuilds_the_fp32_weights_of_a_prefill_that_multiplies_in_fp3
     engine = load_engine(path)
     ids = torch.tensor([[3, 14, 15, 92, 65, 35]])
     assert torch.equal(engine.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None), _hf(model, ids, 8))
+    assert main(["inspect", str(path)]) == 0
+    assert f"{len(linear)} fp32 matrices not stored: rebuilt from their blocks at load" in capsys.readouterr().out
 
     def wrong_weight(m):
         m["rebuilt"][sorted(m["rebuilt"])[0]]["sha256"] = "0" * 64
