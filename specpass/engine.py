@@ -115,7 +115,7 @@ def write_engine(sm, path: str | os.PathLike[str], *, tokenizer=None, sign_key=N
             "lowbit_calls": getattr(sm, "lowbit_calls", {}).get(name, []),
             "lowbit_parts": lowbit_parts,
         }
-    rebuilt = _rebuildable(sm, stored, programs, store)
+    rebuilt = _rebuildable(sm, stored, store)
     for key in rebuilt:
         del stored[key]
     # safetensors refuses tensors that share memory; distinct views of one storage become copies.
@@ -197,7 +197,7 @@ def write_engine(sm, path: str | os.PathLike[str], *, tokenizer=None, sign_key=N
     return manifest
 
 
-def _rebuildable(sm, stored: dict[str, torch.Tensor], programs: dict, store) -> dict[str, dict]:
+def _rebuildable(sm, stored: dict[str, torch.Tensor], store) -> dict[str, dict]:
     """The stored fp32 weights that some program's low-bit blocks rebuild bit for bit: key -> how (the parts'
     keys, the rows of the rebuilt matrix, block, bits, sha256). Found by comparing bits, not names: a call's
     blocks stack q/k/v or gate/up by rows, and its rows are compared with every stored weight of their shape."""
@@ -215,6 +215,8 @@ def _rebuildable(sm, stored: dict[str, torch.Tensor], programs: dict, store) -> 
             by_shape.setdefault(tuple(t.shape), []).append(key)
     rebuilt: dict[str, dict] = {}
     for parts, (call, blocks) in calls.items():
+        if not any(tuple(shape) in by_shape for shape in call["shapes"]):
+            continue  # no stored fp32 weight of its shapes: nothing to rebuild, no matrix to dequantize
         full = torch.ops.specpass.lowbit_dequantize(*blocks, call["block"], call["bits"])
         row = 0
         for n, k in call["shapes"]:
