@@ -467,6 +467,15 @@ def _read_checked(z: zipfile.ZipFile, name: str, manifest: dict, path) -> bytes:
     return buf.getvalue()
 
 
+def _calls_kernels(manifest: dict) -> bool:
+    """Whether some program calls one of specpass's C++ operators (passes/inline_attention.py's attention)."""
+    return any(
+        op.startswith("specpass.")
+        for info in manifest["programs"].values()
+        for op in info.get("summary", {}).get("ops", {})
+    )
+
+
 def load_engine(path: str | os.PathLike[str], *, trust=None) -> Engine:
     """Load an engine written by ``specpass compile`` (or ``write_engine``); the Python side of ``specpass run``.
 
@@ -493,16 +502,18 @@ def load_engine(path: str | os.PathLike[str], *, trust=None) -> Engine:
         )
     weights = {key: t.to(device) for key, t in load(data.pop(WEIGHTS)).items()}
     lowbit_choices, dense = {}, []
-    if manifest.get("lowbit"):
+    if manifest.get("lowbit") or _calls_kernels(manifest):
         from specpass.kernels import KernelBuildError, load_kernels
 
         try:
-            load_kernels()  # the programs call torch.ops.specpass.lowbit_* (built here on first use)
+            load_kernels()  # the programs call torch.ops.specpass.* (built here on first use)
         except KernelBuildError as e:
+            what = "stores weights as low-bit blocks, read by" if manifest.get("lowbit") else "calls"
             raise SpecPassError(
-                f"{path} stores weights as low-bit blocks, read by specpass's C++ kernels, which cannot be built "
-                f"here: {str(e).splitlines()[0]} (an engine compiled with --no-exact-lowbit needs none)"
+                f"{path} {what} specpass's C++ kernels, which cannot be built here: {str(e).splitlines()[0]} (install "
+                "one, or compile the engine with --no-exact-lowbit: it then needs none)"
             ) from e
+    if manifest.get("lowbit"):
         weights.update(_rebuild(manifest.get("rebuilt", {}), weights, path))
         lowbit_choices, dense = _lowbit_where_faster(manifest, weights, path)
     programs = {}

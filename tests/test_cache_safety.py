@@ -11,6 +11,7 @@ import stat
 
 import pytest
 import torch
+from conftest import build_tiny
 from test_exact_lowbit import grid_llama
 from test_speculative import _hf
 
@@ -93,7 +94,7 @@ def no_compiler(monkeypatch):
     def fail():
         raise kernels.KernelBuildError("specpass's low-bit kernels need a C++ compiler (g++); install one")
 
-    monkeypatch.setattr(exact_lowbit_pass, "load_kernels", fail)
+    monkeypatch.setattr(kernels, "load_kernels", fail)
     monkeypatch.setattr(exact_lowbit_pass, "_fallback_said", False)
     return fail
 
@@ -125,6 +126,30 @@ def test_an_engine_of_blocks_without_a_compiler_is_one_line(tmp_path, monkeypatc
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("specpass: error:") and "stores weights as low-bit blocks" in err[-1]
     assert "need a C++ compiler" in err[-1] and "Traceback" not in "\n".join(err)
+
+
+@pytest.mark.parametrize("exact_lowbit", [True, False])
+def test_an_fp32_engine_needs_a_compiler_only_for_the_fused_attention(tmp_path, monkeypatch, exact_lowbit):
+    """fp32 weights (a model not on a grid): the programs call specpass's fused attention unless exact_lowbit=False
+    (``--no-exact-lowbit``), and only then does the engine load where the kernels cannot be built."""
+    from specpass.engine import load_engine, write_engine
+
+    model = build_tiny("llama")
+    sm = specpass.optimize(model, speculate=False, max_cache_len=32, progress=False, exact_lowbit=exact_lowbit)
+    assert sm.lowbit == {}
+    path = tmp_path / "fp32.specpass"
+    write_engine(sm, path)
+
+    def fail():
+        raise kernels.KernelBuildError("specpass's low-bit kernels need a C++ compiler (g++); install one")
+
+    monkeypatch.setattr(kernels, "load_kernels", fail)
+    if exact_lowbit:
+        with pytest.raises(SpecPassError, match=r"calls specpass's C\+\+ kernels, which cannot be built here: .*g\+\+"):
+            load_engine(path)
+    else:
+        ids = torch.tensor([[3, 14, 15, 9]])
+        assert torch.equal(load_engine(path).generate(ids, max_new_tokens=6, eos_token_id=[]), _hf(model, ids, 6))
 
 
 def test_a_build_that_runs_too_long_is_stopped_and_leaves_nothing(tmp_path, monkeypatch):

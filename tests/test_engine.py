@@ -201,7 +201,7 @@ def test_inspect_cli(compiled, capsys):
         "input_ids: i64[1, ",
         "context lookup",
         "stored once",
-        "checked by: fold_gqa_heads, inline_attention, exact_lowbit, linear_operand_order, tree_verify",
+        "checked by: fold_gqa_heads, fused_attention, inline_attention, exact_lowbit, linear_operand_order, tree_verify",
         "signed      no",
         "native code",
     ):

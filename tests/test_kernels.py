@@ -1,8 +1,9 @@
 """The low-bit kernels per ISA level, and the measured choice between them and fp32.
 
 Every level this CPU runs is checked in a process of its own (``SPECPASS_KERNEL_ISA``: one build per process):
-each block format rebuilt bit for bit, products against ``F.linear`` for 1 to 40 tokens, embeddings exact. A
-level it cannot run is compiled, and loading it is refused (an illegal instruction would kill the process).
+each block format rebuilt bit for bit, products against ``F.linear`` for 1 to 40 tokens, embeddings exact, and the
+fused attention against the matmuls it replaces. A level it cannot run is compiled, and loading it is refused (an
+illegal instruction would kill the process).
 Caches are keyed by the CPU. The choice keeps fp32 where the kernel is slower (a test hook slows it down), in
 ``optimize()`` and when an engine is loaded.
 """
@@ -57,7 +58,50 @@ def check_numerics(isa: str) -> None:
     blocks = recover_blocks(on_grid(torch.randn(40, COLUMNS) * 0.05, "Q6_K"))
     shifted = (*blocks.tensors()[:2], torch.full_like(blocks.scale, -0.0), *blocks.tensors()[3:])
     assert same_bits(torch.ops.specpass.lowbit_dequantize(*shifted, 16, 8), rebuilt(blocks))
+    check_attention(isa)
     print(f"numerics ok: {isa}")
+
+
+def _attention(q, k, v, mask, scale):
+    """passes/inline_attention.py's written-out attention: what specpass.attention replaces."""
+    return torch.softmax((q * scale) @ k.transpose(-2, -1) + mask, -1) @ v
+
+
+#: (batch, heads, rows, features, value features, keys, mask batch, mask heads): one row (decode) to past the
+#: kernel's row limit (the matmuls then), features that leave a vector tail, keys that split unevenly, a mask
+#: per head or broadcast
+ATTENTION_SHAPES = [
+    (1, 3, 3, 64, 64, 128, 1, 1),
+    (1, 3, 1, 64, 64, 1, 1, 1),
+    (1, 1, 4, 256, 256, 300, 1, 1),
+    (2, 2, 5, 80, 48, 77, 2, 2),
+    (1, 4, 10, 40, 40, 33, 1, 4),
+    (1, 2, 17, 64, 64, 100, 1, 1),
+    (1, 3, 9, 64, 64, 960, 1, 1),
+]
+
+
+def check_attention(isa: str) -> None:
+    gen = torch.Generator().manual_seed(0)
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        for b, h, r, d, dv, w, mb, mh in ATTENTION_SHAPES:
+            # keys and values are slices of a longer cache, as the programs pass them
+            k = torch.randn(b, h, w + 7, d, generator=gen)[:, :, :w]
+            v = torch.randn(b, h, w + 7, dv, generator=gen)[:, :, :w]
+            q = torch.randn(b, h, r, d, generator=gen)
+            mask = torch.zeros(mb, mh, r, w).masked_fill_(torch.rand(mb, mh, r, w, generator=gen) < 0.3, -torch.inf)
+            mask[..., 0, w // 2 :] = -torch.inf  # row 0 sees none of the second half: a thread's part all masked
+            mask[..., 0] = 0.0
+            got = torch.ops.specpass.attention(q, k, v, mask, 0.17)
+            want = _attention(q, k, v, mask, 0.17)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"{isa} attention {(b, h, r, d, dv, w)}")
+    # a row that sees no key at all: NaN, as the matmuls and SDPA give
+    q, k = torch.randn(1, 1, 2, 16), torch.randn(1, 1, 70, 16)
+    mask = torch.zeros(1, 1, 2, 70)
+    mask[0, 0, 1] = -torch.inf
+    got = torch.ops.specpass.attention(q, k, k, mask, 0.25)
+    assert got[0, 0, 1].isnan().all() and not got[0, 0, 0].isnan().any()
 
 
 def _in_process_of_its_own(isa: str, code: str) -> subprocess.CompletedProcess:
@@ -137,7 +181,8 @@ def measured(monkeypatch, tmp_path):
 
 def test_a_slow_kernel_keeps_the_fp32_programs(measured):
     """With every kernel call slowed down by 20 ms (the test hook), optimize() keeps every linear layer in fp32:
-    its programs are exact_lowbit=False's, but the embedding (a row gather either way), and generate equals HF."""
+    its products are exact_lowbit=False's matrix products, its embedding a row gather either way, its attention
+    the fused kernel (not a low-bit choice), and generate equals HF."""
     model = grid_llama()
     kernels.set_test_delay(20_000)
     sm = specpass.optimize(model, speculate=False, backend="eager", max_cache_len=32, progress=False)
@@ -150,10 +195,13 @@ def test_a_slow_kernel_keeps_the_fp32_programs(measured):
         model, speculate=False, backend="eager", max_cache_len=32, progress=False, exact_lowbit=False
     )
     for name in ("prefill", "decode"):
-        ops, ops_fp32 = dict(sm.summaries[name]["ops"]), dict(fp32.summaries[name]["ops"])
-        assert ops.pop("specpass.lowbit_embedding.default") == 1
-        assert ops_fp32.pop("aten.embedding.default") == 1
-        assert ops == ops_fp32
+        ops, ops_fp32 = sm.summaries[name]["ops"], fp32.summaries[name]["ops"]
+        assert ops["specpass.lowbit_embedding.default"] == ops_fp32["aten.embedding.default"] == 1
+        assert "specpass.lowbit_linear.default" not in ops
+        products = ("aten.linear.default", "aten.mm.default", "aten.addmm.default", "aten.t.default")
+        counts = [ops.get(op, 0) for op in products]
+        assert counts == [ops_fp32.get(op, 0) for op in products] and sum(counts) > 0
+    assert sm.summaries["decode"]["ops"]["specpass.attention.default"] == model.config.num_hidden_layers
     ids = torch.tensor([[3, 14, 15, 92, 65, 35]])
     assert torch.equal(sm.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None), _hf(model, ids, 8))
 

@@ -24,6 +24,7 @@ from specpass.passes import (
     exact_lowbit,
     exit_predictions,
     fold_gqa_heads,
+    fused_attention,
     inline_attention,
     insert_early_exit,
     last_token_logits,
@@ -32,6 +33,7 @@ from specpass.passes import (
     run_passes,
     skip_layers,
     tree_verify,
+    with_options,
 )
 from specpass.passes.manager import remap
 from specpass.program_export import example_inputs
@@ -64,6 +66,18 @@ def run_program(gm, spec, ids: torch.Tensor):
     with torch.no_grad():
         logits = gm(ids, pos, slots, *masks, *kv)
     return logits, kv
+
+
+def assert_same_outputs(t, reference, gm, ids: torch.Tensor, tol: float = 1e-5) -> None:
+    """``gm`` gives ``reference``'s logits and K/V for ``ids`` within ``tol``, and HF's logits within 1e-5."""
+    ref_logits, ref_kv = run_program(reference, t.cg.spec, ids)
+    logits, kv = run_program(gm, t.cg.spec, ids)
+    assert logits.shape == ref_logits.shape == (1, ids.shape[1], t.vocab)
+    torch.testing.assert_close(logits, ref_logits, atol=tol, rtol=tol)
+    with torch.no_grad():
+        torch.testing.assert_close(logits, t.model(ids).logits, atol=1e-5, rtol=1e-5)
+    for a, b in zip(ref_kv, kv, strict=True):
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -198,13 +212,8 @@ def test_fold_gqa_heads_matches_eager(tiny, arch):
     cg = t.cg
     folded = run_passes(cg.gm, (fold_gqa_heads,), cg.structure)
     ids = torch.randint(0, t.vocab, (1, 9), generator=torch.Generator().manual_seed(2))
-    ref_logits, ref_kv = run_program(cg.gm, cg.spec, ids)
-    logits, kv = run_program(folded, cg.spec, ids)
-    torch.testing.assert_close(logits, ref_logits, atol=1e-6, rtol=1e-6)
-    with torch.no_grad():
-        torch.testing.assert_close(logits, t.model(ids).logits, atol=1e-5, rtol=1e-5)
-    for a, b in zip(ref_kv, kv, strict=True):  # bit-equal on torch 2.13; 2.11's CPU SDPA rounds one ulp apart
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    # K/V bit-equal on torch 2.13; 2.11's CPU SDPA rounds one ulp apart
+    assert_same_outputs(t, cg.gm, folded, ids, tol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -234,13 +243,7 @@ def test_inline_attention_matches_eager(tiny, arch):
     sdpa = run_passes(cg.gm, (fold_gqa_heads,), cg.structure)
     inlined = run_passes(cg.gm, (fold_gqa_heads, inline_attention), cg.structure)
     ids = torch.randint(0, t.vocab, (1, 9), generator=torch.Generator().manual_seed(3))
-    ref_logits, ref_kv = run_program(sdpa, cg.spec, ids)
-    logits, kv = run_program(inlined, cg.spec, ids)
-    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
-    with torch.no_grad():
-        torch.testing.assert_close(logits, t.model(ids).logits, atol=1e-5, rtol=1e-5)
-    for a, b in zip(ref_kv, kv, strict=True):  # layer 0's K/V precede any attention; later ones read its output
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert_same_outputs(t, sdpa, inlined, ids)  # layer 0's K/V precede any attention; later ones read its output
 
 
 def _as_bfloat16(gm, structure, cfg=None) -> PassResult:
@@ -252,20 +255,82 @@ def _as_bfloat16(gm, structure, cfg=None) -> PassResult:
     return PassResult(gm, True, 1)
 
 
-def test_inline_attention_leaves_other_dtypes_to_sdpa(tiny):
+@pytest.mark.parametrize("attention_pass", [inline_attention, fused_attention], ids=lambda p: p.__name__)
+def test_attention_passes_leave_other_dtypes_to_sdpa(tiny, attention_pass):
     cg = tiny("llama").cg
-    gm = run_passes(cg.gm, (fold_gqa_heads, _as_bfloat16, inline_attention), cg.structure)
-    assert gm.meta["specpass"]["history"][-1] == {"pass": "inline_attention", "modified": False, "n_matches": 0}
+    gm = run_passes(cg.gm, (fold_gqa_heads, _as_bfloat16, attention_pass), cg.structure)
+    name = attention_pass.__name__
+    assert gm.meta["specpass"]["history"][-1] == {"pass": name, "modified": False, "n_matches": 0}
     assert op_counts(gm)[SDPA] == cg.spec.num_layers
 
 
 def test_inline_attention_keeps_tree_verification(tiny):
     # tree_verify proves every layer's attention reads the mask inputs: the softmax now stands for the SDPA call.
     cg = tiny("llama").cg
-    gm = run_passes(cg.gm, PIPELINES["verify"], cg.structure)
-    assert op_counts(gm)[SDPA] == 0
+    gm = run_passes(cg.gm, with_options(PIPELINES["verify"], exact_lowbit=False), cg.structure)
+    assert op_counts(gm)[SDPA] == 0 and op_counts(gm)[SOFTMAX] == cg.spec.num_layers
     assert [h["pass"] for h in gm.meta["specpass"]["history"]][-1] == "tree_verify"
     assert "inline_attention" not in [p.__name__ for p in PIPELINES["prefill"]]
+
+
+# --------------------------------------------------------------------------------------------------------
+# fused_attention
+# --------------------------------------------------------------------------------------------------------
+FUSED = torch.ops.specpass.attention.default
+fused_attention_module = sys.modules["specpass.passes.fused_attention"]  # the module, not the pass function
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fused_attention_op_counts(tiny, arch):
+    cg = tiny(arch).cg
+    layers = cg.spec.num_layers
+    folded = run_passes(cg.gm, (fold_gqa_heads,), cg.structure)
+    gm = run_passes(cg.gm, (fold_gqa_heads, fused_attention, inline_attention), cg.structure)
+    before, after = op_counts(folded), op_counts(gm)
+    assert before[SDPA] == layers and after[SDPA] == 0 and after[FUSED] == layers
+    assert after[MATMUL] == before[MATMUL] and after[SOFTMAX] == before[SOFTMAX]  # nothing left to write out
+    assert [n.target for n in tagged(gm, "fused_attention")] == [FUSED] * layers
+    history = gm.meta["specpass"]["history"]
+    assert history[-2] == {"pass": "fused_attention", "modified": True, "n_matches": layers}
+    assert history[-1] == {"pass": "inline_attention", "modified": False, "n_matches": 0}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("tokens", [2, 9])  # a few query rows a head, and more than the kernel loops over
+def test_fused_attention_matches_eager(tiny, arch, tokens):
+    t = tiny(arch)
+    cg = t.cg
+    sdpa = run_passes(cg.gm, (fold_gqa_heads,), cg.structure)
+    fused = run_passes(cg.gm, (fold_gqa_heads, fused_attention), cg.structure)
+    ids = torch.randint(0, t.vocab, (1, tokens), generator=torch.Generator().manual_seed(3))
+    assert_same_outputs(t, sdpa, fused, ids)
+
+
+def test_fused_attention_keeps_tree_verification(tiny):
+    # tree_verify proves every layer's attention reads the mask inputs: the fused call reads the mask itself.
+    cg = tiny("llama").cg
+    gm = run_passes(cg.gm, PIPELINES["verify"], cg.structure)
+    assert op_counts(gm)[SDPA] == 0 and op_counts(gm)[FUSED] == cg.spec.num_layers
+    assert [h["pass"] for h in gm.meta["specpass"]["history"]][-1] == "tree_verify"
+    assert "fused_attention" not in [p.__name__ for p in PIPELINES["prefill"]]
+
+
+def test_fused_attention_without_kernels_leaves_the_matmuls_to_inline_attention(tiny, monkeypatch):
+    cg = tiny("llama").cg
+    layers = cg.spec.num_layers
+    monkeypatch.setattr(fused_attention_module, "build_error", lambda: RuntimeError("no C++ compiler"))
+    gm = run_passes(cg.gm, (fold_gqa_heads, fused_attention, inline_attention), cg.structure)
+    assert op_counts(gm)[FUSED] == 0 and len(tagged(gm, "inline_attention")) > 0
+    assert gm.meta["specpass"]["history"][-2] == {"pass": "fused_attention", "modified": False, "n_matches": 0}
+    assert op_counts(gm)[SOFTMAX] == layers
+
+
+def test_fused_attention_is_off_with_exact_lowbit():
+    # optimize(model, exact_lowbit=False) uses none of specpass's C++ kernels: its engines load without a compiler
+    for name, pipeline in PIPELINES.items():
+        names = [p.__name__ for p in with_options(pipeline, exact_lowbit=False)]
+        assert "fused_attention" not in names and "exact_lowbit" not in names, name
+        assert names == [p.__name__ for p in pipeline if p.__name__ not in ("fused_attention", "exact_lowbit")]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -309,15 +374,8 @@ def test_linear_operand_order_matches_eager(tiny, arch, q):
     t = tiny(arch)
     gm = run_passes(t.cg.gm, (linear_operand_order,), t.cg.structure)
     ids = torch.randint(0, t.vocab, (1, q), generator=torch.Generator().manual_seed(q))
-    ref_logits, ref_kv = run_program(t.cg.gm, t.cg.spec, ids)
-    logits, kv = run_program(gm, t.cg.spec, ids)
-    assert logits.shape == ref_logits.shape == (1, q, t.vocab)
     # The same dot products summed in another order inside the BLAS kernel: equal up to float rounding.
-    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
-    with torch.no_grad():
-        torch.testing.assert_close(logits, t.model(ids).logits, atol=1e-5, rtol=1e-5)
-    for a, b in zip(ref_kv, kv, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert_same_outputs(t, t.cg.gm, gm, ids)
 
 
 def test_linear_operand_order_leaves_weights_off_the_cpu_alone(tiny):
@@ -488,8 +546,8 @@ def test_skip_layers_sublayers_match_eager(tiny, arch, attn, mlp):
     got, gm = draft_logits(t, DraftConfig(skip_attention=(0,), skip_mlp=(1,)), ids)
     want = surgery_logits(t.model, t.cg, ids, zero=[(0, attn), (1, mlp)])
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    # One layer's attention left (the draft pipeline writes it out as a softmax: inline_attention).
-    attention = lambda g: op_counts(g)[SDPA] + op_counts(g)[SOFTMAX]  # noqa: E731
+    # One layer's attention left (the draft pipeline fuses it: fused_attention).
+    attention = lambda g: op_counts(g)[SDPA] + op_counts(g)[SOFTMAX] + op_counts(g)[FUSED]  # noqa: E731
     assert attention(t.cg.gm) == 2 and attention(gm) == 1
     assert len(tagged(gm, "skip_layers")) == 2  # one zeros_like per skipped sublayer
 
@@ -643,6 +701,7 @@ def test_draft_pipeline_keeps_only_the_configured_passes():
     names = lambda cfg: [p.__name__ for p in draft_pipeline(cfg)]  # noqa: E731
     assert names(DraftConfig(exit_layer=3)) == [
         "fold_gqa_heads",
+        "fused_attention",
         "inline_attention",
         "insert_early_exit",
         "exact_lowbit",
@@ -650,6 +709,7 @@ def test_draft_pipeline_keeps_only_the_configured_passes():
     ]
     assert names(DraftConfig(skip_layers=(1,), vocab_ids=torch.arange(4))) == [
         "fold_gqa_heads",
+        "fused_attention",
         "inline_attention",
         "skip_layers",
         "prune_lm_head",

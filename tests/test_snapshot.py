@@ -46,18 +46,25 @@ def test_round_trip_is_unchanged(llama_dir, llama_snapshot, capsys):
     assert report["options"] == {"max_cache_len": 32, "exact_lowbit": True}
     assert list(report["programs"]) == ["prefill", "decode"]
     decode = report["programs"]["decode"]["passes"]
-    assert [s["pass"] for s in decode] == ["fold_gqa_heads", "inline_attention", "exact_lowbit", "linear_operand_order"]
+    assert [s["pass"] for s in decode] == [
+        "fold_gqa_heads",
+        "fused_attention",
+        "inline_attention",
+        "exact_lowbit",
+        "linear_operand_order",
+    ]
     assert decode[1]["modified"] and decode[1]["ops"]["aten.scaled_dot_product_attention.default"] == [2, 0]
-    assert decode[2] == {
+    assert decode[1]["ops"]["specpass.attention.default"] == [0, 2] and not decode[2]["modified"]
+    assert decode[3] == {
         "pass": "exact_lowbit",
         "modified": False,
         "matches": 0,
-        "nodes": decode[2]["nodes"],
+        "nodes": decode[3]["nodes"],
         "ops": {},
     }
     assert (
-        decode[3]["modified"]
-        and decode[3]["ops"]["aten.linear.default"][1] < decode[3]["ops"]["aten.linear.default"][0]
+        decode[4]["modified"]
+        and decode[4]["ops"]["aten.linear.default"][1] < decode[4]["ops"]["aten.linear.default"][0]
     )
     assert report["recorded"]["versions"]["torch"] == torch.__version__
 
@@ -71,7 +78,7 @@ def test_one_more_layer_fails_with_a_diff(llama_snapshot, tmp_path, capsys):
     assert main(["graphs", deeper, "--check", str(llama_snapshot)]) == 1
     out = capsys.readouterr().out
     assert "captured graph: changed first in capture" in out
-    assert "program decode: changed first in the output of pass fold_gqa_heads (1 of 4)" in out
+    assert "program decode: changed first in the output of pass fold_gqa_heads (1 of 5)" in out
     assert "+%linear_" in out and "model.model.layers.2" in out  # the new layer's lines, added
     assert "report.json: changed first in its compared entries" in out
     assert "+model.layers: 3" in out
@@ -100,7 +107,8 @@ def test_no_exact_lowbit_and_another_plan_show_in_the_diff(tmp_path, capsys, mon
 
     assert main(["graphs", model_dir, "--check", str(out), "--no-exact-lowbit"]) == 1
     diff = capsys.readouterr().out
-    assert "program decode: changed first in the pipeline: pass 3 was exact_lowbit, is now linear_operand_order" in diff
+    # without the kernels the decode program loses its fused attention first, then its low-bit calls
+    assert "program decode: changed first in the pipeline: pass 2 was fused_attention, is now inline_attention" in diff
     assert "-%lowbit_linear_0 = specpass.lowbit_linear.default(" in diff
     assert "program prefill: changed first in the pipeline: pass 3 was exact_lowbit, is now (none)" in diff
 

@@ -55,6 +55,7 @@ _BLOCKS = ", ".join(f"Tensor {p}" for p in BLOCK_PARTS) + ", int block, int bits
 _lib.define(f"lowbit_linear(Tensor x, {_BLOCKS}) -> Tensor")
 _lib.define(f"lowbit_embedding(Tensor ids, {_BLOCKS}) -> Tensor")
 _lib.define(f"lowbit_dequantize({_BLOCKS}) -> Tensor")
+_lib.define("attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale) -> Tensor")
 
 
 def _columns(q, bits):
@@ -74,6 +75,11 @@ def _embedding_fake(ids, q, scale, shift, exc_ids, exc_values, block, bits):
 @torch.library.register_fake("specpass::lowbit_dequantize", lib=_lib)
 def _dequantize_fake(q, scale, shift, exc_ids, exc_values, block, bits):
     return scale.new_empty((q.shape[0], _columns(q, bits)))
+
+
+@torch.library.register_fake("specpass::attention", lib=_lib)
+def _attention_fake(q, k, v, mask, scale):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
 _loaded: tuple[str, str] | None = None  # (isa, library path) of the build this process loaded
@@ -180,6 +186,15 @@ def load_kernels() -> str:
     return str(path)
 
 
+def build_error() -> KernelBuildError | None:
+    """None when the kernels are loaded (built first if need be); else why they cannot be built here."""
+    try:
+        load_kernels()
+    except KernelBuildError as e:
+        return e
+    return None
+
+
 def set_test_delay(us: int) -> None:
     """A test hook: every ``lowbit_linear`` call waits ``us`` microseconds more (0: none), so that the kernel loses
     to fp32 on purpose and the measured choice (kernels/choice.py) can be seen to keep fp32. Also set for
@@ -191,13 +206,21 @@ def set_test_delay(us: int) -> None:
 
 def _sources(isa: str) -> list[Path]:
     """The files of an ``isa`` build: the operators, the ISA's inner loops, and the headers both include."""
-    return [_DIR / "lowbit.cpp", _DIR / f"lowbit_{isa}.cpp", _DIR / "lowbit.h", _DIR / "lowbit_kernel.h"]
+    return [
+        _DIR / "lowbit.cpp",
+        _DIR / f"lowbit_{isa}.cpp",
+        _DIR / "attention.cpp",
+        _DIR / "lowbit.h",
+        _DIR / "lowbit_kernel.h",
+    ]
 
 
 def _isa_flags(isa: str) -> list[str]:
     if not machine.is_x86():
         return []  # generic only: the compiler's own target
-    return [f"-march={_MARCH[isa]}", "-mtune=native"]
+    # ATen's vector classes (attention.cpp) for the same level: Inductor's macros for its own C++ kernels
+    capability = {"avx512": ["-DCPU_CAPABILITY_AVX512"], "avx2": ["-DCPU_CAPABILITY_AVX2"]}.get(isa, [])
+    return [f"-march={_MARCH[isa]}", "-mtune=native", *capability]
 
 
 @functools.cache

@@ -7,6 +7,7 @@ from specpass.passes.draft_config import DraftConfig
 from specpass.passes.exact_lowbit import exact_lowbit
 from specpass.passes.exit_predictions import exit_predictions
 from specpass.passes.fold_gqa_heads import fold_gqa_heads
+from specpass.passes.fused_attention import fused_attention
 from specpass.passes.inline_attention import inline_attention
 from specpass.passes.insert_early_exit import insert_early_exit
 from specpass.passes.last_token_logits import last_token_logits
@@ -24,13 +25,23 @@ from specpass.passes.tree_verify import tree_verify
 #: ``exact_lowbit`` runs after the passes that add linear layers (exits, a pruned head) and everywhere, prefill
 #: included, so that no program reads a packed matrix's fp32 copy; ``linear_operand_order`` comes last wherever a
 #: program runs a few tokens per call (not in prefill): it rewrites every linear layer left in fp32.
+#: ``fused_attention`` takes the few-query SDPA calls to specpass's kernel; ``inline_attention`` writes out the
+#: ones it leaves.
 PIPELINES = {
     "prefill": (fold_gqa_heads, last_token_logits, exact_lowbit),
-    "decode": (fold_gqa_heads, inline_attention, exact_lowbit, linear_operand_order),
-    "verify": (fold_gqa_heads, inline_attention, exact_lowbit, linear_operand_order, tree_verify),
-    "verify_exits": (fold_gqa_heads, inline_attention, exit_predictions, exact_lowbit, linear_operand_order),
+    "decode": (fold_gqa_heads, fused_attention, inline_attention, exact_lowbit, linear_operand_order),
+    "verify": (fold_gqa_heads, fused_attention, inline_attention, exact_lowbit, linear_operand_order, tree_verify),
+    "verify_exits": (
+        fold_gqa_heads,
+        fused_attention,
+        inline_attention,
+        exit_predictions,
+        exact_lowbit,
+        linear_operand_order,
+    ),
     "draft": (
         fold_gqa_heads,
+        fused_attention,
         inline_attention,
         insert_early_exit,
         skip_layers,
@@ -54,8 +65,10 @@ def draft_pipeline(cfg: DraftConfig) -> tuple:
 
 
 def with_options(pipeline: tuple, *, exact_lowbit: bool = True) -> tuple:
-    """``pipeline`` without the passes the user turned off (``optimize(model, exact_lowbit=False)``)."""
-    return pipeline if exact_lowbit else tuple(p for p in pipeline if p.__name__ != "exact_lowbit")
+    """``pipeline`` without the passes the user turned off: ``optimize(model, exact_lowbit=False)`` uses none of
+    specpass's C++ kernels (so that an engine compiled so needs no compiler where it runs)."""
+    off = () if exact_lowbit else ("exact_lowbit", "fused_attention")
+    return tuple(p for p in pipeline if p.__name__ not in off)
 
 
 __all__ = [
@@ -67,6 +80,7 @@ __all__ = [
     "exact_lowbit",
     "exit_predictions",
     "fold_gqa_heads",
+    "fused_attention",
     "inline_attention",
     "insert_early_exit",
     "last_token_logits",

@@ -41,7 +41,7 @@ from collections import defaultdict
 
 import torch
 
-from specpass.kernels import BLOCK_PARTS, KernelBuildError, choice, load_kernels
+from specpass.kernels import BLOCK_PARTS, build_error, choice
 from specpass.passes.manager import PassResult, attr_of, tag
 
 log = logging.getLogger("specpass.passes")
@@ -155,14 +155,11 @@ def _kernels_here() -> bool:
     """Whether the kernels are built and loaded (on first use); where they cannot be built (no C++ compiler, a
     failed build), the weights stay fp32, said once per process."""
     global _fallback_said
-    try:
-        load_kernels()
-        return True
-    except KernelBuildError as e:
-        if not _fallback_said:
-            log.warning("exact_lowbit: weights stay fp32 (lossless, slower): %s", str(e).splitlines()[0])
-            _fallback_said = True
-        return False
+    error = build_error()
+    if error is not None and not _fallback_said:
+        log.warning("exact_lowbit: weights stay fp32 (lossless, slower): %s", str(error).splitlines()[0])
+        _fallback_said = True
+    return error is None
 
 
 def _one_call_each(matches: list) -> list[list]:

@@ -12,7 +12,7 @@ softmax that Inductor fuses with the mask's add and the scaling, and one batched
 
 Rows that the mask hides entirely do not occur in these programs: each query sees at least its own slot.
 Prefill keeps SDPA: its queries are many, where the flash kernel's tiling pays. Only fp32 attention on CPU is
-rewritten (``_plain_arguments`` says why not the rest). On a 2-core Xeon the default model's decode step is
+rewritten (``plain_arguments`` says why not the rest). On a 2-core Xeon the default model's decode step is
 about 5% faster at 150 cached tokens and 3% at 900 (docs/benchmarks.md).
 """
 
@@ -28,7 +28,7 @@ aten = torch.ops.aten
 _SDPA = aten.scaled_dot_product_attention.default
 
 
-def _plain_arguments(gm: torch.fx.GraphModule, sdpa: torch.fx.Node) -> tuple | None:
+def plain_arguments(gm: torch.fx.GraphModule, sdpa: torch.fx.Node) -> tuple | None:
     """(query, key, value, mask, scale) when ``sdpa`` is plain masked attention; else None."""
     # Every argument by name, the schema's defaults filled in.
     args = sdpa.normalized_arguments(gm, normalize_to_only_use_kwargs=True).kwargs
@@ -56,7 +56,7 @@ def inline_attention(gm: torch.fx.GraphModule, structure, cfg=None) -> PassResul
         for i, sdpa in enumerate(layer.attention):
             if sdpa.target != _SDPA:
                 continue
-            plain = _plain_arguments(gm, sdpa)
+            plain = plain_arguments(gm, sdpa)
             if plain is None:
                 continue
             query, key, value, mask, scale = plain
