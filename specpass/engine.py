@@ -468,7 +468,7 @@ def _read_checked(z: zipfile.ZipFile, name: str, manifest: dict, path) -> bytes:
 
 
 def _calls_kernels(manifest: dict) -> bool:
-    """Whether some program calls one of specpass's C++ operators (passes/inline_attention.py's attention)."""
+    """Whether some program calls one of specpass's C++ operators (passes/fused_attention.py's attention)."""
     return any(
         op.startswith("specpass.")
         for info in manifest["programs"].values()
