@@ -152,6 +152,26 @@ def test_an_fp32_engine_needs_a_compiler_only_for_the_fused_attention(tmp_path, 
         assert torch.equal(load_engine(path).generate(ids, max_new_tokens=6, eos_token_id=[]), _hf(model, ids, 6))
 
 
+def test_a_failed_build_is_tried_once_per_process(tmp_path, monkeypatch):
+    """Both kernel passes ask for the kernels in every program: a build that failed (after up to BUILD_TIMEOUT_S)
+    is not run again with the same inputs, and each pass hears the same error."""
+    monkeypatch.setenv("SPECPASS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(kernels, "_failed", {})
+    monkeypatch.setattr(kernels, "_loaded", None)
+    builds = []
+
+    def failing(cxx, flags, sources, path, isa):
+        builds.append(path)
+        raise kernels.KernelBuildError(f"building specpass's {isa} low-bit kernels failed ({cxx})")
+
+    monkeypatch.setattr(kernels, "_build", failing)
+    first, second = kernels.build_error(), kernels.build_error()
+    assert isinstance(first, kernels.KernelBuildError) and second is first and len(builds) == 1
+    with pytest.raises(kernels.KernelBuildError):
+        kernels.build_kernels(next(i for i in kernels.ISAS if i != kernels.kernel_isa()))  # other inputs: anew
+    assert len(builds) == 2
+
+
 def test_a_build_that_runs_too_long_is_stopped_and_leaves_nothing(tmp_path, monkeypatch):
     import subprocess
 

@@ -84,6 +84,10 @@ def _attention_fake(q, k, v, mask, scale):
 
 _loaded: tuple[str, str] | None = None  # (isa, library path) of the build this process loaded
 _building = threading.Lock()
+# Builds that failed in this process, by library path (whose name hashes every input of the build): each pass
+# that needs the kernels asks for them per program, and the same inputs fail the same way, after up to
+# BUILD_TIMEOUT_S, so each is tried once.
+_failed: dict[Path, KernelBuildError] = {}
 
 
 def kernel_isa() -> str:
@@ -114,9 +118,15 @@ def build_kernels(isa: str | None = None) -> Path:
     isa = isa or kernel_isa()
     path, cxx, flags = library_path(isa)
     with _building:  # one build at a time: a second caller waits for the first's library
+        if path in _failed:
+            raise _failed[path]
         if not path.exists():
             private_dirs(path.parent)
-            _build(cxx, flags, _sources(isa), path, isa)
+            try:
+                _build(cxx, flags, _sources(isa), path, isa)
+            except KernelBuildError as e:
+                _failed[path] = e
+                raise
     return path
 
 
