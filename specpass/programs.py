@@ -160,6 +160,7 @@ def build_program(
             example_args=example_inputs(spec, q=q or (2 if dynamic_q else 1), device=device),
             dynamic_shapes=program_dynamic_shapes(spec, dynamic_q=dynamic_q and q is None, rewritten=True),
             pipeline=pipeline,
+            few_tokens=name != "prefill",
             background=background and q is None,
         )
         if waits_on_host(gm):

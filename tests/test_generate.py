@@ -15,7 +15,7 @@ from transformers.generation.logits_process import (
 )
 
 import specpass
-from specpass.runtime.sampling import SamplingConfig, warp
+from specpass.runtime.sampling import SamplingConfig, greedy, warp
 
 VOCAB = 96
 
@@ -235,6 +235,22 @@ def _first_token_counts(sm, ids, n, **kw):
         out = sm.generate(ids, max_new_tokens=1, do_sample=True, generator=gen, **kw)
         counts[out[0, -1]] += 1
     return counts
+
+
+def test_greedy_picks_what_argmax_picks():
+    # greedy() is torch.max's index (faster than argmax): the first of tied maxima, the first NaN, any row.
+    rows = [
+        [1.0, 3.0, 3.0, 2.0],
+        [1.0, float("nan"), 3.0, float("nan")],
+        [float("-inf")] * 4,
+        [float("inf"), 0.0, float("inf"), 1.0],
+        [-2.0, -1.0, -1.0, -5.0],
+    ]
+    generator = torch.Generator().manual_seed(0)
+    wide = torch.randint(0, 4, (6, 49152), generator=generator).float()  # many ties, long enough to vectorize
+    wide[2, 30000] = float("nan")
+    for logits in (torch.tensor(rows), wide, wide[3], torch.randn(2, 3, 1000, generator=generator)):
+        assert torch.equal(greedy(logits), logits.argmax(dim=-1))
 
 
 def test_sampling_distribution_chi_square_with_negative_control():

@@ -229,3 +229,30 @@ def test_chain_masks():
     # ...and, in a window of 2, HF's `kv_idx > q_idx - sliding_window`.
     assert (sliding[0, 0] == 0).tolist() == [[s in (2, 3) for s in range(8)], [s in (3, 4) for s in range(8)]]
     assert set(full.unique().tolist()) == {0.0, neg}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_query_masks_are_the_chain_masks_of_its_slot(dtype):
+    # One query's masks are slices of precomputed rows (the plain decode loop's fast path): each must equal the
+    # definition and the first row of a two-query chain at the same slot, for every slot, width and offset.
+    capacity, window = 12, 3
+    spec = CacheSpec.uniform(1, 1, 2, capacity, dtype, (FULL, SLIDING), window)
+    cache = KVCache(spec)
+    keys = torch.arange(capacity)
+    for length in range(capacity):
+        cache.length = length
+        for offset in range(capacity - length):
+            start = length + offset
+            for width in range(start + 1, capacity + 1):
+                full, sliding = cache.chain_masks(1, width, offset)
+                assert full.shape == sliding.shape == (1, 1, 1, width)
+                assert full.is_contiguous() and sliding.is_contiguous() and full.dtype == dtype
+                k = keys[None, :width]
+                assert torch.equal(full, additive(k <= start, dtype))
+                assert torch.equal(sliding, additive((k <= start) & (k > start - window), dtype))
+                if start + 2 <= width:
+                    two = cache.chain_masks(2, width, offset)
+                    assert all(
+                        torch.equal(one[..., :1, :], both[..., :1, :])
+                        for one, both in zip((full, sliding), two, strict=True)
+                    )

@@ -136,11 +136,11 @@ def test_the_key_changes_with_what_the_code_depends_on(tiny):
     cg = tiny("llama").cg
     gm = run_passes(cg.gm, PIPELINES["decode"], cg.structure)
 
-    def key(gm=gm, spec=cg.spec, pipeline=PIPELINES["decode"], dtype=torch.float32, constants=None):
+    def key(gm=gm, spec=cg.spec, pipeline=PIPELINES["decode"], dtype=torch.float32, constants=None, configs=None):
         args = example_inputs(spec, q=2)
         dyn = program_dynamic_shapes(spec, dynamic_q=True, rewritten=True)
         consts = program_cache.constants_of(gm) if constants is None else constants
-        configs = inductor_configs(torch.device("cpu"), dtype)
+        configs = inductor_configs(torch.device("cpu"), dtype) if configs is None else configs
         return program_cache.program_key(gm, args, dyn, configs, pipeline, consts)
 
     base = key()
@@ -156,8 +156,30 @@ def test_the_key_changes_with_what_the_code_depends_on(tiny):
     assert key(spec=__import__("dataclasses").replace(cg.spec, max_cache_len=cg.spec.max_cache_len - 8)) != base
     assert key(pipeline=PIPELINES["prefill"]) != base
     assert key(dtype=torch.bfloat16) != base  # other Inductor settings
+    assert key(configs=inductor_configs(torch.device("cpu"), torch.float32, few_tokens=True)) != base
     other = run_passes(cg.gm, PIPELINES["prefill"], cg.structure)
     assert key(gm=other) != base
+
+
+def test_only_the_prefill_runs_inductors_kernels_on_torchs_threads(monkeypatch):
+    # decode, verify and draft programs see a few tokens a call: one thread for Inductor's own kernels there
+    from specpass import programs
+    from specpass.lower.inductor import inductor_configs
+
+    seen = {}
+    real = programs.lower
+
+    def record(gm, backend, *, name, few_tokens=False, **kwargs):
+        seen[name] = few_tokens
+        return real(gm, backend, name=name, few_tokens=few_tokens, **kwargs)
+
+    monkeypatch.setattr(programs, "lower", record)
+    _optimize(tiny_llama().eval(), backend="eager")
+    assert seen == {"prefill": False, "decode": True}
+    cpu = torch.device("cpu")
+    assert inductor_configs(cpu, torch.float32, few_tokens=True)["cpp.threads"] == 1
+    assert "cpp.threads" not in inductor_configs(cpu, torch.float32)
+    assert "cpp.threads" not in inductor_configs(torch.device("cuda"), torch.float32, few_tokens=True)
 
 
 def test_the_switch_turns_it_off(filled, monkeypatch, caplog):

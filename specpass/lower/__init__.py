@@ -21,16 +21,21 @@ def lower(
     example_args: tuple,
     dynamic_shapes: tuple,
     pipeline: tuple = (),
+    few_tokens: bool = False,
     background: bool = False,
 ) -> Callable[..., torch.Tensor]:
     """One program -> a callable with the same signature (``dynamic_shapes`` as for torch.export).
 
-    ``pipeline``: the passes that rewrote ``gm`` (part of the program cache's key). ``background``: the inductor
-    backend may return a ``PendingProgram`` compiling in a child process (``resolve`` gives the program)."""
+    ``pipeline``: the passes that rewrote ``gm`` (part of the program cache's key). ``few_tokens``: a decode,
+    verify or draft program, not the prefill (the inductor backend runs its own kernels there on one thread).
+    ``background``: the inductor backend may return a ``PendingProgram`` compiling in a child process (``resolve``
+    gives the program)."""
     if backend == "eager":
         return _eager_layouts(gm)
     if backend == "inductor":
-        return lower_inductor(gm, example_args, dynamic_shapes, name, pipeline, background=background)
+        return lower_inductor(
+            gm, example_args, dynamic_shapes, name, pipeline, few_tokens=few_tokens, background=background
+        )
     if backend == "compile":
         from specpass.lower.torch_compile import lower_torch_compile
 

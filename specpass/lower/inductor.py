@@ -123,8 +123,9 @@ def bind_on_device(t: torch.Tensor, device: torch.device, what: str) -> torch.Te
     return t.to(device)
 
 
-def inductor_configs(device: torch.device, dtype: torch.dtype) -> dict:
-    """AOTInductor settings for a program on ``device`` whose activations are ``dtype``."""
+def inductor_configs(device: torch.device, dtype: torch.dtype, *, few_tokens: bool = False) -> dict:
+    """AOTInductor settings for a program on ``device`` whose activations are ``dtype``; ``few_tokens``: a decode,
+    verify or draft program (a handful of tokens a call), not the prefill."""
     configs = {
         # Weights stay out of the compiled library: every program binds the model's own parameters
         # (user_managed: no copy), so N programs cost one set of weights, not N + 1, in memory and on disk.
@@ -136,6 +137,11 @@ def inductor_configs(device: torch.device, dtype: torch.dtype) -> dict:
         configs["emulate_precision_casts"] = True
     if device.type == "cuda":
         configs["aot_inductor.embed_kernel_binary"] = True
+    if few_tokens and device.type == "cpu":
+        # Inductor's own kernels here (norms, rotary, activations) see a few rows of a few hundred values: one
+        # thread does them sooner than an OpenMP region's fork and join (5% of the default model's decode step on
+        # a 2-core Xeon: docs/benchmarks.md). The low-bit and attention operators keep torch's threads.
+        configs["cpp.threads"] = 1
     return configs
 
 
@@ -146,6 +152,7 @@ def lower_inductor(
     name: str,
     pipeline: tuple = (),
     *,
+    few_tokens: bool = False,
     background: bool = False,
 ):
     """Re-export the rewritten program and compile it with AOTInductor, or load it from the program cache
@@ -158,7 +165,7 @@ def lower_inductor(
     t0 = time.perf_counter()
     # The KV cache (the last input) sets device and dtype: ids, positions and slots are integers.
     device, dtype = example_args[-1].device, example_args[-1].dtype
-    configs = inductor_configs(device, dtype)
+    configs = inductor_configs(device, dtype, few_tokens=few_tokens)
     key, constants = None, None
     if program_cache.enabled():
         constants = program_cache.constants_of(gm)

@@ -28,7 +28,7 @@ from specpass.runtime.dynamic_exit import VERIFY_EXITS, ExitChooser, draft_progr
 from specpass.runtime.kv_cache import KVCache
 from specpass.runtime.lookup import NgramIndex
 from specpass.runtime.recycle import AdjacencyTable
-from specpass.runtime.sampling import SamplingConfig, probabilities, select
+from specpass.runtime.sampling import SamplingConfig, greedy, probabilities, select
 from specpass.runtime.tree import DraftTree, accept_tree
 from specpass.runtime.verify import greedy_accept, sample_accept
 
@@ -364,7 +364,7 @@ def _draft_chain(
     for i in range(budget):
         row = _run(program, cache, current, offset=i)[0, -1]
         probs = probabilities(row, sampling) if sampling.do_sample else row.softmax(-1)
-        d = torch.multinomial(probs, 1, generator=generator) if sampling.do_sample else probs.argmax()[None]
+        d = torch.multinomial(probs, 1, generator=generator) if sampling.do_sample else greedy(probs)[None]
         tokens.append(d)
         probs_list.append(probs)
         if deferred:

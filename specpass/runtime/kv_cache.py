@@ -40,6 +40,7 @@ class KVCache:
         self.device = self.tensors[0].device
         self._slots = torch.arange(spec.max_cache_len, device=self.device)
         self._neg = torch.finfo(spec.dtype).min
+        self._query_rows: dict[str, torch.Tensor] = {}
 
     @property
     def capacity(self) -> int:
@@ -117,15 +118,38 @@ class KVCache:
         """Additive masks (1, 1, q, width) for q chain tokens at slots start..start+q-1, one per kind, where
         start = length + offset (a draft chain continues uncommitted slots).
 
-        Programs attend to the first ``width`` slots (default: all), so it must cover start + q.
+        Programs attend to the first ``width`` slots (default: all), so it must cover start + q. The masks are
+        read-only: one query's are views of rows this cache keeps.
         """
         width = self.capacity if width is None else width
         start = self.length + offset
         if not start + q <= width <= self.capacity:
             raise ValueError(f"mask width {width} must cover {start + q} slots and fit {self.capacity}")
+        if q == 1 and CHUNKED not in self.spec.mask_kinds:
+            # one query: slices of precomputed rows, no kernel a step (the plain decode loop's masks cost about
+            # 80 us a step on a 2-core Xeon after a program has evicted the caches: docs/benchmarks.md)
+            return [
+                self._query_row(kind)[self.capacity - 1 - start :][:width].view(1, 1, 1, width)
+                for kind in self.spec.mask_kinds
+            ]
         keys = self._slots[None, :width]
         positions = start + torch.arange(q, device=self.device)[:, None]  # slot == position of each query
         return self._masks(keys <= positions, positions, keys)
+
+    def _query_row(self, kind: str) -> torch.Tensor:
+        """The additive masks of one query at every slot s, in one (2 * capacity,) row: entry capacity - 1 + k - s
+        is key k's. A full mask allows k <= s, a sliding one s - window < k <= s: both depend on k - s only."""
+        row = self._query_rows.get(kind)
+        if row is None:
+            offsets = torch.arange(2 * self.capacity, device=self.device) - (self.capacity - 1)  # k - s
+            allowed = offsets <= 0
+            if kind == SLIDING:
+                allowed &= offsets > -self.spec.sliding_window
+            row = torch.zeros(offsets.shape, dtype=self.spec.dtype, device=self.device).masked_fill_(
+                ~allowed, self._neg
+            )
+            self._query_rows[kind] = row
+        return row
 
     def tree_masks(
         self, ancestors: torch.Tensor, depth: torch.Tensor, width: int | None = None, first: int = 0

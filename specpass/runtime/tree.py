@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from specpass.runtime.sampling import SamplingConfig, probabilities
+from specpass.runtime.sampling import SamplingConfig, greedy, probabilities
 
 
 class DraftTree:
@@ -104,7 +104,7 @@ def accept_tree(
     """
     path: list[int] = []
     node = 0
-    choice = None if sampling.do_sample else logits.argmax(dim=-1).tolist()  # greedy: one host sync
+    choice = None if sampling.do_sample else greedy(logits).tolist()  # greedy: one host sync
     while True:
         if choice is None:
             y = int(torch.multinomial(probabilities(logits[node], sampling), 1, generator=generator))

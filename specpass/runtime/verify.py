@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 import torch
 
+from specpass.runtime.sampling import greedy
+
 
 def greedy_accept(draft: Sequence[int], target_logits: torch.Tensor) -> tuple[int, int]:
     """(number of draft tokens accepted, the token to emit after them).
@@ -22,7 +24,7 @@ def greedy_accept(draft: Sequence[int], target_logits: torch.Tensor) -> tuple[in
     ``draft``: k ids; ``target_logits``: (k + 1, V), row i scoring the position of draft token i (the last
     row follows the whole draft). Reads the target's choices back once: a verify step's one host sync.
     """
-    choice = target_logits.argmax(dim=-1).tolist()
+    choice = greedy(target_logits).tolist()
     draft = draft.tolist() if isinstance(draft, torch.Tensor) else list(draft)
     n = next((i for i, (d, c) in enumerate(zip(draft, choice, strict=False)) if d != c), len(draft))
     return n, choice[n]
