@@ -44,6 +44,7 @@ import torch
 from specpass import signing
 from specpass.cache_spec import CacheSpec, CacheTensor
 from specpass.errors import SpecPassError
+from specpass.hugepages import backed
 from specpass.runtime.model import CompiledLM
 
 log = logging.getLogger("specpass.engine")
@@ -500,7 +501,9 @@ def load_engine(path: str | os.PathLike[str], *, trust=None) -> Engine:
             f"{path} was compiled for a CUDA GPU and torch {torch.__version__} sees none here; run it on a GPU "
             "machine, or compile the engine again on this one"
         )
-    weights = {key: t.to(device) for key, t in load(data.pop(WEIGHTS)).items()}
+    loaded = load(data.pop(WEIGHTS))
+    # one tensor at a time into huge pages (hugepages.py), so that the copies never hold the weights twice
+    weights = {key: backed(loaded.pop(key).to(device)) for key in list(loaded)}
     lowbit_choices, dense = {}, []
     if manifest.get("lowbit") or _calls_kernels(manifest):
         from specpass.kernels import KernelBuildError, load_kernels

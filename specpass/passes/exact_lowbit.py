@@ -41,6 +41,7 @@ from collections import defaultdict
 
 import torch
 
+from specpass.hugepages import backed
 from specpass.kernels import BLOCK_PARTS, build_error, choice
 from specpass.passes.manager import PassResult, attr_of, tag
 
@@ -103,6 +104,7 @@ class Blocks:
     exc_ids: torch.Tensor  # int64 flat ids (n * K/block + b) of the blocks kept as fp32, sorted
     exc_values: torch.Tensor  # fp32 (len(exc_ids), block)
     shape: tuple[int, int]
+    in_huge_pages: bool = False  # its tensors moved by _in_huge_pages
 
     @property
     def n_blocks(self) -> int:
@@ -384,9 +386,10 @@ def _reproduces(wb: torch.Tensor, u: torch.Tensor, s: torch.Tensor, m: torch.Ten
 
 def _stacked(parts: list[Blocks]) -> Blocks:
     """One Blocks holding ``parts``' rows in turn (they share bits, block, shift and columns); cached, and each part
-    then views its rows of the stack, so the weights are held once."""
+    then views its rows of the stack, so the weights are held once. Its tensors lie in huge pages where the system
+    has them (hugepages.py): a decode step streams them once."""
     if len(parts) == 1:
-        return parts[0]
+        return _in_huge_pages(parts[0])
     key = tuple((id(b.q), b.q.data_ptr()) for b in parts)
     cached = getattr(parts[0].q, "_specpass_stacked", None)
     if cached is not None and cached[0] == key:
@@ -399,12 +402,13 @@ def _stacked(parts: list[Blocks]) -> Blocks:
         format=parts[0].format,
         bits=parts[0].bits,
         block=parts[0].block,
-        q=torch.cat([b.q for b in parts]),
-        scale=torch.cat([b.scale for b in parts]),
-        shift=torch.cat([b.shift for b in parts]) if parts[0].shift.numel() else parts[0].shift,
+        q=backed(torch.cat([b.q for b in parts])),
+        scale=backed(torch.cat([b.scale for b in parts])),
+        shift=backed(torch.cat([b.shift for b in parts])) if parts[0].shift.numel() else parts[0].shift,
         exc_ids=torch.cat([b.exc_ids + row * nb for b, row in zip(parts, offsets, strict=False)]),
-        exc_values=torch.cat([b.exc_values for b in parts]),
+        exc_values=backed(torch.cat([b.exc_values for b in parts])),
         shape=(offsets[-1], parts[0].shape[1]),
+        in_huge_pages=True,
     )
     for b, r0, r1 in zip(parts, offsets, offsets[1:], strict=False):  # the parts' own tensors now view the stack
         b.q, b.scale = stacked.q[r0:r1], stacked.scale[r0:r1]
@@ -413,6 +417,15 @@ def _stacked(parts: list[Blocks]) -> Blocks:
     with contextlib.suppress(AttributeError, RuntimeError):  # the next program's lookup finds the views
         parts[0].q._specpass_stacked = (tuple((id(b.q), b.q.data_ptr()) for b in parts), stacked)
     return stacked
+
+
+def _in_huge_pages(blocks: Blocks) -> Blocks:
+    """``blocks`` with its tensors moved into huge pages, once (the object is the packing cache's)."""
+    if not blocks.in_huge_pages:
+        blocks.q, blocks.scale, blocks.exc_values = backed(blocks.q), backed(blocks.scale), backed(blocks.exc_values)
+        blocks.shift = backed(blocks.shift)
+        blocks.in_huge_pages = True
+    return blocks
 
 
 def _rewrite(gm: torch.fx.GraphModule, members: list, blocks: Blocks) -> dict:
