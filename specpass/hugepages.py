@@ -1,7 +1,7 @@
 """Large constant tensors in transparent huge pages.
 
-A decode step reads every low-bit block once, from L3 or memory; with 4 KiB pages that is a TLB miss every few
-hundred bytes of a row's stream, and the kernel's prefetches stop at each page walk. Gemma 3's 262,144 x 640
+A decode step reads every low-bit block once, from L3 or memory; in 4 KiB pages its streams walk the page tables
+every 4 KiB (a TLB holds a few MB of such pages), which the kernel's prefetches do not hide. Gemma 3's 262,144 x 640
 head (189 MB of Q8_0 blocks) took 8.3 ms a call in 4 KiB pages and 5.0-5.8 ms in 2 MiB ones on a 2-core Xeon
 (docs/benchmarks.md). Linux hands out huge pages only where asked (``madvise``, the usual setting), and torch's
 allocator does not ask, so the block tensors that specpass creates are copied into memory that does.
