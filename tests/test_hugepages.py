@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
@@ -52,8 +54,6 @@ def test_the_memory_is_in_huge_pages_and_outlives_everything_but_the_tensor():
     t = hugepages.backed(torch.ones(4 * hugepages.HUGE_PAGE // 4))
     view = t[hugepages.HUGE_PAGE // 4 :]
     del t
-    import gc
-
     gc.collect()
     assert float(view.sum()) == 3 * hugepages.HUGE_PAGE // 4
     assert _anon_huge_kb(view.data_ptr()) >= 2048
