@@ -56,10 +56,11 @@ def backed(t: torch.Tensor) -> torch.Tensor:
         if t.nbytes >= HUGE_PAGE:
             place = _huge(t.nbytes)
         else:
-            if _chunk is None or _used + t.nbytes > len(_chunk[0]) - _chunk[1]:
+            if _chunk is None or _used + t.nbytes > CHUNK:  # the advised CHUNK bytes, not the mapping's slack
                 _chunk, _used = _huge(CHUNK), 0
             place = None if _chunk is None else (_chunk[0], _chunk[1] + _used)
-            _used = -(-(_used + t.nbytes) // _ALIGN) * _ALIGN
+            if place is not None:
+                _used = -(-(_used + t.nbytes) // _ALIGN) * _ALIGN
     if place is None:
         return t
     memory, offset = place
