@@ -174,12 +174,21 @@ def weights_line(sm) -> str:
     from specpass.kernels.choice import summarize
 
     if not getattr(sm, "lowbit", None):
-        return "fp32" + ("" if sm.exact_lowbit else " (exact_lowbit=False)")
+        return "fp32" + ("" if sm.exact_lowbit else " (exact_lowbit=False)") + order_note(sm)
     packed = sum(v["bytes"] for v in sm.lowbit.values()) / 1e6
     return (
         f"{len(sm.lowbit)} matrices as exact low-bit blocks ({packed:.1f} MB), {loaded_isa()} kernels on "
         f"{machine.cpu_model()}; {summarize(sm.lowbit_choices)}"
     )
+
+
+def order_note(sm) -> str:
+    """``; products as linear (timed here)`` where the fp32 operand order was measured on this CPU."""
+    timed = [r for r in getattr(sm, "order_choices", {}).values() if r.get("linear_ms") is not None]
+    if not timed:
+        return ""
+    orders = sorted({"W @ x.T" if r["stationary"] else "linear" for r in timed})
+    return f"; few-token products as {' or '.join(orders)} (both orders timed here)"
 
 
 def _say(message: str) -> None:

@@ -17,7 +17,7 @@ from specpass.capture import CapturedGraph, capture
 from specpass.errors import SpecPassError
 from specpass.graph_text import summary
 from specpass.kernels import build_in_background, choice, loaded_isa
-from specpass.kernels.choice import describe_choice
+from specpass.kernels.choice import describe_choice, describe_order
 from specpass.lower import cancel, lower, resolve
 from specpass.passes import PIPELINES, DraftConfig, draft_pipeline, run_passes, with_options
 from specpass.passes.exact_lowbit import pack, packing
@@ -52,6 +52,7 @@ class SpecModel(CompiledLM):
         self.exact_lowbit: bool | str = True  # optimize(..., exact_lowbit=True | "always" | False)
         self.lowbit: dict[str, dict] = {}  # weight -> what exact_lowbit matched (format, blocks, bytes)
         self.lowbit_choices: dict[str, dict] = {}  # kind of call -> kernel and fp32 times here, and the choice
+        self.order_choices: dict[str, dict] = {}  # shape of fp32 weight -> its two operand orders' times here
         self.lowbit_calls: dict[str, list] = {}  # program -> its low-bit calls (parameters, block, bits, shapes)
         self.lowbit_params: dict[str, object] = {}  # parameter name of a low-bit call -> its tensor
         self.packs: dict = {}  # the blocks exact_lowbit recovered, shared by this model's programs (packing)
@@ -84,10 +85,13 @@ def compile_plain(
     sm.exact_lowbit, sm.packs = exact_lowbit, packs
     with progress_bar(total=2, desc=f"specpass: compiling ({backend})", unit="program", enabled=progress) as bar:
         # decode takes any number of tokens: one in plain decoding, the verified chain in speculation. Prefill
-        # compiles in a child process meanwhile (lower/inductor.py), where the backend can.
+        # compiles in a child process meanwhile (lower/inductor.py), where the backend can. Decode's passes run
+        # before it starts: a time measured beside a compile is noise (on a 2-core Xeon Gemma's o_proj took 142 ms
+        # with the kernel and 135 ms in fp32 beside one, 3.0 and 7.2 ms alone), and they time the few-token choices.
+        decode = rewrite_first(sm, PIPELINES["decode"])
         _add_program(sm, "prefill", PIPELINES["prefill"], None, dynamic_q=True, background=True)
         try:
-            _add_program(sm, "decode", PIPELINES["decode"], None, dynamic_q=True)
+            _add_program(sm, "decode", PIPELINES["decode"], None, dynamic_q=True, rewritten=decode)
             bar.update()
             sm.programs["prefill"] = resolve(sm.programs["prefill"])
         finally:
@@ -106,6 +110,9 @@ def compile_plain(
     for what, result in sm.lowbit_choices.items():
         if not result["lowbit"]:
             log.info("exact_lowbit: %s stays fp32 on this CPU (%s)", what, describe_choice(result))
+    for what, result in sm.order_choices.items():
+        if result["linear_ms"] is not None:
+            log.info("fp32 products %s: %s", what, describe_order(result))
     if cuda_graphs is not None:
         sm.cuda_graphs = cuda_graphs
     return sm
@@ -131,6 +138,7 @@ def build_program(
     dynamic_q: bool,
     sm: SpecModel | None = None,
     background: bool = False,
+    rewritten: torch.fx.GraphModule | None = None,
 ) -> tuple:
     """Run ``pipeline`` on the captured graph and lower the result: (the program, its graph summary).
 
@@ -138,18 +146,18 @@ def build_program(
     length (recurrent state, see capture.py) gets a PiecewiseProgram whose pieces are built when first needed.
     ``sm``: the SpecModel the program is for; it collects what exact_lowbit matched, chose and called.
     ``background``: the program may come back still compiling in a child process (lower.resolve waits for it).
+    ``rewritten``: ``rewrite_first``'s result for this pipeline, so that its passes do not run again.
     """
     spec = captured.spec
     device = next(captured.gm.parameters()).device
-    mode = "always" if sm is not None and sm.exact_lowbit == "always" else None
 
     def build(graph: CapturedGraph, q: int | None):
-        with choice.use_mode(mode), packing(sm.packs if sm is not None else {}):
-            gm = run_passes(graph.gm, pipeline, graph.structure, cfg)
+        gm = rewritten if rewritten is not None and q in (None, 1) else _run_pipeline(graph, pipeline, cfg, sm)
         if sm is not None:
             found = gm.meta["specpass"]
             sm.lowbit.update(found.get("exact_lowbit", {}))
             sm.lowbit_choices.update(found.get("lowbit_choices", {}))
+            sm.order_choices.update(found.get("operand_order", {}))
             sm.lowbit_calls[name if q is None else f"{name}_q{q}"] = found.get("lowbit_calls", [])
             for call in found.get("lowbit_calls", []):
                 sm.lowbit_params.update((p, getattr(gm, p)) for p in call["params"])
@@ -176,6 +184,20 @@ def build_program(
     pieces.programs[1] = one
     pieces.waits_on_host = getattr(one, "waits_on_host", False)
     return pieces, one_summary
+
+
+def _run_pipeline(graph: CapturedGraph, pipeline: tuple, cfg: DraftConfig | None, sm: SpecModel | None):
+    """``pipeline``'s passes on ``graph``, with ``sm``'s choice mode and packed blocks."""
+    mode = "always" if sm is not None and sm.exact_lowbit == "always" else None
+    with choice.use_mode(mode), packing(sm.packs if sm is not None else {}):
+        return run_passes(graph.gm, pipeline, graph.structure, cfg)
+
+
+def rewrite_first(sm: SpecModel, pipeline: tuple) -> torch.fx.GraphModule:
+    """``pipeline``'s passes on the captured graph (its one-token piece where it is captured per query length),
+    run now: what they time on this CPU (kernels/choice.py) is timed with nothing else running."""
+    graph = sm.captured if sm.captured.query_len is None else sm.captured.at(1)
+    return _run_pipeline(graph, with_options(pipeline, exact_lowbit=sm.exact_lowbit), None, sm)
 
 
 def check_tree_verify(sm: SpecModel) -> None:
@@ -265,12 +287,28 @@ def draft_programs(plan, device=None, dtype=None) -> dict[str, tuple[tuple, Draf
 
 
 def _add_program(
-    sm: SpecModel, name: str, pipeline: tuple, cfg: DraftConfig | None, *, dynamic_q: bool, background: bool = False
+    sm: SpecModel,
+    name: str,
+    pipeline: tuple,
+    cfg: DraftConfig | None,
+    *,
+    dynamic_q: bool,
+    background: bool = False,
+    rewritten: torch.fx.GraphModule | None = None,
 ) -> None:
-    """Run ``pipeline`` on the captured graph and lower the result as ``sm.programs[name]``."""
+    """Run ``pipeline`` on the captured graph (or take ``rewritten``) and lower the result as
+    ``sm.programs[name]``."""
     pipeline = with_options(pipeline, exact_lowbit=sm.exact_lowbit)
     sm.programs[name], sm.summaries[name] = build_program(
-        sm.captured, name, pipeline, sm.backend, cfg, dynamic_q=dynamic_q, sm=sm, background=background
+        sm.captured,
+        name,
+        pipeline,
+        sm.backend,
+        cfg,
+        dynamic_q=dynamic_q,
+        sm=sm,
+        background=background,
+        rewritten=rewritten,
     )
 
 

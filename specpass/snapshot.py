@@ -4,8 +4,8 @@
 nothing: the result is the normalized text (graph_text.py) of the captured graph, of each program after every
 pass that changed it, and of each program's calling convention, plus a report (``report.json``): per program
 the passes applied with their node and op counts before and after, the weights read as low-bit blocks (format,
-blocks kept in fp32, bytes), the plan, the low-bit/fp32 choice per kind of call, and the weight bytes a decode
-step reads. ``compare`` says what changed between two snapshots and at which pass it changed first.
+blocks kept in fp32, bytes), the plan, the low-bit/fp32 choice per kind of call and the fp32 operand order per
+shape of weight (kernels/choice.py), and the weight bytes a decode step reads. ``compare`` says what changed between two snapshots and at which pass it changed first.
 
 A snapshot is a directory::
 
@@ -15,8 +15,8 @@ A snapshot is a directory::
     graphs/<program>/<k>-<pass>.txt    the program after its k-th pass (only passes that changed the graph)
     graphs/<program>/signature.txt     the calling convention of the program that would be lowered
 
-The low-bit/fp32 choice is measured on the machine that takes the first snapshot; a check takes the
-snapshot's choices as given (``kernels.choice.use_choices``), so that it times nothing and needs no kernel
+The low-bit/fp32 choice and the fp32 order are measured on the machine that takes the first snapshot; a check
+takes the snapshot's choices as given (``kernels.choice.use_choices``), so that it times nothing and needs no kernel
 build: the same answer on any machine.
 """
 
@@ -127,6 +127,13 @@ def take(
                 chosen[result["kind"]] = result["lowbit"]
                 if result.get("lowbit_ms") is not None:
                     timings[result["kind"]] = {"kernel_ms": result["lowbit_ms"], "fp32_ms": result["fp32_ms"]}
+            for result in found.get("operand_order", {}).values():  # "order|..." kinds: W @ x.T (True) or linear
+                chosen[result["kind"]] = result["stationary"]
+                if result.get("linear_ms") is not None:
+                    timings[result["kind"]] = {
+                        "linear_ms": result["linear_ms"],
+                        "stationary_ms": result["stationary_ms"],
+                    }
             programs[name] = {
                 "passes": stages,
                 "nodes": len(gm.graph.nodes),

@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,6 @@ import specpass
 from specpass import kernels, machine
 from specpass.errors import SpecPassError
 from specpass.kernels import choice
-from specpass.passes import PIPELINES, run_passes
 from specpass.passes.exact_lowbit import recover_blocks
 
 LOWBIT_LINEAR = torch.ops.specpass.lowbit_linear.default
@@ -223,19 +223,28 @@ def test_the_choice_is_timed_once_per_cpu(measured, monkeypatch):
 
 
 def test_every_kind_is_timed_before_the_prefill_program_compiles(measured, monkeypatch):
-    """The prefill program's pass times the decode regime too: the decode program's passes run while prefill
-    compiles in a child process, and a choice timed beside that compile is noise (the wrong one on a 2-core Xeon)."""
+    """compile_plain runs decode's passes before prefill's compile starts in a child process: a choice timed
+    beside that compile is noise (the wrong one on a 2-core Xeon)."""
+    from specpass import programs
+
+    events = []
+    monkeypatch.setattr(choice, "_time", lambda calls, tokens: events.append(("time", tokens)) or (1.0, 2.0))
+    monkeypatch.setattr(choice, "_time_orders", lambda weights, tokens: events.append(("order",)) or (1.0, 2.0))
+    monkeypatch.setattr(choice, "ORDER_MIN_BYTES", 0)
+
+    def lower(gm, backend, *, name, background=False, **kwargs):  # no compile: the order of events is the test
+        events.append(("lower", name, background))
+        return types.SimpleNamespace()
+
+    monkeypatch.setattr(programs, "lower", lower)
     model = grid_llama()
-    cg = specpass.capture(model, max_cache_len=32)
-    timed = []
-    monkeypatch.setattr(choice, "_time", lambda calls, tokens: timed.append(tokens) or (1.0, 2.0))
-    run_passes(cg.gm, PIPELINES["prefill"], cg.structure)
-    assert sorted(set(timed)) == [(1, 2, 3, 4), (128,)] and len(timed) == 2 * timed.count((128,))
-    before = len(timed)
-    decode = run_passes(cg.gm, PIPELINES["decode"], cg.structure)
-    assert len(timed) == before  # every decode kind was measured in the prefill pass
-    choices = decode.meta["specpass"]["lowbit_choices"]
-    assert choices and all(k.startswith("few_tokens|") and r["lowbit"] for k, r in choices.items())
+    model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight))  # off the grid: fp32
+    sm = programs.compile_plain(model, backend="inductor", max_cache_len=32, progress=False)
+    started = events.index(("lower", "prefill", True))
+    assert {e[1] for e in events[:started] if e[0] == "time"} == {(1, 2, 3, 4), (128,)}
+    assert ("order",) in events[:started]  # the head's fp32 operand order
+    assert events[started + 1 :] == [("lower", "decode", False)]  # nothing timed beside the compile
+    assert sm.lowbit_choices and sm.order_choices
 
 
 def test_registered_fp32_weights_replace_the_kernel():

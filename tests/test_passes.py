@@ -7,6 +7,7 @@ Every pass in ``specpass.passes.PIPELINES`` needs here at least one ``test_<pass
 from __future__ import annotations
 
 import collections
+import json
 import sys
 
 import pytest
@@ -387,6 +388,100 @@ def test_linear_operand_order_leaves_weights_off_the_cpu_alone(tiny):
     result = linear_operand_order(gm, remap(cg.structure, node_map), None)
     assert not result.modified and result.n_matches == 0
     assert normalize(gm) == normalize(cg.gm)
+
+
+@pytest.fixture
+def measured_orders(tmp_path, monkeypatch):
+    """The fp32 order timed for weights of any size, into a choices.json of this test's own; returns the shapes
+    timed (a fake ``_time_orders`` gives (linear, W @ x.T) ms from ``times``)."""
+    from specpass.kernels import choice
+
+    monkeypatch.setenv("SPECPASS_LOWBIT_CHOICE", "measure")
+    monkeypatch.setattr(choice, "choices_path", lambda: tmp_path / "choices.json")
+    monkeypatch.setattr(choice, "ORDER_MIN_BYTES", 0)
+    monkeypatch.setattr(choice, "_memo", {})
+    timed: list[tuple] = []
+    times = {"default": (2.0, 1.0)}
+
+    def fake(weights, tokens):
+        timed.append(tuple(weights[0].shape))
+        return times.get(tuple(weights[0].shape), times["default"])
+
+    monkeypatch.setattr(choice, "_time_orders", fake)
+    return timed, times
+
+
+def test_linear_operand_order_rewrites_only_the_shapes_where_it_is_faster(tiny, measured_orders):
+    timed, times = measured_orders
+    cg = tiny("llama").cg
+    linears = _weight_linears(cg.gm)
+    shapes = {tuple(n.args[1].meta["val"].shape) for n in linears}
+    slower = next(s for s in shapes if s[0] != s[1])  # W @ x.T loses for this shape only
+    times[slower] = (1.0, 3.0)
+    gm = run_passes(cg.gm, (linear_operand_order,), cg.structure)
+    assert sorted(timed) == sorted(shapes)  # each shape once, over all its matrices
+    kept = [n for n in linears if tuple(n.args[1].meta["val"].shape) == slower]
+    assert op_counts(gm)[LINEAR] == len(kept) > 0
+    assert op_counts(gm)[MM] == op_counts(cg.gm)[MM] + len(linears) - len(kept)
+    recorded = gm.meta["specpass"]["operand_order"]
+    assert recorded[f"order|few_tokens|{slower[0]}x{slower[1]}"] == {
+        "kind": f"order|few_tokens|{slower[0]}x{slower[1]}",
+        "linear_ms": 1.0,
+        "stationary_ms": 3.0,
+        "stationary": False,
+    }
+    assert sum(r["stationary"] for r in recorded.values()) == len(shapes) - 1
+    ids = torch.randint(0, tiny("llama").vocab, (1, 3), generator=torch.Generator().manual_seed(0))
+    assert_same_outputs(tiny("llama"), cg.gm, gm, ids)
+
+    # cached on disk for this CPU: another process (a fresh memo) times nothing and decides the same
+    from specpass.kernels import choice
+
+    choice._memo.clear()
+    timed.clear()
+    again = run_passes(cg.gm, (linear_operand_order,), cg.structure)
+    assert not timed and normalize(again) == normalize(gm)
+
+
+def test_linear_operand_order_takes_given_orders_and_times_small_weights_never(tiny, measured_orders, monkeypatch):
+    from specpass.kernels import choice
+
+    timed, _ = measured_orders
+    cg = tiny("llama").cg
+    head = tuple(cg.structure.lm_head.args[1].meta["val"].shape)
+    with choice.use_choices({choice.order_kind(head): False}):  # a snapshot's: linear for the head's shape
+        gm = run_passes(cg.gm, (linear_operand_order,), cg.structure)
+    same = [n for n in _weight_linears(cg.gm) if tuple(n.args[1].meta["val"].shape) == head]
+    assert not timed and op_counts(gm)[LINEAR] == len(same) > 0
+    monkeypatch.setattr(choice, "ORDER_MIN_BYTES", 1 << 40)  # every shape too small to time: weight-stationary
+    gm = run_passes(cg.gm, (linear_operand_order,), cg.structure)
+    assert not timed and op_counts(gm)[LINEAR] == 0
+    assert all(r["linear_ms"] is None and r["stationary"] for r in gm.meta["specpass"]["operand_order"].values())
+
+
+def test_stationary_faster_times_both_orders_here(tmp_path, monkeypatch):
+    from specpass.kernels import choice
+
+    monkeypatch.setenv("SPECPASS_LOWBIT_CHOICE", "measure")
+    monkeypatch.setattr(choice, "choices_path", lambda: tmp_path / "choices.json")
+    monkeypatch.setattr(choice, "_memo", {})
+    weights = [torch.randn(512, 256) for _ in range(3)]  # 1.5 MiB: above ORDER_MIN_BYTES
+    result = choice.stationary_faster(weights)
+    assert result["kind"] == "order|few_tokens|512x256"
+    assert result["linear_ms"] > 0 and result["stationary_ms"] > 0
+    assert result["stationary"] == (result["stationary_ms"] < result["linear_ms"])
+    assert list(json.loads((tmp_path / "choices.json").read_text()).values()) == [result]
+
+
+def test_the_kernels_fp32_time_is_the_faster_orders(monkeypatch):
+    from specpass.kernels import choice
+
+    monkeypatch.setattr(choice, "_kernel_pass", lambda calls, x: 0.5)
+    monkeypatch.setattr(choice, "_linear_pass", lambda weights, x: 0.25 if x.shape[1] == 1 else 0.75)
+    monkeypatch.setattr(choice, "_stationary_pass", lambda weights, x: 0.125 if x.shape[1] == 128 else 1.0)
+    call = choice.Call((torch.empty(0),) * 5, 32, 4, [torch.randn(8, 32)])
+    # one token: linear's 0.25; two: neither beats 0.75; a prefill tile: linear only (0.75, not 0.125)
+    assert choice._time([call], (1, 2, 128)) == (1500.0, 1750.0)
 
 
 # --------------------------------------------------------------------------------------------------------

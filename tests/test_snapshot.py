@@ -133,7 +133,12 @@ def test_check_takes_the_snapshots_choices_and_times_nothing(tmp_path, monkeypat
     monkeypatch.setattr(choice, "choices_path", lambda: tmp_path / "choices.json")
     choice._memo.clear()
     first = snapshot.take(model, max_cache_len=32)
-    assert first.report["lowbit"]["choices"] and not any(first.report["lowbit"]["choices"].values())
+    chosen = first.report["lowbit"]["choices"]
+    lowbit = {k: v for k, v in chosen.items() if not k.startswith("order|")}
+    assert lowbit and not any(lowbit.values())
+    # beside them, the fp32 order of every shape left in fp32 (weight-stationary: too small to be timed)
+    orders = {k: v for k, v in chosen.items() if k.startswith("order|")}
+    assert "order|few_tokens|96x64" in orders and all(orders.values())
     assert "lm_head.weight" not in first.report["lowbit"]["matrices"]  # stays fp32 here
     snapshot.write(first, tmp_path / "snap")
 
@@ -141,6 +146,8 @@ def test_check_takes_the_snapshots_choices_and_times_nothing(tmp_path, monkeypat
         raise AssertionError("a check must not time the kernel")
 
     monkeypatch.setattr(choice, "_time", untimed)
+    monkeypatch.setattr(choice, "_time_orders", untimed)
+    monkeypatch.setattr(choice, "ORDER_MIN_BYTES", 0)  # would be timed, if the check did not take them as given
     choice._memo.clear()
     assert_graphs_match(model, tmp_path / "snap")
 

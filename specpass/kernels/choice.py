@@ -1,4 +1,5 @@
-"""Which multiplies a model's matrices faster on this CPU: the low-bit kernel or the fp32 product it replaces.
+"""Which multiplies a model's matrices faster on this CPU: the low-bit kernel or the fp32 product it replaces, and
+in fp32, which operand order.
 
 Measured, not assumed: the kernel reads 3-5x fewer bytes but does more work per weight, and which wins depends on
 the CPU (the same source was 5x faster than fp32 on an AVX-512 Zen 4 and 3.4x slower on an AVX2 Zen 3 before it
@@ -8,8 +9,13 @@ the weights stream from memory as they do in a decode step instead of sitting in
 ``<cache>/kernels/choices.json``.
 
 Two regimes, because one program runs one of them: ``few_tokens`` (decode, verify and draft programs: 1-4
-tokens, against fp32 ``W @ x.T`` as passes/linear_operand_order.py computes it) and ``prefill`` (a 128-token
-prompt tile, against fp32 ``linear``).
+tokens, against fp32 in the faster of the two operand orders below) and ``prefill`` (a 128-token prompt tile,
+against fp32 ``linear``).
+
+The fp32 order (``stationary_faster``): ``linear(x, W)`` or the weight-stationary ``W @ x.T`` of
+passes/linear_operand_order.py, for a few tokens. MKL made the second 2-8x faster on a Zen 4 and 2.4x slower on
+an Intel Xeon (the default model's fp32 decode step 56.5 against 23.2 ms: docs/benchmarks.md), so it is timed
+per shape of weight, like the kernel.
 """
 
 from __future__ import annotations
@@ -133,11 +139,64 @@ def lowbit_faster(calls: list[Call], regime: str) -> dict:
 
     library = load_kernels()
     delay = int(os.environ.get("SPECPASS_KERNEL_TEST_DELAY_US", "0") or 0)
-    key = hashlib.sha256(
-        "\0".join(
-            [what, machine.cpu_key(), os.path.basename(library), str(torch.get_num_threads()), str(delay)]
-        ).encode()
-    ).hexdigest()[:24]
+
+    def measure() -> dict:
+        lowbit_ms, fp32_ms = _time(calls, REGIMES[regime])
+        return {
+            "kind": what,
+            "lowbit_ms": round(lowbit_ms, 4),
+            "fp32_ms": round(fp32_ms, 4),
+            "lowbit": lowbit_ms <= fp32_ms,
+        }
+
+    # "fp32 in either order": entries timed against the weight-stationary order alone are not reused
+    parts = [os.path.basename(library), str(torch.get_num_threads()), str(delay), "fp32 in either order"]
+    return _measured("exact_lowbit", what, parts, measure, describe_choice)
+
+
+#: a shape of weight whose matrices hold fewer bytes than this keeps the weight-stationary order untimed: its
+#: products run from cache in microseconds, where the order's difference is the call's overhead
+ORDER_MIN_BYTES = 1 << 20
+
+
+def order_kind(shape: tuple[int, int]) -> str:
+    """The fp32 order's kind: the few-token regime and the weight's shape (not how many such matrices a program
+    keeps in fp32, so that every program of a model finds the same measurement)."""
+    return f"order|few_tokens|{shape[0]}x{shape[1]}"
+
+
+def stationary_faster(weights: list[torch.Tensor]) -> dict:
+    """Whether ``W @ x.T`` (weight-stationary) is faster here than ``linear(x, W)`` for 1-4 tokens, over
+    ``weights`` (fp32 matrices of one shape) in turn; cached per machine like ``lowbit_faster``.
+
+    Returns ``{"kind", "linear_ms", "stationary_ms", "stationary": bool}``; the times are None where nothing was
+    timed (mode "always", given choices, weights below ORDER_MIN_BYTES): then the order is weight-stationary
+    unless a given choice says otherwise.
+    """
+    what = order_kind(tuple(weights[0].shape))
+    given = _fixed.get()
+    untimed = {"kind": what, "linear_ms": None, "stationary_ms": None, "stationary": True}
+    if given is not None:
+        return {**untimed, "stationary": given.get(what, True)}
+    if mode() == "always" or sum(w.nbytes for w in weights) < ORDER_MIN_BYTES:
+        return untimed
+
+    def measure() -> dict:
+        linear_ms, stationary_ms = _time_orders(weights, REGIMES["few_tokens"])
+        return {
+            "kind": what,
+            "linear_ms": round(linear_ms, 4),
+            "stationary_ms": round(stationary_ms, 4),
+            "stationary": stationary_ms < linear_ms,
+        }
+
+    return _measured("fp32 order", what, [torch.__version__, str(torch.get_num_threads())], measure, describe_order)
+
+
+def _measured(label: str, what: str, parts: list[str], measure, describe) -> dict:
+    """``measure()``'s result for ``what`` on this machine: from this process, from choices.json, or timed now
+    (then logged as ``label`` and stored there). ``parts``: what else the measurement depends on."""
+    key = hashlib.sha256("\0".join([what, machine.cpu_key(), *parts]).encode()).hexdigest()[:24]
     if key in _memo:
         return _memo[key]
     path = choices_path()
@@ -145,14 +204,8 @@ def lowbit_faster(calls: list[Call], regime: str) -> dict:
     if key in stored:
         _memo[key] = stored[key]
         return stored[key]
-    lowbit_ms, fp32_ms = _time(calls, REGIMES[regime])
-    result = {
-        "kind": what,
-        "lowbit_ms": round(lowbit_ms, 4),
-        "fp32_ms": round(fp32_ms, 4),
-        "lowbit": lowbit_ms <= fp32_ms,
-    }
-    log.info("exact_lowbit: %s: %s", what, describe_choice(result))
+    result = measure()
+    log.info("%s: %s: %s", label, what, describe(result))
     stored = _read(path)  # another process may have added entries meanwhile
     stored[key] = result
     write_atomic(path, json.dumps(stored, indent=1, sort_keys=True).encode())
@@ -175,22 +228,39 @@ def _read(path) -> dict:
 
 def _time(calls: list[Call], tokens: tuple[int, ...]) -> tuple[float, float]:
     """(kernel ms, fp32 ms): per token count, the fastest of a few passes over every call (the least disturbed
-    by whatever else runs), summed."""
+    by whatever else runs), summed. A few tokens' fp32 time is that of the faster operand order."""
     lowbit_total = fp32_total = 0.0
     k = calls[0].shapes[0][1]
-    weights = [c.rebuilt() for c in calls]
+    weights = [w for c in calls for w in c.rebuilt()]
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for t in tokens:
             x = torch.randn(1, t, k, generator=gen)
-            _kernel_pass(calls, x), _fp32_pass(weights, x)  # warm-up
+            orders = [_linear_pass] if t > PREFILL_TOKENS else [_linear_pass, _stationary_pass]
+            _kernel_pass(calls, x), [order(weights, x) for order in orders]  # warm-up
             lowbit, dense = [], []
             for _ in range(_REPEATS):  # alternating, so that a slow moment of the machine hits both
                 lowbit.append(_kernel_pass(calls, x))
-                dense.append(_fp32_pass(weights, x))
+                dense.append(min(order(weights, x) for order in orders))
             lowbit_total += min(lowbit)
             fp32_total += min(dense)
     return 1e3 * lowbit_total, 1e3 * fp32_total
+
+
+def _time_orders(weights: list[torch.Tensor], tokens: tuple[int, ...]) -> tuple[float, float]:
+    """(``linear`` ms, weight-stationary ms) over ``weights``, as ``_time`` sums them."""
+    totals = [0.0, 0.0]
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for t in tokens:
+            x = torch.randn(1, t, weights[0].shape[1], generator=gen)
+            _linear_pass(weights, x), _stationary_pass(weights, x)  # warm-up
+            runs: list[list[float]] = [[], []]
+            for _ in range(_REPEATS):
+                runs[0].append(_linear_pass(weights, x))
+                runs[1].append(_stationary_pass(weights, x))
+            totals = [total + min(r) for total, r in zip(totals, runs, strict=True)]
+    return 1e3 * totals[0], 1e3 * totals[1]
 
 
 def _kernel_pass(calls: list[Call], x: torch.Tensor) -> float:
@@ -200,15 +270,29 @@ def _kernel_pass(calls: list[Call], x: torch.Tensor) -> float:
     return time.perf_counter() - start
 
 
-def _fp32_pass(weights: list[list[torch.Tensor]], x: torch.Tensor) -> float:
-    """Seconds of the fp32 products the calls replace, computed as the programs would compute them."""
-    t, k = x.shape[1], x.shape[2]
-    cols = torch.cat([x.reshape(t, k), x.new_zeros(1, k)]).t()  # passes/linear_operand_order.py's columns
+def _linear_pass(weights: list[torch.Tensor], x: torch.Tensor) -> float:
     start = time.perf_counter()
-    for call in weights:
-        for w in call:
-            torch.nn.functional.linear(x, w) if t > PREFILL_TOKENS else torch.mm(w, cols)
+    for w in weights:
+        torch.nn.functional.linear(x, w)
     return time.perf_counter() - start
+
+
+def _stationary_pass(weights: list[torch.Tensor], x: torch.Tensor) -> float:
+    """passes/linear_operand_order.py's product: ``W @ x.T`` with a zero column."""
+    t, k = x.shape[1], x.shape[2]
+    start = time.perf_counter()
+    cols = torch.cat([x.reshape(t, k), x.new_zeros(1, k)]).t()
+    for w in weights:
+        torch.mm(w, cols)
+    return time.perf_counter() - start
+
+
+def describe_order(result: dict) -> str:
+    """``linear 1.234 ms, W @ x.T 5.678 ms: linear`` for a ``stationary_faster`` result."""
+    chosen = "W @ x.T" if result["stationary"] else "linear"
+    if result.get("linear_ms") is None:
+        return f"{chosen} (not timed)"
+    return f"linear {result['linear_ms']:.3f} ms, W @ x.T {result['stationary_ms']:.3f} ms: {chosen}"
 
 
 def describe_choice(result: dict) -> str:

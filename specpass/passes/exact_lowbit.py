@@ -192,12 +192,6 @@ def _faster_on_this_cpu(gm: torch.fx.GraphModule, calls: list, choices: dict) ->
     for same in kinds.values():
         result = choice.lowbit_faster([c for _, _, c in same], regime)
         choices[result["kind"]] = result
-        if regime == "prefill":
-            # The decode program's passes run while this program compiles in a child process, and a choice timed
-            # then is noise: on a 2-core Xeon Gemma's o_proj took 142 ms with the kernel and 135 ms in fp32 beside
-            # that compile (3.0 and 7.2 ms alone), so fp32 was kept. The decode regime is timed now, with nothing
-            # beside it, and the decode program's pass finds it cached.
-            choice.lowbit_faster([c for _, _, c in same], "few_tokens")
         if not result["lowbit"]:
             slower.update(id(members) for members, _, _ in same)
     return [(members, blocks) for members, blocks in calls if id(members) not in slower]

@@ -1,11 +1,15 @@
-"""Compute each weight's linear layer as ``W @ x.T`` (weight-stationary) with one extra zero column, on the CPU.
+"""Compute each weight's linear layer as ``W @ x.T`` (weight-stationary) with one extra zero column, on the CPU,
+where that is faster on this CPU.
 
-No paper: a measurement of MKL on the 2-core AMD EPYC (Zen 4) of 2026-11-27 (docs/benchmarks.md, "The matrix
-products behind the verify cost"). ``linear(x, W)`` with x of q = 2 to 8 rows took MKL's path for a short, wide
-left operand, 4-8x slower than the same product ordered as ``W @ x.T``; with q = 1 both orders are a
-matrix-vector product, and two columns of ``W @ x.T`` cost half as much as that one (the default model's
-layers plus head: 49 ms for one column, 22 ms for two). Decode (one token), verify and draft programs (a few)
-all live in that range; prefill does not and keeps ``linear``.
+No paper: measurements of MKL (docs/benchmarks.md, "The matrix products behind the verify cost" and "The fp32
+operand order"). On the 2-core AMD EPYC (Zen 4) of 2026-11-27, ``linear(x, W)`` with x of q = 2 to 8 rows took
+MKL's path for a short, wide left operand, 4-8x slower than the same product ordered as ``W @ x.T``; with q = 1
+both orders are a matrix-vector product, and two columns of ``W @ x.T`` cost half as much as that one (the
+default model's layers plus head: 49 ms for one column, 22 ms for two). On a 2-core Intel Xeon (2026-12-07) the
+same rewrite made the default model's fp32 decode step 2.4x slower (56.5 against 23.2 ms). So each shape of
+weight is timed in both orders on the machine (``kernels.choice.stationary_faster``, cached per CPU) and
+rewritten only where ``W @ x.T`` wins. Decode (one token), verify and draft programs (a few) all live in that
+range; prefill does not and keeps ``linear``.
 
 ``linear(x, W[, b])`` with ``x`` of shape (..., K) becomes::
 
@@ -21,6 +25,7 @@ Every output element is the same dot product of a row of W with a row of x, so t
 pad row's products are sliced away. Only fp32 CPU weights are rewritten: on a GPU cuBLAS picks its own kernel
 for either order, and a bf16 ``mm`` on the CPU rounds differently enough from HF's bf16 ``linear`` to flip more
 of a random tiny model's near-ties (tests/test_dtypes.py saw 3 of 6 prompts), with no speed measured for it.
+What was measured is kept in ``gm.meta["specpass"]["operand_order"]`` (kind -> times and choice).
 """
 
 from __future__ import annotations
@@ -29,15 +34,29 @@ import contextlib
 
 import torch
 
-from specpass.passes.manager import PassResult, tag
+from specpass.kernels import choice
+from specpass.passes.manager import PassResult, attr_of, tag
 
 _LINEAR = torch.ops.aten.linear.default
 _aten = torch.ops.aten
 
 
 def linear_operand_order(gm: torch.fx.GraphModule, structure=None, cfg=None) -> PassResult:
-    """Rewrite every ``aten.linear`` whose weight is a 2-D fp32 CPU constant into a weight-stationary ``mm``."""
-    matches = [n for n in gm.graph.nodes if _is_cpu_weight_linear(n)]
+    """Rewrite every ``aten.linear`` whose weight is a 2-D fp32 CPU constant into a weight-stationary ``mm``, for
+    the shapes of weight where that is faster here."""
+    linears = [n for n in gm.graph.nodes if _is_cpu_weight_linear(n)]
+    by_shape: dict[tuple, list[torch.fx.Node]] = {}
+    for node in linears:
+        by_shape.setdefault(tuple(node.args[1].meta["val"].shape), []).append(node)
+    chosen = gm.meta.setdefault("specpass", {}).setdefault("operand_order", {})
+    stationary = set()
+    for nodes in by_shape.values():
+        weights = {id(w): w for w in (attr_of(gm, n.args[1].target) for n in nodes)}  # a tied weight once
+        result = choice.stationary_faster(list(weights.values()))
+        chosen[result["kind"]] = result
+        if result["stationary"]:
+            stationary.update(nodes)
+    matches = [n for n in linears if n in stationary]
     columns: dict[torch.fx.Node, tuple] = {}  # q, k and v projections share one padded, transposed input
     for node in matches:  # graph order: an input's first linear creates its columns before the others use them
         _rewrite(gm, node, columns)
