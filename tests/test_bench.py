@@ -770,3 +770,19 @@ def test_speed_gate_fails_a_method_slower_than_its_baseline(tiny_chat, prompts_f
         run_small(model, tok, prompts_file, tmp_path, "hf_eager", EXTRA, ("--baseline", str(tmp_path / "none")))
     with pytest.raises(SpecPassError, match="max-slowdown is a fraction"):
         run_small(model, tok, prompts_file, tmp_path, "hf_eager", EXTRA, ("--max-slowdown", "1.5"))
+
+
+def test_the_fp32_order_specpass_timed_is_noted():
+    from specpass.bench.report import _order_info, _order_note
+
+    untimed = {"kind": "order|few_tokens|4x4", "linear_ms": None, "stationary_ms": None, "stationary": True}
+    timed = {"kind": "order|few_tokens|8x4", "linear_ms": 1.0, "stationary_ms": 2.0, "stationary": False}
+    cfg = bench.BenchConfig(4, 64)
+    cfg.shared["spec_model"] = types.SimpleNamespace(order_choices={r["kind"]: r for r in (untimed, timed)})
+    info = _order_info(cfg)
+    assert info == {timed["kind"]: timed}  # only what was timed on this CPU
+    assert _order_note(info) == (
+        "specpass fp32 products of a few tokens: linear for 1 and W @ x.T for 0 of 1 shapes of weight "
+        "(both timed on this CPU)"
+    )
+    assert _order_info(bench.BenchConfig(4, 64)) is None  # no specpass method ran

@@ -263,6 +263,8 @@ def test_registered_fp32_weights_replace_the_kernel():
         assert time.perf_counter() - start < 0.1
         cols = torch.cat([x1[0], x1.new_zeros(1, 96)]).t()
         assert torch.equal(got[0], torch.mm(dense, cols)[:, :3].t())  # linear_operand_order's fp32 product
+        torch.ops.specpass.lowbit_use_dense(blocks.q, dense, True, False, False)  # linear: faster on some CPUs
+        assert torch.equal(torch.ops.specpass.lowbit_linear(x1, *args), F.linear(x1, dense))
         kernels.set_test_delay(0)
         torch.testing.assert_close(torch.ops.specpass.lowbit_linear(x40, *args), F.linear(x40, w))
     finally:

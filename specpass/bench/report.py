@@ -124,6 +124,7 @@ def report(
             "near_tie": NEAR_TIE,
             "near_tie_ulps": NEAR_TIE_ULPS,
             "lowbit": _lowbit_info(cfg),
+            "operand_order": _order_info(cfg),
         },
         "summary": summary,
         "skipped": dict(results.skipped),
@@ -137,6 +138,8 @@ def report(
     notes = [f"{name}: {summary[name]['note']}" for name in names if summary[name]["note"]]
     if data["config"]["lowbit"]:
         notes.append(_lowbit_note(data["config"]["lowbit"]))
+    if data["config"]["operand_order"]:
+        notes.append(_order_note(data["config"]["operand_order"]))
     notes += [f"SKIPPED: {name}: {why}" for name, why in results.skipped.items()]
     notes += _mismatch_lines([m for m in mismatches if m["method"] not in lossy], tokenizer)
     notes += [
@@ -294,6 +297,21 @@ def _lowbit_info(cfg: BenchConfig) -> dict | None:
         "choices": dict(sm.lowbit_choices),
         "exact_lowbit": sm.exact_lowbit,
     }
+
+
+def _order_info(cfg: BenchConfig) -> dict | None:
+    """The fp32 operand order specpass timed on this CPU per shape of weight left in fp32 (kernels/choice.py)."""
+    sm = cfg.shared.get("spec_model")
+    timed = {k: r for k, r in getattr(sm, "order_choices", {}).items() if r.get("linear_ms") is not None}
+    return timed or None
+
+
+def _order_note(info: dict) -> str:
+    stationary = sum(r["stationary"] for r in info.values())
+    return (
+        f"specpass fp32 products of a few tokens: linear for {len(info) - stationary} and W @ x.T for {stationary} "
+        f"of {len(info)} shapes of weight (both timed on this CPU)"
+    )
 
 
 def _lowbit_note(info: dict) -> str:

@@ -305,7 +305,8 @@ def describe_choice(result: dict) -> str:
 
 def use_dense_where_faster(calls: dict[str, list[tuple]]) -> tuple[dict[str, dict], list[torch.Tensor]]:
     """For blocks that only exist as blocks (an engine file's): where fp32 is faster on this CPU, rebuild the fp32
-    weights once and have ``lowbit_linear`` multiply by them instead (``lowbit_use_dense``).
+    weights once and have ``lowbit_linear`` multiply by them instead (``lowbit_use_dense``), a few tokens in the
+    operand order that is faster here.
 
     ``calls``: regime -> [(q, scale, shift, exc_ids, exc_values, block, bits, shapes of the matrices), ...].
     Returns the measurements by kind of call, as ``lowbit_faster`` gives them, and the codes tensors now read as
@@ -332,8 +333,15 @@ def use_dense_where_faster(calls: dict[str, list[tuple]]) -> tuple[dict[str, dic
             if entry is None:
                 entry = dense_for[c.blocks[0].data_ptr()] = [c.blocks[0], c.rebuilt()[0], set()]
             entry[2].add(regime)
+    by_shape: dict[tuple, list[torch.Tensor]] = {}  # a few tokens' fp32 order, as the programs' own is chosen
+    for _, dense, regimes in dense_for.values():
+        if "few_tokens" in regimes:
+            by_shape.setdefault(tuple(dense.shape), []).append(dense)
+    stationary = {shape: stationary_faster(weights)["stationary"] for shape, weights in by_shape.items()}
     for q, dense, regimes in dense_for.values():
-        torch.ops.specpass.lowbit_use_dense(q, dense, "few_tokens" in regimes, "prefill" in regimes)
+        few = "few_tokens" in regimes
+        order = stationary.get(tuple(dense.shape), True)
+        torch.ops.specpass.lowbit_use_dense(q, dense, few, "prefill" in regimes, order)
     if dense_for:
         log.info("exact_lowbit: %d block matrices multiply as fp32 on this CPU (faster here)", len(dense_for))
     return results, [q for q, _, _ in dense_for.values()]

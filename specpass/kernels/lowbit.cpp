@@ -90,6 +90,7 @@ at::Tensor embedding(const at::Tensor& ids_in, const at::Tensor& q, const at::Te
 struct Dense {
   at::Tensor q, weight;
   bool few_tokens, prefill;
+  bool stationary;  // a few tokens as W @ x.T, else as linear: the order kernels/choice.py found faster here
 };
 std::mutex dense_mutex;
 std::unordered_map<const void*, Dense> dense_weights;
@@ -109,15 +110,16 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& q, const at::Tensor&
   const int64_t T = x.size(0);
   if (any_dense.load(std::memory_order_relaxed)) {
     at::Tensor weight;
+    bool stationary = true;
     {
       std::lock_guard<std::mutex> lock(dense_mutex);
       const auto it = dense_weights.find(q.data_ptr());
       if (it != dense_weights.end() && (T > kPrefillTokens ? it->second.prefill : it->second.few_tokens))
-        weight = it->second.weight;
+        weight = it->second.weight, stationary = it->second.stationary;
     }
     if (weight.defined()) {
       // contiguous, as the shape function promises: compiled callers index the result by its contiguous strides
-      if (T > kPrefillTokens) return at::linear(x, weight).contiguous().reshape(out_shape);
+      if (T > kPrefillTokens || !stationary) return at::linear(x, weight).contiguous().reshape(out_shape);
       // weight-stationary with a zero column, as passes/linear_operand_order.py computes fp32 layers
       const at::Tensor cols = at::cat({x, x.new_zeros({1, K})}).t();
       return at::mm(weight, cols).narrow(1, 0, T).t().contiguous().reshape(out_shape);
@@ -156,12 +158,12 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& q, const at::Tensor&
 
 std::string isa() { return specpass_lowbit::kIsa; }
 
-void use_dense(const at::Tensor& q, const at::Tensor& weight, bool few_tokens, bool prefill) {
+void use_dense(const at::Tensor& q, const at::Tensor& weight, bool few_tokens, bool prefill, bool stationary) {
   TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.dim() == 2 && weight.size(0) == q.size(0),
               "lowbit_use_dense: the weight must be the fp32 matrix of these blocks");
   std::lock_guard<std::mutex> lock(dense_mutex);
   if (few_tokens || prefill) {
-    dense_weights[q.data_ptr()] = Dense{q, weight.contiguous(), few_tokens, prefill};
+    dense_weights[q.data_ptr()] = Dense{q, weight.contiguous(), few_tokens, prefill, stationary};
   } else {
     dense_weights.erase(q.data_ptr());
   }
@@ -182,5 +184,6 @@ TORCH_LIBRARY_IMPL(specpass, CPU, m) {
 TORCH_LIBRARY_FRAGMENT(specpass, m) {
   m.def("lowbit_isa() -> str", &isa);
   m.def("lowbit_test_delay(int us) -> ()", &test_delay);
-  m.def("lowbit_use_dense(Tensor q, Tensor weight, bool few_tokens, bool prefill) -> ()", &use_dense);
+  m.def("lowbit_use_dense(Tensor q, Tensor weight, bool few_tokens, bool prefill, bool stationary=True) -> ()",
+        &use_dense);
 }
