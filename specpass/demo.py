@@ -183,7 +183,8 @@ def weights_line(sm) -> str:
 
 
 def order_note(sm) -> str:
-    """``; products as linear (timed here)`` where the fp32 operand order was measured on this CPU."""
+    """``; few-token products as linear (both orders timed here)`` where the fp32 operand order was measured on
+    this CPU, else nothing."""
     timed = [r for r in getattr(sm, "order_choices", {}).values() if r.get("linear_ms") is not None]
     if not timed:
         return ""

@@ -5,7 +5,8 @@ nothing: the result is the normalized text (graph_text.py) of the captured graph
 pass that changed it, and of each program's calling convention, plus a report (``report.json``): per program
 the passes applied with their node and op counts before and after, the weights read as low-bit blocks (format,
 blocks kept in fp32, bytes), the plan, the low-bit/fp32 choice per kind of call and the fp32 operand order per
-shape of weight (kernels/choice.py), and the weight bytes a decode step reads. ``compare`` says what changed between two snapshots and at which pass it changed first.
+shape of weight (kernels/choice.py), and the weight bytes a decode step reads. ``compare`` says what changed
+between two snapshots and at which pass it changed first.
 
 A snapshot is a directory::
 
@@ -16,8 +17,8 @@ A snapshot is a directory::
     graphs/<program>/signature.txt     the calling convention of the program that would be lowered
 
 The low-bit/fp32 choice and the fp32 order are measured on the machine that takes the first snapshot; a check
-takes the snapshot's choices as given (``kernels.choice.use_choices``), so that it times nothing and needs no kernel
-build: the same answer on any machine.
+takes the snapshot's choices as given (``kernels.choice.use_choices``), so that it times nothing and needs no
+kernel build: the same answer on any machine.
 """
 
 from __future__ import annotations
