@@ -171,25 +171,16 @@ def weights_line(sm) -> str:
     faster) or in fp32."""
     from specpass import machine
     from specpass.kernels import loaded_isa
-    from specpass.kernels.choice import summarize
+    from specpass.kernels.choice import summarize, summarize_orders
 
     if not getattr(sm, "lowbit", None):
-        return "fp32" + ("" if sm.exact_lowbit else " (exact_lowbit=False)") + order_note(sm)
+        orders = summarize_orders(getattr(sm, "order_choices", {}))
+        return "fp32" + ("" if sm.exact_lowbit else " (exact_lowbit=False)") + (f"; {orders}" if orders else "")
     packed = sum(v["bytes"] for v in sm.lowbit.values()) / 1e6
     return (
         f"{len(sm.lowbit)} matrices as exact low-bit blocks ({packed:.1f} MB), {loaded_isa()} kernels on "
         f"{machine.cpu_model()}; {summarize(sm.lowbit_choices)}"
     )
-
-
-def order_note(sm) -> str:
-    """``; few-token products as linear (both orders timed here)`` where the fp32 operand order was measured on
-    this CPU, else nothing."""
-    timed = [r for r in getattr(sm, "order_choices", {}).values() if r.get("linear_ms") is not None]
-    if not timed:
-        return ""
-    orders = sorted({"W @ x.T" if r["stationary"] else "linear" for r in timed})
-    return f"; few-token products as {' or '.join(orders)} (both orders timed here)"
 
 
 def _say(message: str) -> None:

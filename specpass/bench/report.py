@@ -307,11 +307,9 @@ def _order_info(cfg: BenchConfig) -> dict | None:
 
 
 def _order_note(info: dict) -> str:
-    stationary = sum(r["stationary"] for r in info.values())
-    return (
-        f"specpass fp32 products of a few tokens: linear for {len(info) - stationary} and W @ x.T for {stationary} "
-        f"of {len(info)} shapes of weight (both timed on this CPU)"
-    )
+    from specpass.kernels.choice import summarize_orders
+
+    return f"specpass {summarize_orders(info)}"
 
 
 def _lowbit_note(info: dict) -> str:

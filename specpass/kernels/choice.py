@@ -227,40 +227,41 @@ def _read(path) -> dict:
 
 
 def _time(calls: list[Call], tokens: tuple[int, ...]) -> tuple[float, float]:
-    """(kernel ms, fp32 ms): per token count, the fastest of a few passes over every call (the least disturbed
-    by whatever else runs), summed. A few tokens' fp32 time is that of the faster operand order."""
-    lowbit_total = fp32_total = 0.0
-    k = calls[0].shapes[0][1]
+    """(kernel ms, fp32 ms) over every call; a few tokens' fp32 time is that of the faster operand order."""
     weights = [w for c in calls for w in c.rebuilt()]
+
+    def fp32(x: torch.Tensor) -> float:
+        orders = [_linear_pass] if x.shape[1] > PREFILL_TOKENS else [_linear_pass, _stationary_pass]
+        return min(order(weights, x) for order in orders)
+
+    kernel_ms, fp32_ms = _fastest([lambda x: _kernel_pass(calls, x), fp32], calls[0].shapes[0][1], tokens)
+    return kernel_ms, fp32_ms
+
+
+def _time_orders(weights: list[torch.Tensor], tokens: tuple[int, ...]) -> tuple[float, float]:
+    """(``linear`` ms, weight-stationary ms) over ``weights``."""
+    passes = [lambda x: _linear_pass(weights, x), lambda x: _stationary_pass(weights, x)]
+    linear_ms, stationary_ms = _fastest(passes, weights[0].shape[1], tokens)
+    return linear_ms, stationary_ms
+
+
+def _fastest(passes: list, k: int, tokens: tuple[int, ...]) -> list[float]:
+    """Each pass's ms (``pass(x)`` returns its seconds for x of k columns): per token count, the fastest of a few
+    runs (the least disturbed by whatever else runs), summed. The passes alternate, so that a slow moment of the
+    machine hits them all."""
+    totals = [0.0] * len(passes)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for t in tokens:
             x = torch.randn(1, t, k, generator=gen)
-            orders = [_linear_pass] if t > PREFILL_TOKENS else [_linear_pass, _stationary_pass]
-            _kernel_pass(calls, x), [order(weights, x) for order in orders]  # warm-up
-            lowbit, dense = [], []
-            for _ in range(_REPEATS):  # alternating, so that a slow moment of the machine hits both
-                lowbit.append(_kernel_pass(calls, x))
-                dense.append(min(order(weights, x) for order in orders))
-            lowbit_total += min(lowbit)
-            fp32_total += min(dense)
-    return 1e3 * lowbit_total, 1e3 * fp32_total
-
-
-def _time_orders(weights: list[torch.Tensor], tokens: tuple[int, ...]) -> tuple[float, float]:
-    """(``linear`` ms, weight-stationary ms) over ``weights``, as ``_time`` sums them."""
-    totals = [0.0, 0.0]
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for t in tokens:
-            x = torch.randn(1, t, weights[0].shape[1], generator=gen)
-            _linear_pass(weights, x), _stationary_pass(weights, x)  # warm-up
-            runs: list[list[float]] = [[], []]
+            for run in passes:  # warm-up
+                run(x)
+            runs: list[list[float]] = [[] for _ in passes]
             for _ in range(_REPEATS):
-                runs[0].append(_linear_pass(weights, x))
-                runs[1].append(_stationary_pass(weights, x))
-            totals = [total + min(r) for total, r in zip(totals, runs, strict=True)]
-    return 1e3 * totals[0], 1e3 * totals[1]
+                for run, seconds in zip(passes, runs, strict=True):
+                    seconds.append(run(x))
+            totals = [total + min(seconds) for total, seconds in zip(totals, runs, strict=True)]
+    return [1e3 * total for total in totals]
 
 
 def _kernel_pass(calls: list[Call], x: torch.Tensor) -> float:
@@ -293,6 +294,18 @@ def describe_order(result: dict) -> str:
     if result.get("linear_ms") is None:
         return f"{chosen} (not timed)"
     return f"linear {result['linear_ms']:.3f} ms, W @ x.T {result['stationary_ms']:.3f} ms: {chosen}"
+
+
+def summarize_orders(results: dict[str, dict]) -> str:
+    """One line on the fp32 orders timed on this CPU (``stationary_faster`` results), or "" where none was."""
+    timed = [r for r in results.values() if r.get("linear_ms") is not None]
+    if not timed:
+        return ""
+    stationary = sum(r["stationary"] for r in timed)
+    return (
+        f"fp32 products of a few tokens: linear for {len(timed) - stationary} and W @ x.T for {stationary} of "
+        f"{len(timed)} shapes of weight (both timed on this CPU)"
+    )
 
 
 def describe_choice(result: dict) -> str:
