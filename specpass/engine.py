@@ -41,17 +41,19 @@ from pathlib import Path
 
 import torch
 
-from specpass import signing
+from specpass import machine, signing
 from specpass.cache_spec import CacheSpec, CacheTensor
 from specpass.errors import SpecPassError
 from specpass.hugepages import backed
+from specpass.lower import cpu_target
 from specpass.runtime.model import CompiledLM
 
 log = logging.getLogger("specpass.engine")
 
 FORMAT = "specpass-engine"
-#: 2: the cache as a list of tensors (per-layer K/V shapes); 3: fp32 weights rebuilt from blocks. Older ones are read.
-FORMAT_VERSION = 3
+#: 2: the cache as a list of tensors (per-layer K/V shapes); 3: fp32 weights rebuilt from blocks; 4: the x86-64 level
+#: of the CPU programs (``cpu``). Older ones are read.
+FORMAT_VERSION = 4
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 RECYCLED = "recycled.safetensors"
@@ -149,6 +151,8 @@ def write_engine(sm, path: str | os.PathLike[str], *, tokenizer=None, sign_key=N
         "backend": "aoti",
         # where the packages run: a CUDA package holds GPU kernels (absent: an engine written before, CPU)
         "device": sm.cache.device.type,
+        # the instructions CPU programs hold (lower/cpu_target.py): loading refuses a CPU without them
+        "cpu": _cpu_of(sm),
         "model": {
             "class": type(sm.model).__name__,
             "name_or_path": getattr(sm.model.config, "_name_or_path", ""),
@@ -235,10 +239,16 @@ def _sha256(t: torch.Tensor) -> str:
     return hashlib.sha256(t.contiguous().view(torch.uint8).numpy()).hexdigest()
 
 
+def _cpu_of(sm) -> dict | None:
+    """The x86-64 level the CPU programs were compiled for and the CPU that compiled them; None on a GPU."""
+    if sm.cache.device.type != "cpu":
+        return None
+    return {"isa": sm.isa, "compiled_on": machine.cpu_model(), "cpu_key": machine.cpu_key()}
+
+
 def _lowbit_build(sm) -> dict | None:
     if not getattr(sm, "lowbit", None):
         return None
-    from specpass import machine
     from specpass.kernels import loaded_isa
 
     return {"cpu": machine.cpu_model(), "isa": loaded_isa(), "choices": sm.lowbit_choices}
@@ -425,6 +435,8 @@ def _check_fields(m: dict) -> None:
     need(isinstance(m.get("generation_config"), dict), "has no generation config")
     need(m.get("plan") is None or isinstance(m["plan"], dict), "has a plan that is not an object")
     need(m.get("device", "cpu") in ("cpu", "cuda"), f"names the device {m.get('device')!r}")
+    cpu = m.get("cpu")
+    need(cpu is None or (isinstance(cpu, dict) and isinstance(cpu.get("isa"), str)), "has a bad CPU level")
     cache = m.get("cache")
     need(
         isinstance(cache, dict) and all(isinstance(cache.get(k), int) for k in ("num_layers", "max_cache_len")),
@@ -442,6 +454,31 @@ def _check_torch(manifest: dict, path) -> None:
         raise SpecPassError(
             f"{path} was compiled with torch {built}; this is torch {torch.__version__}. AOTInductor packages "
             "do not load across torch versions: compile the engine again with this torch (specpass compile)"
+        )
+
+
+def _check_cpu(manifest: dict, packages: list[bytes], path) -> None:
+    """Refuse an engine whose CPU programs hold instructions this CPU lacks: they would stop the process with an
+    illegal instruction. An engine written before engines named their level (format 3 and older) was compiled
+    for its CPU's own instructions; of those, the vector ISA its packages name is checked."""
+    if manifest.get("device", "cpu") != "cpu":
+        return
+    cpu = manifest.get("cpu")
+    if cpu is not None:
+        lacks = cpu_target.missing(cpu["isa"], cpu.get("cpu_key"))
+        what = f"for the x86-64 level {cpu['isa']!r} on {cpu.get('compiled_on', 'another CPU')}"
+    else:
+        flags = machine.cpu_flags()
+        needs = {f for package in packages for f in cpu_target.package_needs(package)}
+        lacks = sorted(needs - flags) if flags else []
+        what = "for the instructions of the CPU that compiled it (-march=native: an engine of format 3 or older)"
+    if lacks:
+        level = cpu_target.default_level()
+        portable = f", or there with `specpass compile --isa {level}` (this CPU's level), which runs on both"
+        raise SpecPassError(
+            f"{path} was compiled {what}; this CPU ({machine.cpu_model()}) lacks {', '.join(lacks)}, so its "
+            f"programs would stop the process with an illegal instruction. Compile the engine again here"
+            + (portable if level != cpu_target.NATIVE else "")
         )
 
 
@@ -495,6 +532,7 @@ def load_engine(path: str | os.PathLike[str], *, trust=None) -> Engine:
         _check_torch(manifest, path)
         # every checksum before anything is used
         data = {name: _read_checked(z, name, manifest, path) for name in manifest["payloads"]}
+    _check_cpu(manifest, [data[info["package"]] for info in manifest["programs"].values()], path)
     device = torch.device(manifest.get("device", "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SpecPassError(

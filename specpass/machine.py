@@ -27,6 +27,8 @@ X86_LEVELS = {
     "avx512": ("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"),
     "avx2": ("avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"),
 }
+#: the compilers' ``-march`` of each level
+MARCH = {"avx512": "x86-64-v4", "avx2": "x86-64-v3", "generic": "x86-64"}
 
 
 @functools.cache
@@ -69,7 +71,7 @@ def kernel_isas() -> list[str]:
     if is_x86():
         flags = _cpuinfo()[1]
         if flags:
-            levels = [lvl for lvl in X86_LEVELS if all(f in flags for f in _needs(lvl))]
+            levels = [lvl for lvl in X86_LEVELS if all(f in flags for f in level_flags(lvl))]
         else:  # no /proc/cpuinfo (not Linux): what torch's own dispatch found
             cap = torch.backends.cpu.get_cpu_capability()
             levels = {"AVX512": ["avx512", "avx2"], "AVX2": ["avx2"]}.get(cap, [])
@@ -83,11 +85,11 @@ def missing_flags(level: str) -> list[str]:
     if not is_x86():
         return [f"an x86-64 CPU (this is {platform.machine()})"]
     flags = _cpuinfo()[1]
-    need = _needs(level)
+    need = level_flags(level)
     return [f for f in need if f not in flags] if flags else ([] if level in kernel_isas() else list(need))
 
 
-def _needs(level: str) -> tuple[str, ...]:
+def level_flags(level: str) -> tuple[str, ...]:
     """Every flag of ``level`` and of the levels below it (x86-64-v4 includes v3)."""
     below = list(X86_LEVELS)[list(X86_LEVELS).index(level) + 1 :]
     return tuple(f for lvl in (level, *below) for f in X86_LEVELS[lvl])

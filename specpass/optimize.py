@@ -31,6 +31,7 @@ def optimize(
     budget_s: float | None = None,
     cuda_graphs: bool | None = None,
     exact_lowbit: bool | str = True,
+    isa: str | None = None,
 ) -> SpecModel:
     """Compile ``model`` for lossless generation.
 
@@ -45,7 +46,9 @@ def optimize(
     ``exact_lowbit``: read fp32 CPU weights that lie exactly on a quantization block grid (a model loaded from a
     GGUF file) as their blocks (passes/exact_lowbit.py; lossless, the weights are the same numbers) wherever the
     low-bit kernel is faster than fp32 on this CPU (timed once per CPU, kernels/choice.py); ``"always"``
-    wherever a weight lies on a grid, without timing; False keeps every weight in fp32.
+    wherever a weight lies on a grid, without timing; False keeps every weight in fp32. ``isa``: the x86-64
+    level a CPU model's programs are compiled for, ``"avx512"``, ``"avx2"`` or ``"generic"`` (default: the best
+    this CPU runs); an engine written from them (write_engine) runs on every CPU of that level.
 
     A bf16 or fp16 model is compiled in its own dtype (KV cache, masks, constants) and generates what HF
     ``generate`` does in that dtype, up to near-ties of its top-2 logits (bench.near_tie_threshold).
@@ -68,6 +71,7 @@ def optimize(
         progress=progress,
         cuda_graphs=cuda_graphs,
         exact_lowbit=exact_lowbit,
+        isa=isa,
     )
     if speculate is False:
         log.info("optimized %s with %s in %.1fs", type(model).__name__, backend, sm.compile_s)

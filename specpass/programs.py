@@ -18,7 +18,7 @@ from specpass.errors import SpecPassError
 from specpass.graph_text import summary
 from specpass.kernels import build_in_background, choice, loaded_isa
 from specpass.kernels.choice import describe_choice, describe_order
-from specpass.lower import cancel, lower, resolve
+from specpass.lower import cancel, cpu_target, lower, resolve
 from specpass.passes import PIPELINES, DraftConfig, draft_pipeline, run_passes, with_options
 from specpass.passes.exact_lowbit import pack, packing
 from specpass.program_export import example_inputs, program_dynamic_shapes
@@ -56,6 +56,7 @@ class SpecModel(CompiledLM):
         self.lowbit_calls: dict[str, list] = {}  # program -> its low-bit calls (parameters, block, bits, shapes)
         self.lowbit_params: dict[str, object] = {}  # parameter name of a low-bit call -> its tensor
         self.packs: dict = {}  # the blocks exact_lowbit recovered, shared by this model's programs (packing)
+        self.isa: str | None = None  # the x86-64 level of its CPU programs (lower/cpu_target.py)
 
 
 def compile_plain(
@@ -66,10 +67,16 @@ def compile_plain(
     progress: bool,
     cuda_graphs: bool | None = None,
     exact_lowbit: bool | str = True,
+    isa: str | None = None,
 ) -> SpecModel:
     """Capture ``model`` and lower its plain-decoding programs (prefill, and decode for any number of tokens)."""
     if exact_lowbit not in (True, False, "always"):
         raise SpecPassError(f"exact_lowbit must be True, False or 'always', got {exact_lowbit!r}")
+    device = next(model.parameters()).device
+    if device.type == "cpu":
+        isa = cpu_target.check_level(isa) if isa is not None else cpu_target.default_level()
+    elif isa is not None:
+        raise SpecPassError(f"isa={isa!r} is for a model on the CPU; this one is on {device}: leave isa out")
     for p in model.parameters():
         p.requires_grad_(False)
     t0 = time.perf_counter()
@@ -78,11 +85,10 @@ def compile_plain(
         if exact_lowbit and _on_a_grid(model):
             build_in_background()  # the compiler works while the model is captured
     captured = capture(model, max_cache_len=max_cache_len)
-    device = next(model.parameters()).device
     if cuda_graphs and device.type != "cuda":
         raise SpecPassError(f"cuda_graphs=True needs a model on a CUDA device; this one is on {device}")
     sm = SpecModel(model, captured, {}, backend, 0.0)
-    sm.exact_lowbit, sm.packs = exact_lowbit, packs
+    sm.exact_lowbit, sm.packs, sm.isa = exact_lowbit, packs, isa
     with progress_bar(total=2, desc=f"specpass: compiling ({backend})", unit="program", enabled=progress) as bar:
         # decode takes any number of tokens: one in plain decoding, the verified chain in speculation. Prefill
         # compiles in a child process meanwhile (lower/inductor.py), where the backend can. Decode's passes run
@@ -170,6 +176,7 @@ def build_program(
             pipeline=pipeline,
             few_tokens=name != "prefill",
             background=background and q is None,
+            isa=sm.isa if sm is not None else None,
         )
         if waits_on_host(gm):
             program.waits_on_host = True  # CompiledLM runs it without CUDA graphs

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
+import shutil
 import subprocess
 import sys
 import types
@@ -14,6 +16,7 @@ import torch
 from test_bench import tiny_chat_model
 
 import specpass
+from specpass import machine
 from specpass.cli import main
 from specpass.engine import MANIFEST, RECYCLED, WEIGHTS, load_engine, read_manifest, write_engine
 from specpass.errors import SpecPassError
@@ -99,6 +102,7 @@ def _as_spec_model(model, engine):
         plan=engine.plan,
         recycled=engine.recycled,
         cache=engine.cache,
+        isa=engine.manifest["cpu"]["isa"],
     )
 
 
@@ -533,3 +537,81 @@ def test_bad_keys_are_clear_errors(signed, tmp_path, capsys):
     assert main(["compile", "default", "-o", str(tmp_path / "x.specpass"), "--sign", str(ours)]) == 2
     assert "is not an unencrypted private key" in capsys.readouterr().err
     assert not (tmp_path / "x.specpass").exists()
+
+
+# ---- engines on another CPU ------------------------------------------------------------------------------
+#: an x86-64 CPU without AVX: no level but ``generic`` runs on it
+_NO_AVX = frozenset({"sse", "sse2", "ssse3", "sse4_1", "sse4_2", "popcnt", "cx16"})
+#: AT&T operands only AVX-512 (EVEX) code names: zmm, the 16 upper xmm/ymm registers, mask registers, broadcasts
+_AVX512_OPERAND = re.compile(r"%zmm|%[xy]mm(1[6-9]|2\d|3[01])\b|%k[0-7]|\{1to\d+\}")
+
+
+def _on_a_cpu_without_avx(monkeypatch):
+    monkeypatch.setattr(machine, "_cpuinfo", lambda: ("An old x86-64 CPU", _NO_AVX))
+    monkeypatch.setattr(machine, "is_x86", lambda: True)
+
+
+def _avx512_instructions(engine_path, tmp_path) -> int:
+    """How many instructions of the engine's compiled programs use an AVX-512 operand (objdump)."""
+    count = 0
+    with zipfile.ZipFile(engine_path) as z:
+        packages = [z.read(info["package"]) for info in json.loads(z.read(MANIFEST))["programs"].values()]
+    for i, package in enumerate(packages):
+        with zipfile.ZipFile(io.BytesIO(package)) as p:
+            for name in (n for n in p.namelist() if n.endswith(".so")):
+                lib = tmp_path / f"{i}-{name.rsplit('/', 1)[-1]}"
+                lib.write_bytes(p.read(name))
+                text = subprocess.run(["objdump", "-d", str(lib)], capture_output=True, text=True, check=True).stdout
+                count += sum(1 for line in text.splitlines() if _AVX512_OPERAND.search(line))
+    return count
+
+
+def test_an_engine_for_avx2_holds_no_avx512_instruction_and_reproduces_the_model(compiled, tmp_path):
+    """``specpass compile --isa avx2`` on any CPU that runs AVX2: programs an AVX2-only CPU can run (Inductor's
+    default, -march=native, puts AVX-512 into them on an AVX-512 CPU: an illegal instruction on a Zen 3)."""
+    if "avx2" not in machine.kernel_isas():
+        pytest.skip("this CPU cannot run AVX2 programs")
+    if shutil.which("objdump") is None:
+        pytest.skip("no objdump (binutils) to read the compiled programs with")
+    model, tok, path, manifest = compiled
+    out = tmp_path / "avx2.specpass"
+    argv = ["compile", str(path.parent / "model"), "-o", str(out), "--no-speculate", "--max-cache-len", "64"]
+    assert main([*argv, "--isa", "avx2"]) == 0
+    assert read_manifest(out)["cpu"]["isa"] == "avx2"
+    assert _avx512_instructions(out, tmp_path) == 0
+    if manifest["cpu"]["isa"] == "avx512":  # the same check finds AVX-512 in this CPU's default engine
+        assert _avx512_instructions(path, tmp_path) > 0
+    ids = chat_ids(tok, PROMPT)
+    assert torch.equal(load_engine(out).generate(ids, max_new_tokens=16, do_sample=False), _hf(model, ids, 16))
+
+
+def test_an_engine_is_refused_on_a_cpu_without_its_level(compiled, monkeypatch, capsys):
+    _, _, path, manifest = compiled
+    level = manifest["cpu"]["isa"]
+    assert level == machine.kernel_isas()[0]  # this CPU's best, by default
+    _on_a_cpu_without_avx(monkeypatch)
+    with pytest.raises(SpecPassError, match=r"\(An old x86-64 CPU\) lacks .*avx2") as e:
+        load_engine(path)
+    assert f"the x86-64 level '{level}'" in str(e.value) and "specpass compile --isa generic" in str(e.value)
+    assert main(["run", str(path), "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert "illegal instruction" in err and "Traceback" not in err
+
+
+def test_an_engine_of_format_3_is_checked_by_its_programs_vector_isa(compiled, tmp_path, monkeypatch):
+    """Engines written before the level was recorded were compiled with -march=native: the vector ISA each
+    package's metadata names (AOTI_CPU_ISA) is what is checked."""
+    model, tok, path, _ = compiled
+
+    def as_format_3(m):
+        del m["cpu"]
+        m["format_version"] = 3
+
+    old = _rewrite(path, tmp_path / "old.specpass", as_format_3)
+    ids = chat_ids(tok, PROMPT)
+    assert torch.equal(load_engine(old).generate(ids, max_new_tokens=8, do_sample=False), _hf(model, ids, 8))
+    _on_a_cpu_without_avx(monkeypatch)
+    with pytest.raises(
+        SpecPassError, match=r"compiled for the instructions of the CPU that compiled it \(-march=native.* lacks .*avx2"
+    ):
+        load_engine(old)

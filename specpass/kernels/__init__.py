@@ -33,7 +33,6 @@ _DIR = Path(__file__).parent
 #: the kernel ISA levels, best first: one source file each (lowbit_<isa>.cpp), compiled with lowbit.cpp into a
 #: library of its own
 ISAS = ("avx512", "avx2", "generic")
-_MARCH = {"avx512": "x86-64-v4", "avx2": "x86-64-v3", "generic": "x86-64"}
 #: at::parallel_for's threads come from OpenMP where torch uses it; Apple's clang has no -fopenmp (the loops then
 #: run on one thread there)
 _FLAGS = [
@@ -230,7 +229,7 @@ def _isa_flags(isa: str) -> list[str]:
         return []  # generic only: the compiler's own target
     # ATen's vector classes (attention.cpp) for the same level: Inductor's macros for its own C++ kernels
     capability = {"avx512": ["-DCPU_CAPABILITY_AVX512"], "avx2": ["-DCPU_CAPABILITY_AVX2"]}.get(isa, [])
-    return [f"-march={_MARCH[isa]}", "-mtune=native", *capability]
+    return [f"-march={machine.MARCH[isa]}", "-mtune=native", *capability]
 
 
 @functools.cache

@@ -23,18 +23,20 @@ def lower(
     pipeline: tuple = (),
     few_tokens: bool = False,
     background: bool = False,
+    isa: str | None = None,
 ) -> Callable[..., torch.Tensor]:
     """One program -> a callable with the same signature (``dynamic_shapes`` as for torch.export).
 
     ``pipeline``: the passes that rewrote ``gm`` (part of the program cache's key). ``few_tokens``: a decode,
     verify or draft program, not the prefill (the inductor backend runs its own kernels there on one thread).
     ``background``: the inductor backend may return a ``PendingProgram`` compiling in a child process (``resolve``
-    gives the program)."""
+    gives the program). ``isa``: the x86-64 level the inductor backend compiles a CPU program for
+    (lower/cpu_target.py; default: this CPU's best)."""
     if backend == "eager":
         return _eager_layouts(gm)
     if backend == "inductor":
         return lower_inductor(
-            gm, example_args, dynamic_shapes, name, pipeline, few_tokens=few_tokens, background=background
+            gm, example_args, dynamic_shapes, name, pipeline, few_tokens=few_tokens, background=background, isa=isa
         )
     if backend == "compile":
         from specpass.lower.torch_compile import lower_torch_compile

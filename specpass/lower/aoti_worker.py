@@ -9,6 +9,7 @@ import sys
 import torch
 
 import specpass.kernels  # noqa: F401 - the custom operators' schemas, which the saved graph calls
+from specpass.lower.cpu_target import compile_package
 from specpass.program_export import quiet_compile
 
 
@@ -18,7 +19,7 @@ def main(argv: list[str]) -> int:
         inductor_configs = json.load(f)
     with quiet_compile():
         exported = torch.export.load(src)
-        torch._inductor.aoti_compile_and_package(exported, package_path=out, inductor_configs=inductor_configs)
+        compile_package(exported, out, inductor_configs)
     return 0
 
 

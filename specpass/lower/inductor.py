@@ -25,7 +25,7 @@ import time
 import torch
 
 from specpass.errors import SpecPassError
-from specpass.lower import program_cache
+from specpass.lower import cpu_target, program_cache
 from specpass.program_export import export_program, quiet_compile
 
 log = logging.getLogger("specpass.lower")
@@ -61,9 +61,10 @@ def load_aoti_program(
             check_loader(path, device)
         # The package is loaded into memory right away (kernels included, see the module docstring), so the
         # file can go with the directory.
-        runner = torch._inductor.aoti_load_package(
-            path, run_single_threaded=cuda, device_index=device.index if cuda else -1
-        )
+        with cpu_target.quiet_isa_mismatch():
+            runner = torch._inductor.aoti_load_package(
+                path, run_single_threaded=cuda, device_index=device.index if cuda else -1
+            )
     needed = runner.get_constant_fqns()
     missing = [fqn for fqn in needed if fqn not in constants]
     if missing:
@@ -123,9 +124,12 @@ def bind_on_device(t: torch.Tensor, device: torch.device, what: str) -> torch.Te
     return t.to(device)
 
 
-def inductor_configs(device: torch.device, dtype: torch.dtype, *, few_tokens: bool = False) -> dict:
+def inductor_configs(
+    device: torch.device, dtype: torch.dtype, *, few_tokens: bool = False, isa: str | None = None
+) -> dict:
     """AOTInductor settings for a program on ``device`` whose activations are ``dtype``; ``few_tokens``: a decode,
-    verify or draft program (a handful of tokens a call), not the prefill."""
+    verify or draft program (a handful of tokens a call), not the prefill; ``isa``: the x86-64 level a CPU program
+    is compiled for (lower/cpu_target.py; default: this CPU's best)."""
     configs = {
         # Weights stay out of the compiled library: every program binds the model's own parameters
         # (user_managed: no copy), so N programs cost one set of weights, not N + 1, in memory and on disk.
@@ -137,6 +141,8 @@ def inductor_configs(device: torch.device, dtype: torch.dtype, *, few_tokens: bo
         configs["emulate_precision_casts"] = True
     if device.type == "cuda":
         configs["aot_inductor.embed_kernel_binary"] = True
+    if device.type == "cpu":
+        configs.update(cpu_target.configs(isa or cpu_target.default_level()))
     if few_tokens and device.type == "cpu":
         # Inductor's own kernels here (norms, rotary, activations) see a few rows of a few hundred values: one
         # thread does them sooner than an OpenMP region's fork and join (5% of the default model's decode step on
@@ -154,6 +160,7 @@ def lower_inductor(
     *,
     few_tokens: bool = False,
     background: bool = False,
+    isa: str | None = None,
 ):
     """Re-export the rewritten program and compile it with AOTInductor, or load it from the program cache
     (lower/program_cache.py); returns the loaded program.
@@ -165,7 +172,7 @@ def lower_inductor(
     t0 = time.perf_counter()
     # The KV cache (the last input) sets device and dtype: ids, positions and slots are integers.
     device, dtype = example_args[-1].device, example_args[-1].dtype
-    configs = inductor_configs(device, dtype, few_tokens=few_tokens)
+    configs = inductor_configs(device, dtype, few_tokens=few_tokens, isa=isa)
     key, constants = None, None
     if program_cache.enabled():
         constants = program_cache.constants_of(gm)
@@ -248,9 +255,7 @@ class PendingProgram:
                 self.tmp.cleanup()
         if package is None:
             with tempfile.TemporaryDirectory(prefix="specpass-") as tmp, quiet_compile():
-                path = torch._inductor.aoti_compile_and_package(
-                    self.exported, package_path=os.path.join(tmp, f"{self.name}.pt2"), inductor_configs=self.configs
-                )
+                path = cpu_target.compile_package(self.exported, os.path.join(tmp, f"{self.name}.pt2"), self.configs)
                 with open(path, "rb") as f:
                     package = f.read()
         exported = self.exported
