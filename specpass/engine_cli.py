@@ -50,7 +50,7 @@ def add_compile_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="the x86-64 level the CPU programs are compiled for: the engine runs on every CPU of that level "
         "(avx512: x86-64-v4, Skylake-X and Zen 4 on; avx2: x86-64-v3, Haswell and Zen on; generic: any x86-64, "
-        "slow). Default: this CPU's best; an engine for a lower level runs a few percent slower here",
+        "slow). Default: this CPU's best",
     )
     parser.add_argument(
         "--sign", metavar="KEY", help="sign the engine with this Ed25519 private key (make one with specpass keygen)"

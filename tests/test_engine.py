@@ -208,10 +208,19 @@ def test_inspect_cli(compiled, capsys):
         "checked by: fold_gqa_heads, fused_attention, inline_attention, exact_lowbit, linear_operand_order, tree_verify",
         "signed      no",
         "native code",
+        f"cpu         programs for {_LEVEL_NAMES[manifest['cpu']['isa']]} CPUs, compiled on {machine.cpu_model()}",
     ):
         assert text in out
     assert main(["inspect", str(path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == {**manifest, "signed_by": None}
+
+
+_LEVEL_NAMES = {
+    "avx512": "AVX-512 (x86-64-v4)",
+    "avx2": "AVX2 (x86-64-v3)",
+    "generic": "any x86-64",
+    "native": "native (this CPU)",
+}
 
 
 def test_inspect_says_why_there_is_no_speculation_once(compiled, tmp_path, capsys):
