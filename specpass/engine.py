@@ -240,10 +240,12 @@ def _sha256(t: torch.Tensor) -> str:
 
 
 def _cpu_of(sm) -> dict | None:
-    """The x86-64 level the CPU programs were compiled for and the CPU that compiled them; None on a GPU."""
+    """The x86-64 level the CPU programs were compiled for, the CPU that compiled them and the fp32 operand orders
+    timed there (passes/linear_operand_order.py); None on a GPU."""
     if sm.cache.device.type != "cpu":
         return None
-    return {"isa": sm.isa, "compiled_on": machine.cpu_model(), "cpu_key": machine.cpu_key()}
+    orders = {kind: r for kind, r in getattr(sm, "order_choices", {}).items() if r.get("linear_ms") is not None}
+    return {"isa": sm.isa, "compiled_on": machine.cpu_model(), "cpu_key": machine.cpu_key(), "orders": orders}
 
 
 def _lowbit_build(sm) -> dict | None:
@@ -557,6 +559,7 @@ def load_engine(path: str | os.PathLike[str], *, trust=None) -> Engine:
     if manifest.get("lowbit"):
         weights.update(_rebuild(manifest.get("rebuilt", {}), weights, path))
         lowbit_choices, dense = _lowbit_where_faster(manifest, weights, path)
+    order_choices = _orders_here(manifest, weights, path)
     programs = {}
     for name, info in manifest["programs"].items():
         missing = sorted(set(info["constants"].values()) - set(weights))
@@ -579,6 +582,7 @@ def load_engine(path: str | os.PathLike[str], *, trust=None) -> Engine:
     engine = Engine(programs, manifest, tokenizer_files, plan, device)
     engine.signer = signer
     engine.lowbit_choices = lowbit_choices
+    engine.order_choices = order_choices
     if dense:  # the kernel library holds these fp32 weights for the engine: freed with it
         from specpass.kernels.choice import forget_dense
 
@@ -639,6 +643,38 @@ def _lowbit_where_faster(manifest: dict, weights: dict[str, torch.Tensor], path)
                     raise SpecPassError(f"{path}: a low-bit call of program {name!r} names a missing weight {param}")
             calls.setdefault(regime, []).append((*blocks, call["block"], call["bits"], call["shapes"]))
     return choice.use_dense_where_faster(calls)
+
+
+def _orders_here(manifest: dict, weights: dict[str, torch.Tensor], path) -> dict:
+    """The fp32 operand orders the engine's programs were compiled with, timed again on this CPU when it is not the
+    one that compiled them (the faster order differs between CPUs: W @ x.T 2-8x faster on a Zen 4, 2.4x slower on
+    a Xeon). A compiled program cannot change its order: where the other order is faster here, a warning says
+    how much, and that compiling the engine on this CPU gets it. Returns this CPU's measurements."""
+    from specpass.kernels import choice
+
+    cpu = manifest.get("cpu") or {}
+    if not cpu.get("orders") or cpu.get("cpu_key") == machine.cpu_key():
+        return {}
+    here, slower = {}, []
+    for kind, there in cpu["orders"].items():
+        shape = tuple(int(n) for n in kind.rsplit("|", 1)[-1].split("x"))
+        same = [w for w in weights.values() if w.dtype == torch.float32 and tuple(w.shape) == shape]
+        if not same:
+            continue
+        here[kind] = result = choice.stationary_faster(same)
+        if result["linear_ms"] is not None and result["stationary"] != there["stationary"]:
+            compiled, best = sorted((result["linear_ms"], result["stationary_ms"]), reverse=True)
+            slower.append(f"{shape[0]}x{shape[1]} {compiled / best:.1f}x")
+    if slower:
+        log.warning(
+            "%s was compiled on %s, where the other operand order multiplied fp32 weights faster; here its "
+            "products of a few tokens are slower than they could be (%s): compile the engine on this CPU "
+            "(specpass compile) for faster decoding",
+            path,
+            cpu.get("compiled_on", "another CPU"),
+            ", ".join(slower),
+        )
+    return here
 
 
 class Engine(CompiledLM):

@@ -624,3 +624,39 @@ def test_an_engine_of_format_3_is_checked_by_its_programs_vector_isa(compiled, t
         SpecPassError, match=r"compiled for the instructions of the CPU that compiled it \(-march=native.* lacks .*avx2"
     ):
         load_engine(old)
+
+
+def test_an_engine_from_another_cpu_times_its_fp32_order_again_and_says_when_it_is_the_slower(
+    tmp_path, monkeypatch, caplog
+):
+    """A compiled program keeps the fp32 operand order of the CPU that compiled it (passes/linear_operand_order.py);
+    on another CPU loading times both orders for the engine's shapes and warns where the compiled one is slower."""
+    from specpass.engine import _orders_here
+    from specpass.kernels import choice
+
+    monkeypatch.setenv("SPECPASS_LOWBIT_CHOICE", "measure")
+    monkeypatch.setattr(choice, "choices_path", lambda: tmp_path / "choices.json")
+    monkeypatch.setattr(choice, "_memo", {})
+    weights = {"a": torch.randn(1024, 512), "b": torch.randn(1024, 512), "small": torch.randn(8, 8)}
+    kind = choice.order_kind((1024, 512))
+    here = choice.stationary_faster([weights["a"], weights["b"]])
+    assert here["linear_ms"] is not None  # 4 MiB of weights: timed
+
+    def manifest(cpu_key, stationary):
+        there = {**here, "stationary": stationary}
+        return {"cpu": {"isa": "avx2", "compiled_on": "Another CPU", "cpu_key": cpu_key, "orders": {kind: there}}}
+
+    with caplog.at_level("WARNING", logger="specpass.engine"):
+        assert _orders_here(manifest("x86_64|Another CPU|avx", here["stationary"]), weights, "e.specpass") == {
+            kind: here
+        }
+        assert not _warnings(caplog)  # the same order won there: nothing to say
+        assert _orders_here(manifest("x86_64|Another CPU|avx", not here["stationary"]), weights, "e.specpass")
+        (record,) = _warnings(caplog)
+        assert "compiled on Another CPU" in record.getMessage() and "1024x512" in record.getMessage()
+    monkeypatch.setattr(choice, "stationary_faster", lambda w: pytest.fail("the compiling CPU: nothing to time"))
+    assert _orders_here(manifest(machine.cpu_key(), not here["stationary"]), weights, "e.specpass") == {}
+
+
+def _warnings(caplog) -> list:
+    return [r for r in caplog.records if r.levelname == "WARNING" and r.name == "specpass.engine"]
