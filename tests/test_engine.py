@@ -309,6 +309,10 @@ def _bad_files(src, tmp):
             _rewrite(src, tmp / "torch.specpass", _set(["versions", "torch"], "1.13.1")),
             "compiled with torch 1.13.1",
         ),
+        "orders": (
+            _rewrite(src, tmp / "orders.specpass", _set(["cpu", "orders"], {"order|few_tokens|12xA": {}})),
+            "has bad fp32 operand orders",
+        ),
         "gpu_engine": (
             _rewrite(src, tmp / "gpu.specpass", _set(["device"], "cuda")),
             "compiled for a CUDA GPU",
@@ -329,6 +333,7 @@ BAD = [
     "checksum",
     "newer_format",
     "other_torch",
+    "orders",
     "gpu_engine",
     "not_an_engine",
     "zip_without_manifest",
