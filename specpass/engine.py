@@ -242,9 +242,11 @@ def _sha256(t: torch.Tensor) -> str:
 def _cpu_of(sm) -> dict | None:
     """The x86-64 level the CPU programs were compiled for, the CPU that compiled them and the fp32 operand orders
     timed there (passes/linear_operand_order.py); None on a GPU."""
+    from specpass.kernels.choice import timed_orders
+
     if sm.cache.device.type != "cpu":
         return None
-    orders = {kind: r for kind, r in getattr(sm, "order_choices", {}).items() if r.get("linear_ms") is not None}
+    orders = timed_orders(getattr(sm, "order_choices", {}))
     return {"isa": sm.isa, "compiled_on": machine.cpu_model(), "cpu_key": machine.cpu_key(), "orders": orders}
 
 
@@ -668,7 +670,7 @@ def _orders_here(manifest: dict, weights: dict[str, torch.Tensor], path) -> dict
         return {}
     here, slower = {}, []
     for kind, there in cpu["orders"].items():
-        shape = tuple(int(n) for n in kind.rsplit("|", 1)[-1].split("x"))
+        shape = choice.order_shape(kind)
         same = [w for w in weights.values() if w.dtype == torch.float32 and tuple(w.shape) == shape]
         if not same:
             continue

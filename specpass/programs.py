@@ -116,9 +116,8 @@ def compile_plain(
     for what, result in sm.lowbit_choices.items():
         if not result["lowbit"]:
             log.info("exact_lowbit: %s stays fp32 on this CPU (%s)", what, describe_choice(result))
-    for what, result in sm.order_choices.items():
-        if result["linear_ms"] is not None:
-            log.info("fp32 products %s: %s", what, describe_order(result))
+    for what, result in choice.timed_orders(sm.order_choices).items():
+        log.info("fp32 products %s: %s", what, describe_order(result))
     if cuda_graphs is not None:
         sm.cuda_graphs = cuda_graphs
     return sm

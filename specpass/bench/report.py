@@ -301,9 +301,9 @@ def _lowbit_info(cfg: BenchConfig) -> dict | None:
 
 def _order_info(cfg: BenchConfig) -> dict | None:
     """The fp32 operand order specpass timed on this CPU per shape of weight left in fp32 (kernels/choice.py)."""
-    sm = cfg.shared.get("spec_model")
-    timed = {k: r for k, r in getattr(sm, "order_choices", {}).items() if r.get("linear_ms") is not None}
-    return timed or None
+    from specpass.kernels.choice import timed_orders
+
+    return timed_orders(getattr(cfg.shared.get("spec_model"), "order_choices", {})) or None
 
 
 def _order_note(info: dict) -> str:

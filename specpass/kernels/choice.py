@@ -165,6 +165,17 @@ def order_kind(shape: tuple[int, int]) -> str:
     return f"order|few_tokens|{shape[0]}x{shape[1]}"
 
 
+def order_shape(kind: str) -> tuple[int, int]:
+    """The weight shape an ``order_kind`` names."""
+    rows, cols = kind.rsplit("|", 1)[-1].split("x")
+    return int(rows), int(cols)
+
+
+def timed_orders(results: dict[str, dict]) -> dict[str, dict]:
+    """The ``stationary_faster`` results that were timed on this CPU (not given, not under ORDER_MIN_BYTES)."""
+    return {kind: r for kind, r in results.items() if r.get("linear_ms") is not None}
+
+
 def stationary_faster(weights: list[torch.Tensor]) -> dict:
     """Whether ``W @ x.T`` (weight-stationary) is faster here than ``linear(x, W)`` for 1-4 tokens, over
     ``weights`` (fp32 matrices of one shape) in turn; cached per machine like ``lowbit_faster``.
@@ -298,7 +309,7 @@ def describe_order(result: dict) -> str:
 
 def summarize_orders(results: dict[str, dict]) -> str:
     """One line on the fp32 orders timed on this CPU (``stationary_faster`` results), or "" where none was."""
-    timed = [r for r in results.values() if r.get("linear_ms") is not None]
+    timed = list(timed_orders(results).values())
     if not timed:
         return ""
     stationary = sum(r["stationary"] for r in timed)
