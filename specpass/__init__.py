@@ -4,7 +4,14 @@
 not load transformers' modeling code. ``calibrate`` (which needs it) loads on first use.
 """
 
+# ruff: noqa: E402 (the level is applied before torch is imported)
 from __future__ import annotations
+
+from specpass import cpu_level
+
+cpu_level.apply()  # before torch is imported: ATen, MKL and oneDNN read their ISA settings once
+
+import torch
 
 from specpass.cache_spec import CacheSpec
 from specpass.capture import CapturedGraph, capture
@@ -14,6 +21,8 @@ from specpass.optimize import SpecModel, optimize
 from specpass.structure import Structure
 from specpass.tune.plan import SpecPlan
 from specpass.version import __version__ as __version__
+
+cpu_level.check_torch(torch.backends.cpu.get_cpu_capability())
 
 __all__ = [
     "CacheSpec",

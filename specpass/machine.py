@@ -14,6 +14,8 @@ import re
 
 import torch
 
+from specpass import cpu_level
+
 #: /proc/cpuinfo flags that change what a compiler may emit (vector units, bit manipulation, crypto); the rest
 #: (mitigations, hypervisor hints) differ between identical CPUs and would only split the cache
 _ISA_FLAG = re.compile(
@@ -33,6 +35,13 @@ MARCH = {"avx512": "x86-64-v4", "avx2": "x86-64-v3", "generic": "x86-64"}
 
 @functools.cache
 def _cpuinfo() -> tuple[str, frozenset[str]]:
+    """(model name, flags) of the first processor, as ``$SPECPASS_CPU_LEVEL`` lets this process see them."""
+    model, flags = _proc_cpuinfo()
+    return model, _capped(flags)
+
+
+@functools.cache
+def _proc_cpuinfo() -> tuple[str, frozenset[str]]:
     """(model name, flags) of the first processor in /proc/cpuinfo; ("", {}) where there is none."""
     model, flags = "", frozenset()
     try:
@@ -49,6 +58,23 @@ def _cpuinfo() -> tuple[str, frozenset[str]]:
     except OSError:
         pass
     return model, flags
+
+
+def _capped(flags: frozenset[str]) -> frozenset[str]:
+    """``flags`` without those above ``$SPECPASS_CPU_LEVEL`` (cpu_level.py): the process runs as such a CPU."""
+    cap = cpu_level.level()
+    if cap is None:
+        return flags
+    above = [lvl for lvl in X86_LEVELS if lvl not in _at_most(cap)]
+    drop = {f for lvl in above for f in X86_LEVELS[lvl]}
+    wider = ("avx512", "amx", "avx_") if cap == "avx2" else ("avx", "amx")  # AVX-512 kinds, AMX, VEX VNNI/IFMA
+    return frozenset(f for f in flags if f not in drop and not f.startswith(wider))
+
+
+def _at_most(level: str) -> list[str]:
+    """``level`` and the x86-64 levels below it, best first."""
+    order = [*X86_LEVELS, "generic"]
+    return order[order.index(level) :]
 
 
 def cpu_model() -> str:
@@ -72,7 +98,7 @@ def kernel_isas() -> list[str]:
         flags = _cpuinfo()[1]
         if flags:
             levels = [lvl for lvl in X86_LEVELS if all(f in flags for f in level_flags(lvl))]
-        else:  # no /proc/cpuinfo (not Linux): what torch's own dispatch found
+        else:  # no /proc/cpuinfo (not Linux): what torch's own dispatch found (capped by SPECPASS_CPU_LEVEL too)
             cap = torch.backends.cpu.get_cpu_capability()
             levels = {"AVX512": ["avx512", "avx2"], "AVX2": ["avx2"]}.get(cap, [])
     return [*levels, "generic"]
@@ -102,6 +128,13 @@ def cpu_key() -> str:
 
 
 def isa_name() -> str:
-    """The widest vector ISA of this CPU as people name it: ``AVX-512``, ``AVX2``, or the architecture."""
+    """The widest vector ISA of this CPU as people name it: ``AVX-512``, ``AVX2``, or the architecture; with
+    ``$SPECPASS_CPU_LEVEL``, the level's and the CPU's own (``AVX2, run as such on an AVX-512 CPU``)."""
+    named = {"avx512": "AVX-512", "avx2": "AVX2"}
     best = kernel_isas()[0]
-    return {"avx512": "AVX-512", "avx2": "AVX2"}.get(best, f"{platform.machine()} baseline")
+    name = named.get(best, f"{platform.machine()} baseline")
+    if cpu_level.level() is None:
+        return name
+    own = _proc_cpuinfo()[1]
+    wider = next((lvl for lvl in X86_LEVELS if own and all(f in own for f in level_flags(lvl))), None)
+    return f"{name}, run as such on an {named.get(wider, 'unknown')} CPU ({cpu_level.ENV}={cpu_level.level()})"

@@ -419,6 +419,10 @@ def _log(kind, value):
         f.write(json.dumps([kind, value]) + "\\n")
 
 
+def llama_print_system_info():
+    return os.environ.get("FAKE_LLAMA_CPP_SYSTEM_INFO", "CPU : SSE3 = 1 | AVX = 1 | AVX2 = 1 | OPENMP = 1 |").encode()
+
+
 class Llama:
     def __init__(self, **kwargs):
         _log("created", kwargs)
@@ -504,7 +508,7 @@ def test_llamacpp_gets_the_prompt_ids_and_its_differences_do_not_fail_the_run(
         assert "no (2 prompt(s) differ; not lossless)" in printed and "FAILED" not in printed
         assert "llamacpp is not lossless by design: its output equals hf_eager's on 0 of 2 prompts" in printed
         assert "MISMATCH" not in printed  # listed for lossless methods only
-    assert "llama-cpp-python 0.0-test, model.gguf, 1 threads" in md
+    assert "llama-cpp-python 0.0-test (built for SSE3 AVX AVX2), model.gguf, 1 threads" in md
 
 
 def test_a_crash_inside_llamacpp_fails_that_method_not_the_run(tiny_chat, prompts_file, tmp_path, monkeypatch):
@@ -530,6 +534,24 @@ def test_llamacpp_needs_its_package_and_a_gguf_file(tiny_chat, prompts_file, tmp
     fake_llama_cpp(model, tmp_path, monkeypatch)
     rc, data, _ = run_small(model, tok, prompts_file, tmp_path, "hf_eager,llamacpp")  # an injected model: no GGUF
     assert rc == 0 and "llama.cpp runs GGUF files" in data["skipped"]["llamacpp"]
+
+
+def test_a_llamacpp_build_wider_than_the_cpu_level_is_refused(tiny_chat, prompts_file, tmp_path, monkeypatch):
+    """Run as an AVX2 CPU (``SPECPASS_CPU_LEVEL``), llama.cpp built with AVX-512 would be the faster CPU's peer: the
+    method is refused with the build that fits, and the other methods run."""
+    model, tok = tiny_chat
+    fake_llama_cpp(model, tmp_path, monkeypatch)
+    monkeypatch.setenv("FAKE_LLAMA_CPP_SYSTEM_INFO", "CPU : AVX2 = 1 | AVX512 = 1 | AVX512_VNNI = 1 | AMX_INT8 = 0 |")
+    monkeypatch.setenv("SPECPASS_CPU_LEVEL", "avx2")
+    extra = ("--gguf", str(tmp_path / "model.gguf"), "--max-new-tokens", "8")
+    rc, data, _ = run_small(model, tok, prompts_file, tmp_path, "hf_eager,llamacpp", extra=extra)
+    why = data["skipped"]["llamacpp"]
+    assert rc == 0 and list(data["summary"]) == ["hf_eager"]
+    assert "SPECPASS_CPU_LEVEL=avx2 but this llama.cpp is built with AVX512, AVX512_VNNI" in why
+    assert "-DGGML_AVX2=ON" in why and "LLAMA_CPP_LIB_PATH=DIR/llama_cpp/lib" in why
+    monkeypatch.setenv("FAKE_LLAMA_CPP_SYSTEM_INFO", "CPU : AVX = 1 | AVX2 = 1 | FMA = 1 | AVX512 = 0 |")
+    rc, data, md = run_small(model, tok, prompts_file, tmp_path, "hf_eager,llamacpp", extra=extra)
+    assert rc == 0 and data["skipped"] == {} and "(built for AVX AVX2 FMA)" in md
 
 
 def _failing(after: int):

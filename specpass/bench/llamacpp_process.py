@@ -21,6 +21,17 @@ from specpass.errors import SpecPassError
 
 #: greedy decoding with every penalty off, as HF's do_sample=False
 GREEDY = {"temp": 0.0, "top_k": 1, "top_p": 1.0, "min_p": 0.0, "repeat_penalty": 1.0}
+#: a llama.cpp build for each x86-64 level a process can run as (cpu_level.py): ``LLAMA_CPP_LIB_PATH`` names its
+#: libraries to llama-cpp-python
+_LEVEL_CMAKE = {
+    "avx2": "-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON",
+    "generic": "-DGGML_NATIVE=OFF -DGGML_AVX=OFF -DGGML_AVX2=OFF -DGGML_FMA=OFF -DGGML_F16C=OFF -DGGML_BMI2=OFF",
+}
+LEVEL_BUILD = {
+    level: f"CMAKE_ARGS='{args}' pip install --no-cache-dir --no-deps --no-binary llama-cpp-python --target DIR llama-cpp-python"
+    " && export LLAMA_CPP_LIB_PATH=DIR/llama_cpp/lib"
+    for level, args in _LEVEL_CMAKE.items()
+}
 NO_AMX_BUILD = (
     "CFLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' CXXFLAGS=\"$CFLAGS\" "
     "pip install --force-reinstall --no-deps --no-binary llama-cpp-python llama-cpp-python"
@@ -47,7 +58,8 @@ class LlamaProcess:
         self._process.start()
         child_end.close()  # so that the child's death is an EOF here
         self._finalizer = weakref.finalize(self, _stop, self._conn, self._process)
-        self.version: str = self._receive("loading the model")
+        #: llama-cpp-python's version, and the ISA features its llama.cpp was built with (``AVX2``, ``FMA``, ...)
+        self.version, self.features = self._receive("loading the model")
 
     def generate(self, prompt: list[int], max_new_tokens: int, eos: set[int]) -> list[int]:
         """The new token ids, up to ``max_new_tokens``, the first eos id included."""
@@ -77,6 +89,21 @@ class LlamaProcess:
                 code = signal.Signals(-code).name
         hint = f"; where the CPU has AMX, a build without it runs: {NO_AMX_BUILD}" if code == "SIGSEGV" else ""
         return f"llama.cpp's process died ({code}) while {doing}: a crash inside llama.cpp{hint}"
+
+
+def _features(system_info: bytes) -> list[str]:
+    """The instruction sets llama.cpp says it was built with: ``CPU : SSE3 = 1 | AVX2 = 1 | OPENMP = 1 |`` ->
+    [SSE3, AVX2]."""
+    text = system_info.decode(errors="replace") if isinstance(system_info, bytes) else str(system_info)
+    pairs = [part.rsplit(":", 1)[-1].split("=") for part in text.split("|")]
+    names = [p[0].strip() for p in pairs if len(p) == 2 and p[1].strip() == "1"]
+    return [n for n in names if n.startswith(("SSE", "SSSE", "AVX", "F16C", "FMA", "BMI", "AMX"))]
+
+
+def wider_than(features: list[str], level: str) -> list[str]:
+    """The features of a llama.cpp build that a CPU of ``level`` (avx2, generic) lacks."""
+    wider = ("AVX512", "AMX", "AVX_VNNI") if level == "avx2" else ("AVX", "FMA", "F16C", "BMI2", "AMX")
+    return [f for f in features if f.startswith(wider)]
 
 
 def _stop(conn, process) -> None:
@@ -119,7 +146,7 @@ def _serve(conn, gguf: str, n_ctx: int, threads: int, lookup_tokens: int) -> Non
     except Exception as e:  # noqa: BLE001 - the parent reports it as the method's failure
         conn.send(("error", f"{type(e).__name__}: {e}"))
         return
-    conn.send(("ready", getattr(llama_cpp, "__version__", "?")))
+    conn.send(("ready", (getattr(llama_cpp, "__version__", "?"), _features(llama_cpp.llama_print_system_info()))))
     while (request := conn.recv()) is not None:
         prompt, max_new_tokens, eos = request[0], request[1], set(request[2])
         try:

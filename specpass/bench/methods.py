@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from specpass.bench.llamacpp_process import LlamaCppDied, LlamaProcess
+from specpass import cpu_level
+from specpass.bench.llamacpp_process import LEVEL_BUILD, LlamaCppDied, LlamaProcess, wider_than
 from specpass.errors import SpecPassError
 
 log = logging.getLogger("specpass.bench")
@@ -363,6 +364,13 @@ def _llamacpp_runner(cfg: BenchConfig, *, lookup: bool) -> Runner:
         llm = LlamaProcess(cfg.gguf, n_ctx=cfg.max_cache_len, threads=threads, lookup_tokens=tokens)
     except (LlamaCppDied, RuntimeError) as e:  # a peer that cannot load the file leaves the others their run
         raise MethodUnavailable(str(e)) from e
+    level = cpu_level.level()
+    if level is not None and (wider := wider_than(llm.features, level)):
+        llm.close()
+        raise MethodUnavailable(
+            f"{cpu_level.ENV}={level} but this llama.cpp is built with {', '.join(wider)}; build one for the level "
+            f"and point LLAMA_CPP_LIB_PATH at its libraries: {LEVEL_BUILD[level]}"
+        )
     eos = set(_eos_list(cfg.eos_token_id))
 
     def run(ids: torch.Tensor) -> torch.Tensor:
@@ -370,7 +378,8 @@ def _llamacpp_runner(cfg: BenchConfig, *, lookup: bool) -> Runner:
         new = llm.generate(prompt, cfg.max_new_tokens, eos)
         return torch.tensor([prompt + new], dtype=ids.dtype, device=ids.device)
 
-    note = f"llama-cpp-python {llm.version}, {Path(cfg.gguf).name}, {threads} threads"
+    built = " ".join(llm.features) or "no vector ISA"
+    note = f"llama-cpp-python {llm.version} (built for {built}), {Path(cfg.gguf).name}, {threads} threads"
     if lookup:
         note += f", prompt lookup of {LLAMACPP_LOOKUP_TOKENS} tokens"
     return Runner(run, note=note + "; not lossless (8-bit activations)")

@@ -266,6 +266,7 @@ def _markdown(data, tables: str, notes: list[str]) -> str:
         "",
         f"- CPU: {mach['cpu']}, {mach.get('isa', '?')} ({mach['logical_cpus']} logical CPUs), "
         f"{mach['threads']} torch threads",
+        *([f"- {mach['cpu_level']}"] if mach.get("cpu_level") else []),
         *([f"- GPU: {mach['gpu']}, device {c['device']}"] if mach.get("gpu") else []),
         f"- torch {mach['torch']}, transformers {mach['transformers']}, specpass {mach['specpass']}, "
         f"Python {mach['python']}",
@@ -339,12 +340,14 @@ def machine_info(threads: int, device: torch.device | None = None) -> dict:
                     break
     except OSError:
         pass
-    from specpass import machine
+    from specpass import cpu_level, machine
 
     return {
         "cpu": cpu,
         "isa": machine.isa_name(),
         "cpu_flags": sorted(machine.cpu_flags()),
+        "cpu_level": cpu_level.describe(),
+        "aten_capability": torch.backends.cpu.get_cpu_capability(),
         "logical_cpus": os.cpu_count(),
         "threads": threads,
         "torch": torch.__version__,
