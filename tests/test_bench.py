@@ -552,6 +552,7 @@ def test_a_llamacpp_build_wider_than_the_cpu_level_is_refused(tiny_chat, prompts
     monkeypatch.setenv("FAKE_LLAMA_CPP_SYSTEM_INFO", "CPU : AVX = 1 | AVX2 = 1 | FMA = 1 | AVX512 = 0 |")
     rc, data, md = run_small(model, tok, prompts_file, tmp_path, "hf_eager,llamacpp", extra=extra)
     assert rc == 0 and data["skipped"] == {} and "(built for AVX AVX2 FMA)" in md
+    assert data["command"].startswith("SPECPASS_CPU_LEVEL=avx2 specpass bench --model")  # reproduces the level
 
 
 def _failing(after: int):

@@ -360,8 +360,13 @@ def machine_info(threads: int, device: torch.device | None = None) -> dict:
     }
 
 
+#: the environment that changes what a run measures: the kernels' ISA, the CPU level, the llama.cpp build
+_REPRODUCING_ENV = ("SPECPASS_CPU_LEVEL", "SPECPASS_KERNEL_ISA", "LLAMA_CPP_LIB_PATH")
+
+
 def _command_line(args, cfg: BenchConfig, prompts_path: Path) -> str:
-    """The command that reproduces this run, every option spelled out."""
+    """The command that reproduces this run, every option spelled out, after the settings it ran under."""
+    env = [f"{k}={os.environ[k]}" for k in _REPRODUCING_ENV if os.environ.get(k)]
     parts = ["specpass", "bench", "--model", args.model]
     if args.prompts is not None:
         parts += ["--prompts", str(args.prompts)]
@@ -386,7 +391,7 @@ def _command_line(args, cfg: BenchConfig, prompts_path: Path) -> str:
         "--max-cache-len",
         str(cfg.max_cache_len),
     ]
-    return shlex.join(parts)
+    return shlex.join([*env, *parts])
 
 
 def write(path: str, text: str) -> None:
