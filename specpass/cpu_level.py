@@ -9,8 +9,8 @@ follows ATen's capability), and specpass sees only the level's CPU flags (machin
 caches and plans are those of such a CPU. llama.cpp cannot be capped at run time: the bench refuses a build that
 uses a wider ISA and says how to build one (bench/llamacpp_process.py).
 
-It makes the instruction mix an AVX2 CPU's, not the machine one: caches, memory bandwidth, clocks and the
-execution units stay this CPU's. Evidence for the AVX2 code paths, not a measurement of an AVX2 CPU.
+It makes the instruction mix an AVX2 CPU's, not the machine: its caches, memory bandwidth, clocks and
+execution units stay. Evidence for the AVX2 code paths, not a measurement of an AVX2 CPU.
 
 The libraries read these settings once, when first used: ``specpass/__init__`` applies them before it imports
 torch, and ``check_torch`` refuses a process whose torch already runs wider. This module imports nothing heavy.
@@ -23,19 +23,21 @@ import os
 from specpass.errors import SpecPassError
 
 ENV = "SPECPASS_CPU_LEVEL"
+#: the compilers' ``-march`` of each x86-64 level (the low-bit kernels' build, Inductor's programs)
+MARCH = {"avx512": "x86-64-v4", "avx2": "x86-64-v3", "generic": "x86-64"}
 #: the levels a CPU can be run as, with what each library is told
 _SETTINGS = {
     "avx2": {
         "ATEN_CPU_CAPABILITY": "avx2",
         "MKL_ENABLE_INSTRUCTIONS": "AVX2",
         "ONEDNN_MAX_CPU_ISA": "AVX2",
-        "TORCHINDUCTOR_CPP_MARCH": "x86-64-v3 -mtune=native",
+        "TORCHINDUCTOR_CPP_MARCH": f"{MARCH['avx2']} -mtune=native",
     },
     "generic": {
         "ATEN_CPU_CAPABILITY": "default",
         "MKL_ENABLE_INSTRUCTIONS": "SSE4_2",
         "ONEDNN_MAX_CPU_ISA": "SSE41",
-        "TORCHINDUCTOR_CPP_MARCH": "x86-64 -mtune=native",
+        "TORCHINDUCTOR_CPP_MARCH": f"{MARCH['generic']} -mtune=native",
     },
 }
 #: what torch.backends.cpu.get_cpu_capability() says when ATen runs at the level
@@ -61,13 +63,20 @@ def apply() -> None:
 
 
 def check_torch(capability: str) -> None:
-    """A SpecPassError if torch's ATen runs wider than the level (torch was imported before the level was set)."""
+    """A SpecPassError unless torch's ATen runs at the level: wider when torch was imported before the level was
+    set, narrower (or not x86 at all) when the CPU lacks the level."""
     chosen = level()
-    if chosen is not None and capability != _TORCH_CAPABILITY[chosen]:
+    if chosen is None or capability == _TORCH_CAPABILITY[chosen]:
+        return
+    ranks = ["DEFAULT", "AVX2", "AVX512"]
+    if capability in ranks and ranks.index(capability) > ranks.index(_TORCH_CAPABILITY[chosen]):
         raise SpecPassError(
             f"{ENV}={chosen} but torch already runs its {capability} kernels: torch was imported before specpass "
             f"set the level; export {ENV} before Python starts, or import specpass before torch"
         )
+    raise SpecPassError(
+        f"{ENV}={chosen} names a level this CPU does not run (torch's kernels here: {capability}); unset it"
+    )
 
 
 def describe() -> str:

@@ -29,8 +29,7 @@ X86_LEVELS = {
     "avx512": ("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"),
     "avx2": ("avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"),
 }
-#: the compilers' ``-march`` of each level
-MARCH = {"avx512": "x86-64-v4", "avx2": "x86-64-v3", "generic": "x86-64"}
+MARCH = cpu_level.MARCH
 
 
 @functools.cache

@@ -73,6 +73,7 @@ def test_run_as_generic_has_no_vector_code():
     assert not [f for f in got["flags"] if f.startswith(("avx", "amx", "fma", "f16c", "bmi"))]
 
 
+@pytest.mark.skipif("avx2" not in machine.kernel_isas(), reason="torch's kernels here are already the baseline")
 def test_a_level_set_after_torch_chose_its_kernels_is_refused():
     """Set too late, the level would measure nothing it says: ATen already dispatches to its wider kernels."""
     code = (
@@ -84,6 +85,17 @@ def test_a_level_set_after_torch_chose_its_kernels_is_refused():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 1 and "SpecPassError" in out.stderr
     assert "torch was imported before specpass set the level" in out.stderr
+
+
+def test_a_level_the_cpu_lacks_is_refused(monkeypatch):
+    monkeypatch.setenv(cpu_level.ENV, "avx2")
+    cpu_level.check_torch("AVX2")  # at the level: nothing to say
+    with pytest.raises(SpecPassError, match="names a level this CPU does not run .torch's kernels here: DEFAULT"):
+        cpu_level.check_torch("DEFAULT")  # an x86-64 CPU without AVX2
+    with pytest.raises(SpecPassError, match="names a level this CPU does not run .torch's kernels here: SVE256"):
+        cpu_level.check_torch("SVE256")
+    with pytest.raises(SpecPassError, match="torch was imported before specpass set the level"):
+        cpu_level.check_torch("AVX512")
 
 
 def test_a_level_that_does_not_exist_is_a_clear_error(monkeypatch):

@@ -28,8 +28,9 @@ _LEVEL_CMAKE = {
     "generic": "-DGGML_NATIVE=OFF -DGGML_AVX=OFF -DGGML_AVX2=OFF -DGGML_FMA=OFF -DGGML_F16C=OFF -DGGML_BMI2=OFF",
 }
 LEVEL_BUILD = {
-    level: f"CMAKE_ARGS='{args}' pip install --no-cache-dir --no-deps --no-binary llama-cpp-python --target DIR llama-cpp-python"
-    " && export LLAMA_CPP_LIB_PATH=DIR/llama_cpp/lib"
+    # --no-cache-dir: pip would otherwise take the wheel it built for this CPU from its cache
+    level: f"CMAKE_ARGS='{args}' pip install --no-cache-dir --no-deps --no-binary llama-cpp-python "
+    "--target DIR llama-cpp-python && export LLAMA_CPP_LIB_PATH=DIR/llama_cpp/lib"
     for level, args in _LEVEL_CMAKE.items()
 }
 NO_AMX_BUILD = (
