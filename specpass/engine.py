@@ -441,13 +441,13 @@ def _check_fields(m: dict) -> None:
     need(m.get("device", "cpu") in ("cpu", "cuda"), f"names the device {m.get('device')!r}")
     cpu = m.get("cpu")
     need(cpu is None or (isinstance(cpu, dict) and isinstance(cpu.get("isa"), str)), "has a bad CPU level")
+    from specpass.kernels.choice import ORDER_KIND
+
     orders = (cpu or {}).get("orders", {})
     need(
         isinstance(orders, dict)
         and all(
-            re.fullmatch(r"order\|few_tokens\|\d+x\d+", kind)
-            and isinstance(r, dict)
-            and isinstance(r.get("stationary"), bool)
+            ORDER_KIND.fullmatch(kind) and isinstance(r, dict) and isinstance(r.get("stationary"), bool)
             for kind, r in orders.items()
         ),
         "has bad fp32 operand orders",

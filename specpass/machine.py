@@ -64,16 +64,15 @@ def _capped(flags: frozenset[str]) -> frozenset[str]:
     cap = cpu_level.level()
     if cap is None:
         return flags
-    above = [lvl for lvl in X86_LEVELS if lvl not in _at_most(cap)]
-    drop = {f for lvl in above for f in X86_LEVELS[lvl]}
+    levels = [*X86_LEVELS, "generic"]
+    drop = {f for lvl in levels[: levels.index(cap)] for f in X86_LEVELS[lvl]}
     wider = ("avx512", "amx", "avx_") if cap == "avx2" else ("avx", "amx")  # AVX-512 kinds, AMX, VEX VNNI/IFMA
     return frozenset(f for f in flags if f not in drop and not f.startswith(wider))
 
 
-def _at_most(level: str) -> list[str]:
-    """``level`` and the x86-64 levels below it, best first."""
-    order = [*X86_LEVELS, "generic"]
-    return order[order.index(level) :]
+def _levels_of(flags: frozenset[str]) -> list[str]:
+    """The x86-64 levels whose every flag is in ``flags``, best first (``generic`` not included)."""
+    return [lvl for lvl in X86_LEVELS if all(f in flags for f in level_flags(lvl))]
 
 
 def cpu_model() -> str:
@@ -96,7 +95,7 @@ def kernel_isas() -> list[str]:
     if is_x86():
         flags = _cpuinfo()[1]
         if flags:
-            levels = [lvl for lvl in X86_LEVELS if all(f in flags for f in level_flags(lvl))]
+            levels = _levels_of(flags)
         else:  # no /proc/cpuinfo (not Linux): what torch's own dispatch found (capped by SPECPASS_CPU_LEVEL too)
             cap = torch.backends.cpu.get_cpu_capability()
             levels = {"AVX512": ["avx512", "avx2"], "AVX2": ["avx2"]}.get(cap, [])
@@ -134,6 +133,5 @@ def isa_name() -> str:
     name = named.get(best, f"{platform.machine()} baseline")
     if cpu_level.level() is None:
         return name
-    own = _proc_cpuinfo()[1]
-    wider = next((lvl for lvl in X86_LEVELS if own and all(f in own for f in level_flags(lvl))), None)
-    return f"{name}, run as such on an {named.get(wider, 'unknown')} CPU ({cpu_level.ENV}={cpu_level.level()})"
+    own = [*_levels_of(_proc_cpuinfo()[1]), None][0]
+    return f"{name}, run as such on an {named.get(own, 'unknown')} CPU ({cpu_level.ENV}={cpu_level.level()})"

@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 
 import torch
@@ -165,9 +166,13 @@ def order_kind(shape: tuple[int, int]) -> str:
     return f"order|few_tokens|{shape[0]}x{shape[1]}"
 
 
+#: what ``order_kind`` writes, for reading it back (``order_shape``) and checking it (an engine's manifest)
+ORDER_KIND = re.compile(r"order\|few_tokens\|(\d+)x(\d+)")
+
+
 def order_shape(kind: str) -> tuple[int, int]:
     """The weight shape an ``order_kind`` names."""
-    rows, cols = kind.rsplit("|", 1)[-1].split("x")
+    rows, cols = ORDER_KIND.fullmatch(kind).groups()
     return int(rows), int(cols)
 
 
