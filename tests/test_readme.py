@@ -1,5 +1,7 @@
 """The README's first commands are what a newcomer runs and what CI runs: keep them true."""
 
+import ast
+import importlib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,3 +23,18 @@ def test_ci_runs_the_readme_test_command():
     _, test = _readme_commands()
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert test in ci, "the README's test command and .ci/run have drifted apart"
+
+
+def test_the_readmes_python_imports_what_exists():
+    """A newcomer pastes the README's Python: every name it imports from specpass is there."""
+    blocks = [b.split("```", 1)[0] for b in (ROOT / "README.md").read_text().split("```python")[1:]]
+    imported = [
+        (node.module, alias.name)
+        for block in blocks
+        for node in ast.walk(ast.parse(block))
+        if isinstance(node, ast.ImportFrom) and node.module.startswith("specpass")
+        for alias in node.names
+    ]
+    assert imported
+    for module, name in imported:
+        assert hasattr(importlib.import_module(module), name), f"README: from {module} import {name} fails"

@@ -37,6 +37,7 @@ from specpass.models.conversion import convert
 from specpass.models.hf_loading import load_pretrained, transformers_progress
 from specpass.models.smollm2 import WHEEL_ENV
 from specpass.progress import progress_bar
+from specpass.tokenization import chat_ids
 
 __all__ = [
     "DEFAULT_MODEL_NAME",
@@ -44,6 +45,7 @@ __all__ = [
     "WHEEL_ENV",
     "available",
     "bundled_model",
+    "chat_ids",
     "default_model",
     "gguf_file",
     "load",
