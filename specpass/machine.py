@@ -133,5 +133,5 @@ def isa_name() -> str:
     name = named.get(best, f"{platform.machine()} baseline")
     if cpu_level.level() is None:
         return name
-    own = [*_levels_of(_proc_cpuinfo()[1]), None][0]
+    own = next(iter(_levels_of(_proc_cpuinfo()[1])), None)
     return f"{name}, run as such on an {named.get(own, 'unknown')} CPU ({cpu_level.ENV}={cpu_level.level()})"
